@@ -1,0 +1,48 @@
+"""`kvflow` command line: make-model, demo, bench <name>.
+
+Each subcommand lives in its own module with a `main(argv)`; this file only routes,
+so `kvflow --help` stays fast (nothing heavy is imported until a command runs).
+"""
+from __future__ import annotations
+
+import importlib
+import sys
+
+COMMANDS = {
+    "make-model": ("vllm_kvflow.model", "build the embedded SmolLM2-135M-Instruct model"),
+    "demo": ("vllm_kvflow.demo", "RAG demo: answers with chunk reuse, TTFT vs full prefill"),
+}
+BENCHES = {
+    "ttft": ("vllm_kvflow.bench.ttft", "TTFT of reuse methods against full prefill"),
+    "kernels": ("vllm_kvflow.bench.kernels", "GPU kernels against the card's ceilings"),
+    "hilbert": ("vllm_kvflow.bench.hilbert", "HilbertA sparse attention against dense"),
+}
+
+
+def _usage() -> str:
+    lines = ["usage: kvflow COMMAND [args]", "", "commands:"]
+    lines += [f"  {name:<14} {help_}" for name, (_, help_) in COMMANDS.items()]
+    lines += [f"  bench {name:<8} {help_}" for name, (_, help_) in BENCHES.items()]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(_usage())
+        return 0
+    table, name, rest = COMMANDS, argv[0], argv[1:]
+    if name == "bench":
+        if not rest or rest[0] not in BENCHES:
+            print(_usage(), file=sys.stderr)
+            return 2
+        table, name, rest = BENCHES, rest[0], rest[1:]
+    if name not in table:
+        print(f"kvflow: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
+        return 2
+    module = importlib.import_module(table[name][0])
+    return int(module.main(rest) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
