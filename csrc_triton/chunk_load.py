@@ -1,0 +1,280 @@
+"""Fused chunk load: copy a cached chunk's K/V into a request's paged cache, re-rotating K.
+
+The store keeps, for every layer, the post-RoPE keys and the values of a chunk computed at
+the chunk's local positions p_old(t). In a new prompt token t sits at p_new(t). RoPE turns
+the pair (x1, x2) of key dims belonging to frequency f by the angle p*f:
+
+    rope(x, p) = (x1 cos(p f) - x2 sin(p f),  x2 cos(p f) + x1 sin(p f))
+
+Rotations compose, R(a) R(b) = R(a + b), so with delta = p_new - p_old
+
+    K_new = R(delta) K_old                                                     (1)
+
+exactly, for every RoPE whose angle is linear in the position: plain, linear-scaled,
+llama3, and dynamic-NTK at a fixed cache. vLLM's ``cos_sin_cache[p] = [cos(p f_i) ...,
+sin(p f_i) ...]`` (rotary_dim columns, cos half then sin half) therefore gives R(delta)
+from row |delta|, with the sin half negated when delta < 0 (cos is even, sin is odd).
+YaRN multiplies the whole cache by a magnitude ``mscale``; the stored key already carries
+that factor, so R(delta) must be the *unit* rotation. We divide (cos, sin) by
+sqrt(cos^2 + sin^2), which is 1 up to rounding for the other kinds, so (1) also holds
+for YaRN. (Phi-3 "longrope", which switches frequency tables by sequence length, does not
+compose and is not supported.)
+
+Pairing of key dims, r = rotary_dim:
+    neox style (is_neox=True):  x1 = k[:r/2],   x2 = k[r/2:r]
+    GPT-J style (is_neox=False): x1 = k[0:r:2], x2 = k[1:r:2]
+Dims r..D-1 pass unchanged. V is copied unchanged.
+
+Everything happens in one pass: each program reads a tile of BLOCK_T tokens of one KV
+head from the source, rotates K in float32, casts to the cache dtype and scatters K and V
+to ``slot = block * block_size + offset`` (slot -1 = skip). Cache views are 4-D
+``[num_blocks, block_size, num_kv_heads, head_dim]`` with arbitrary strides, so one
+kernel serves FLASH_ATTN (K and V interleaved per token row) and CPU_ATTN (per
+(block, head) page of keys then values); see VLLM_COMPAT.md.
+
+``load_chunk_kv_reference`` is the vectorized torch equivalent that the CPU engine path
+uses; it imports no Triton.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+try:  # Triton is optional: the CPU engine path uses the torch reference only.
+    import triton
+    import triton.language as tl
+
+    HAS_TRITON = True
+except ImportError:  # pragma: no cover - exercised only where triton is absent
+    triton = None
+    tl = None
+    HAS_TRITON = False
+
+__all__ = [
+    "HAS_TRITON",
+    "load_chunk_kv",
+    "load_chunk_kv_reference",
+    "rotate_keys_reference",
+]
+
+
+# --------------------------------------------------------------------------------------
+# Triton kernel
+# --------------------------------------------------------------------------------------
+if HAS_TRITON:
+
+    @triton.jit
+    def _rotate_pair(x1, x2, cos, sin):
+        """(x1, x2) rotated by the angle whose (cos, sin) are given, in float32."""
+        return x1 * cos - x2 * sin, x2 * cos + x1 * sin
+
+    @triton.jit
+    def _load_chunk_kv_kernel(
+        k_src, v_src, k_cache, v_cache, slot_ptr, delta_ptr, cos_sin_ptr,
+        T, block_size,
+        s_kt, s_kh, s_kd,  # k_src strides (token, head, dim)
+        s_vt, s_vh, s_vd,  # v_src strides
+        c_kb, c_ks, c_kh, c_kd,  # key_cache strides (block, slot-in-block, head, dim)
+        c_vb, c_vs, c_vh, c_vd,  # value_cache strides
+        s_cp, s_cd,  # cos_sin_cache strides (position, column)
+        HEAD_DIM: tl.constexpr,
+        ROT_DIM: tl.constexpr,
+        IS_NEOX: tl.constexpr,
+        BLOCK_T: tl.constexpr,
+        BLOCK_HALF: tl.constexpr,  # >= ROT_DIM // 2, power of two
+        BLOCK_TAIL: tl.constexpr,  # >= HEAD_DIM - ROT_DIM, power of two
+        BLOCK_D: tl.constexpr,  # >= HEAD_DIM, power of two
+    ):
+        HALF: tl.constexpr = ROT_DIM // 2
+        pid_t = tl.program_id(0)
+        h = tl.program_id(1)
+
+        t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+        t_ok = t < T
+        slot = tl.load(slot_ptr + t, mask=t_ok, other=-1).to(tl.int64)
+        ok = t_ok & (slot >= 0)  # slot -1: padding, nothing read or written
+        blk = slot // block_size
+        off = slot % block_size
+        t64 = t.to(tl.int64)
+
+        src_k = k_src + t64[:, None] * s_kt + h * s_kh
+        src_v = v_src + t64[:, None] * s_vt + h * s_vh
+        dst_k = k_cache + blk[:, None] * c_kb + off[:, None] * c_ks + h * c_kh
+        dst_v = v_cache + blk[:, None] * c_vb + off[:, None] * c_vs + h * c_vh
+
+        # V: unchanged copy of the whole head row.
+        d = tl.arange(0, BLOCK_D)
+        vmask = ok[:, None] & (d[None, :] < HEAD_DIM)
+        v = tl.load(src_v + d[None, :] * s_vd, mask=vmask)
+        tl.store(dst_v + d[None, :] * c_vd, v.to(v_cache.dtype.element_ty), mask=vmask)
+
+        # R(delta): row |delta| of the cache, sin negated for negative deltas, then
+        # normalized to a unit rotation (see the module docstring on YaRN's mscale).
+        delta = tl.load(delta_ptr + t, mask=ok, other=0)
+        adelta = tl.abs(delta).to(tl.int64)
+        sign = tl.where(delta < 0, -1.0, 1.0)
+        i = tl.arange(0, BLOCK_HALF)
+        imask = ok[:, None] & (i[None, :] < HALF)
+        row = cos_sin_ptr + adelta[:, None] * s_cp
+        cos = tl.load(row + i[None, :] * s_cd, mask=imask, other=1.0).to(tl.float32)
+        sin = tl.load(row + (HALF + i[None, :]) * s_cd, mask=imask, other=0.0).to(tl.float32)
+        inv = 1.0 / tl.sqrt(cos * cos + sin * sin)
+        cos = cos * inv
+        sin = sin * inv * sign[:, None]
+
+        out_ty = k_cache.dtype.element_ty
+        if IS_NEOX:
+            # Halves: x1 = k[0 : r/2], x2 = k[r/2 : r]; two contiguous loads.
+            x1 = tl.load(src_k + i[None, :] * s_kd, mask=imask).to(tl.float32)
+            x2 = tl.load(src_k + (HALF + i[None, :]) * s_kd, mask=imask).to(tl.float32)
+            y1, y2 = _rotate_pair(x1, x2, cos, sin)
+            tl.store(dst_k + i[None, :] * c_kd, y1.to(out_ty), mask=imask)
+            tl.store(dst_k + (HALF + i[None, :]) * c_kd, y2.to(out_ty), mask=imask)
+        else:
+            # Interleaved pairs: load k[0 : r] as one row, split it into even/odd lanes.
+            j = tl.arange(0, 2 * BLOCK_HALF)
+            jmask = ok[:, None] & (j[None, :] < ROT_DIM)
+            x = tl.load(src_k + j[None, :] * s_kd, mask=jmask).to(tl.float32)
+            x1, x2 = tl.split(tl.reshape(x, (BLOCK_T, BLOCK_HALF, 2)))
+            y1, y2 = _rotate_pair(x1, x2, cos, sin)
+            y = tl.reshape(tl.join(y1, y2), (BLOCK_T, 2 * BLOCK_HALF))
+            tl.store(dst_k + j[None, :] * c_kd, y.to(out_ty), mask=jmask)
+
+        if ROT_DIM < HEAD_DIM:
+            # Dims beyond rotary_dim pass unchanged.
+            e = ROT_DIM + tl.arange(0, BLOCK_TAIL)
+            emask = ok[:, None] & (e[None, :] < HEAD_DIM)
+            x = tl.load(src_k + e[None, :] * s_kd, mask=emask)
+            tl.store(dst_k + e[None, :] * c_kd, x.to(out_ty), mask=emask)
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def _check_inputs(k_src, v_src, key_cache, value_cache, slot_mapping, delta_pos,
+                  cos_sin_cache, rotary_dim):
+    """Shape/dtype/device validation shared by the kernel wrapper and the reference."""
+    if k_src.dim() != 3 or v_src.shape != k_src.shape:
+        raise ValueError(f"k_src and v_src must both be [T, Hkv, D]; got "
+                         f"{tuple(k_src.shape)} and {tuple(v_src.shape)}")
+    T, H, D = k_src.shape
+    if key_cache.dim() != 4 or value_cache.shape != key_cache.shape:
+        raise ValueError("key_cache and value_cache must be 4-D views "
+                         "[num_blocks, block_size, Hkv, D] of the same shape; got "
+                         f"{tuple(key_cache.shape)} and {tuple(value_cache.shape)}")
+    if tuple(key_cache.shape[2:]) != (H, D):
+        raise ValueError(f"cache heads/head_dim {tuple(key_cache.shape[2:])} do not match "
+                         f"the chunk's {(H, D)}")
+    for name, x in (("slot_mapping", slot_mapping), ("delta_pos", delta_pos)):
+        if x.shape != (T,):
+            raise ValueError(f"{name} must have shape [{T}], got {tuple(x.shape)}")
+        if x.dtype.is_floating_point or x.dtype == torch.bool:
+            raise ValueError(f"{name} must be an integer tensor, got {x.dtype}")
+    if not (0 < rotary_dim <= D) or rotary_dim % 2:
+        raise ValueError(f"rotary_dim must be even and in (0, {D}], got {rotary_dim}")
+    if cos_sin_cache.dim() != 2 or cos_sin_cache.shape[1] != rotary_dim:
+        raise ValueError(f"cos_sin_cache must be [max_pos, {rotary_dim}], got "
+                         f"{tuple(cos_sin_cache.shape)}")
+    for name, x in (("k_src", k_src), ("v_src", v_src), ("key_cache", key_cache),
+                    ("value_cache", value_cache), ("cos_sin_cache", cos_sin_cache)):
+        if not x.dtype.is_floating_point:
+            raise ValueError(f"{name} must be a floating-point tensor, got {x.dtype}")
+    devices = {x.device for x in (k_src, v_src, key_cache, value_cache, slot_mapping,
+                                  delta_pos, cos_sin_cache)}
+    if len(devices) != 1:
+        raise ValueError(f"all tensors must be on one device, got {sorted(map(str, devices))}")
+
+
+def load_chunk_kv(k_src, v_src, key_cache, value_cache, slot_mapping, delta_pos,
+                  cos_sin_cache, rotary_dim, is_neox, *, block_t: int = 16,
+                  num_warps: int = 4, check_positions: bool = False) -> None:
+    """Scatter a chunk's K (re-rotated by ``delta_pos``) and V into the paged cache.
+
+    k_src, v_src: [T, Hkv, D], any strides. key_cache, value_cache: 4-D views
+    [num_blocks, block_size, Hkv, D], any strides. slot_mapping [T] (-1 = skip),
+    delta_pos [T] = new_pos - old_pos, cos_sin_cache [max_pos, rotary_dim].
+    Writes in place, in one launch. ``check_positions`` verifies |delta| < max_pos
+    (one device-to-host sync; off by default so the call stays graph-capturable).
+    """
+    if not HAS_TRITON:
+        raise RuntimeError("load_chunk_kv needs triton; use load_chunk_kv_reference")
+    _check_inputs(k_src, v_src, key_cache, value_cache, slot_mapping, delta_pos,
+                  cos_sin_cache, rotary_dim)
+    if not (k_src.is_cuda or _interpreting()):
+        raise ValueError("load_chunk_kv runs on CUDA tensors (or under TRITON_INTERPRET=1)")
+    T, H, D = k_src.shape
+    if T == 0:
+        return
+    if check_positions and int(delta_pos.abs().max()) >= cos_sin_cache.shape[0]:
+        raise ValueError("|delta_pos| exceeds the cos_sin_cache length")
+    half = rotary_dim // 2
+    grid = (triton.cdiv(T, block_t), H)
+    _load_chunk_kv_kernel[grid](
+        k_src, v_src, key_cache, value_cache, slot_mapping, delta_pos, cos_sin_cache,
+        T, key_cache.shape[1],
+        *k_src.stride(), *v_src.stride(),
+        *key_cache.stride(), *value_cache.stride(),
+        *cos_sin_cache.stride(),
+        HEAD_DIM=D, ROT_DIM=rotary_dim, IS_NEOX=bool(is_neox),
+        BLOCK_T=block_t,
+        BLOCK_HALF=triton.next_power_of_2(half),
+        BLOCK_TAIL=triton.next_power_of_2(max(D - rotary_dim, 1)),
+        BLOCK_D=triton.next_power_of_2(D),
+        num_warps=num_warps,
+    )
+
+
+# --------------------------------------------------------------------------------------
+# Torch reference (the CPU engine path)
+# --------------------------------------------------------------------------------------
+def rotate_keys_reference(k: torch.Tensor, delta_pos: torch.Tensor,
+                          cos_sin_cache: torch.Tensor, rotary_dim: int, is_neox: bool,
+                          out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Return ``R(delta_pos[t]) k[t]`` for k [T, H, D]; math in float32 (float64 if k is).
+
+    Vectorized over tokens and heads; ``out_dtype`` defaults to k's dtype.
+    """
+    compute = torch.float64 if k.dtype == torch.float64 else torch.float32
+    half = rotary_dim // 2
+    rows = cos_sin_cache.index_select(0, delta_pos.abs().long()).to(compute)  # [T, r]
+    cos, sin = rows[:, :half], rows[:, half:]
+    inv = torch.rsqrt(cos * cos + sin * sin)  # unit rotation (YaRN mscale cancels)
+    cos = (cos * inv).unsqueeze(1)  # [T, 1, r/2]
+    sign = torch.where(delta_pos < 0, -1.0, 1.0).to(compute).view(-1, 1, 1)
+    sin = (sin * inv).unsqueeze(1) * sign
+    x = k.to(compute)
+    out = x.clone()
+    if is_neox:
+        x1, x2 = x[..., :half], x[..., half:rotary_dim]
+        out[..., :half] = x1 * cos - x2 * sin
+        out[..., half:rotary_dim] = x2 * cos + x1 * sin
+    else:
+        x1, x2 = x[..., 0:rotary_dim:2], x[..., 1:rotary_dim:2]
+        out[..., 0:rotary_dim:2] = x1 * cos - x2 * sin
+        out[..., 1:rotary_dim:2] = x2 * cos + x1 * sin
+    return out.to(out_dtype or k.dtype)
+
+
+def load_chunk_kv_reference(k_src, v_src, key_cache, value_cache, slot_mapping, delta_pos,
+                            cos_sin_cache, rotary_dim, is_neox) -> None:
+    """Torch equivalent of ``load_chunk_kv`` (same arguments, writes in place)."""
+    _check_inputs(k_src, v_src, key_cache, value_cache, slot_mapping, delta_pos,
+                  cos_sin_cache, rotary_dim)
+    keep = slot_mapping >= 0
+    if not bool(keep.all()):
+        idx = keep.nonzero().squeeze(1)
+        k_src, v_src = k_src.index_select(0, idx), v_src.index_select(0, idx)
+        slot_mapping, delta_pos = slot_mapping.index_select(0, idx), delta_pos.index_select(0, idx)
+    if slot_mapping.numel() == 0:
+        return
+    if int(delta_pos.abs().max()) >= cos_sin_cache.shape[0]:
+        raise ValueError("|delta_pos| exceeds the cos_sin_cache length")
+    block_size = key_cache.shape[1]
+    slot = slot_mapping.long()
+    blk, off = slot // block_size, slot % block_size
+    # Advanced-index assignment writes through any strided view (both cache layouts).
+    key_cache[blk, off] = rotate_keys_reference(k_src, delta_pos, cos_sin_cache, rotary_dim,
+                                                is_neox, out_dtype=key_cache.dtype)
+    value_cache[blk, off] = v_src.to(value_cache.dtype)
