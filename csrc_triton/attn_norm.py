@@ -194,13 +194,14 @@ def _default_config(head_dim: int, dtype: torch.dtype, G_PAD: int) -> dict:
 
 
 def attn_norm(q, key_cache, block_table, seq_len: int, q_pos, num_context: int,
-              scale: float, config: dict | None = None) -> torch.Tensor:
+              scale: float, out: torch.Tensor | None = None,
+              config: dict | None = None) -> torch.Tensor:
     """Attention-norm score s [num_context] (float32) of one sequence's context tokens.
 
     q [Nq, Hq, D] question rows at positions q_pos [Nq]; key_cache a 4-D view
     [num_blocks, block_size, Hkv, D]; block_table [max_blocks] the sequence's pages;
-    seq_len keys in the cache (context + question); scale the softmax scale.
-    Two launches (row lse, column norms) and a small torch merge; no host sync.
+    seq_len keys in the cache (context + question); scale the softmax scale; ``out``
+    an optional float32 [num_context] destination. Two launches (row lse, column norms) and a small torch merge; no host sync.
     """
     if not HAS_TRITON:
         raise RuntimeError("attn_norm needs triton; use attn_norm_reference")
@@ -210,12 +211,20 @@ def attn_norm(q, key_cache, block_table, seq_len: int, q_pos, num_context: int,
         raise ValueError("attn_norm runs on CUDA tensors (or under TRITON_INTERPRET=1)")
     Nq, Hq, D = q.shape
     Hkv = key_cache.shape[2]
-    out = torch.empty(num_context, dtype=torch.float32, device=q.device)
+    if out is None:
+        out = torch.empty(num_context, dtype=torch.float32, device=q.device)
+    elif out.shape != (num_context,) or out.dtype != torch.float32 or out.device != q.device:
+        raise ValueError(f"out must be float32 [{num_context}] on {q.device}")
     if num_context == 0 or Nq == 0:
         return out.zero_()
     G = Hq // Hkv
     G_PAD = triton.next_power_of_2(G)
     cfg = dict(_default_config(D, q.dtype, G_PAD), **(config or {}))
+    n_sm = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 4
+    if config is None or "BLOCK_N" not in config:
+        # Pass 2 has one program per BLOCK_N columns: keep at least two waves of them.
+        while cfg["BLOCK_N"] > 16 and triton.cdiv(num_context, cfg["BLOCK_N"]) < 2 * n_sm:
+            cfg["BLOCK_N"] //= 2
     block_r = max(cfg["BLOCK_ROWS"], G_PAD, 16) // G_PAD
     block_n = cfg["BLOCK_N"]
     block_d = max(triton.next_power_of_2(D), 16)
@@ -227,10 +236,7 @@ def attn_norm(q, key_cache, block_table, seq_len: int, q_pos, num_context: int,
 
     # Pass 1: split the keys so that (row tiles x KV heads x splits) fills the GPU.
     row_tiles = triton.cdiv(Nq, block_r)
-    if q.is_cuda:
-        target = 2 * torch.cuda.get_device_properties(q.device).multi_processor_count
-    else:
-        target = 4
+    target = 2 * n_sm
     splits = max(1, min(triton.cdiv(seq_len, 4 * block_n),
                         triton.cdiv(target, row_tiles * Hkv)))
     keys_per_split = triton.cdiv(triton.cdiv(seq_len, splits), block_n) * block_n
