@@ -221,10 +221,6 @@ def attn_norm(q, key_cache, block_table, seq_len: int, q_pos, num_context: int,
     G_PAD = triton.next_power_of_2(G)
     cfg = dict(_default_config(D, q.dtype, G_PAD), **(config or {}))
     n_sm = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 4
-    if config is None or "BLOCK_N" not in config:
-        # Pass 2 has one program per BLOCK_N columns: keep at least two waves of them.
-        while cfg["BLOCK_N"] > 16 and triton.cdiv(num_context, cfg["BLOCK_N"]) < 2 * n_sm:
-            cfg["BLOCK_N"] //= 2
     block_r = max(cfg["BLOCK_ROWS"], G_PAD, 16) // G_PAD
     block_n = cfg["BLOCK_N"]
     block_d = max(triton.next_power_of_2(D), 16)

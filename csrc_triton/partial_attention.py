@@ -19,7 +19,10 @@ all heads of the group. Online softmax in the log2 domain (exp2 with scale*log2(
 float32 accumulators, dot operands in the input dtype. Keys below the smallest position
 of the tile are visible to every row and are processed without a mask; only the band
 between the smallest and the largest position pays for the causal mask. Programs are
-issued longest-first (high positions first) to shorten the tail.
+issued longest-first (high positions first) to shorten the tail. When there are too few
+query blocks to fill the GPU (short contexts), each block's keys are also split into
+ranges handled by separate programs that write unnormalized float32 partials
+(acc, m, l); a second launch merges them: out = sum_s 2^(m_s-M) acc_s / sum_s 2^(m_s-M) l_s.
 
 ``partial_attention_reference`` gathers each sequence's keys through the block table and
 does a masked float32 softmax in torch; it is the CPU engine path and the test oracle.
@@ -94,20 +97,24 @@ if HAS_TRITON:
     @triton.jit
     def _partial_attention_kernel(
         q_ptr, k_cache, v_cache, out_ptr, block_table, seq_lens, cu_q, q_pos, blk_cum,
-        num_seqs, qk_scale, block_size,
+        part_acc, part_m, part_l,
+        num_seqs, qk_scale, block_size, keys_per_split,
         s_qt, s_qh, s_qd,
         s_ot, s_oh, s_od,
         c_kb, c_ks, c_kh, c_kd,
         c_vb, c_vs, c_vh, c_vd,
         s_bt,
+        s_as, s_at, s_ah,  # part_acc strides (split, query, head); dim stride 1
+        s_ms, s_mt, s_mh,  # part_m / part_l strides
         G: tl.constexpr, G_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
         BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-        BLOCK_B: tl.constexpr, DOT_PRECISION: tl.constexpr,
+        BLOCK_B: tl.constexpr, DOT_PRECISION: tl.constexpr, SPLIT: tl.constexpr,
     ):
         BLOCK_M: tl.constexpr = BLOCK_Q * G_PAD
         # Longest work first: the last query blocks (highest positions) start first.
         pid = tl.num_programs(0) - 1 - tl.program_id(0)
         kvh = tl.program_id(1)
+        split = tl.program_id(2)
 
         # Which sequence owns query block `pid`: blk_cum[b] = query blocks before b.
         b_idx = tl.arange(0, BLOCK_B)
@@ -146,21 +153,59 @@ if HAS_TRITON:
         # Keys [0, full_end) are <= every row's position: no mask needed.
         kv_end = tl.minimum(hi_pos + 1, seq_len)
         full_end = (tl.minimum(lo_pos + 1, seq_len) // BLOCK_N) * BLOCK_N
-        for start in range(0, full_end, BLOCK_N):
+        if SPLIT:  # this program covers keys [lo, hi) only (a multiple of BLOCK_N long)
+            lo = split * keys_per_split
+            hi = tl.minimum(kv_end, lo + keys_per_split)
+            band_lo = tl.maximum(full_end, lo)
+            full_end = tl.minimum(full_end, hi)
+            kv_end = hi
+        else:
+            lo = 0
+            band_lo = full_end
+        for start in range(lo, full_end, BLOCK_N):
             acc, m_i, l_i = _attend_block(
                 acc, m_i, l_i, q, row_pos, k_base, v_base, bt_row, start, seq_len,
                 block_size, c_kb, c_ks, c_kd, c_vb, c_vs, c_vd, qk_scale,
                 False, HEAD_DIM, BLOCK_N, BLOCK_D, DOT_PRECISION)
         # The causal band: keys between the smallest and the largest query position.
-        for start in range(full_end, kv_end, BLOCK_N):
+        for start in range(band_lo, kv_end, BLOCK_N):
             acc, m_i, l_i = _attend_block(
                 acc, m_i, l_i, q, row_pos, k_base, v_base, bt_row, start, seq_len,
                 block_size, c_kb, c_ks, c_kd, c_vb, c_vs, c_vd, qk_scale,
                 True, HEAD_DIM, BLOCK_N, BLOCK_D, DOT_PRECISION)
 
-        out = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
-        tl.store(out_ptr + qi64[:, None] * s_ot + head[:, None] * s_oh + d[None, :] * s_od,
-                 out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+        if SPLIT:  # unnormalized partial state, merged by _merge_splits_kernel
+            row_m = split * s_ms + qi64 * s_mt + head * s_mh
+            tl.store(part_m + row_m, m_i, mask=row_ok)
+            tl.store(part_l + row_m, l_i, mask=row_ok)
+            tl.store(part_acc + split * s_as + qi64[:, None] * s_at + head[:, None] * s_ah
+                     + d[None, :], acc, mask=row_ok[:, None] & d_ok[None, :])
+        else:
+            out = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
+            tl.store(out_ptr + qi64[:, None] * s_ot + head[:, None] * s_oh + d[None, :] * s_od,
+                     out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+
+    @triton.jit
+    def _merge_splits_kernel(part_acc, part_m, part_l, out_ptr, num_splits,
+                             s_as, s_at, s_ah, s_ms, s_mt, s_mh, s_ot, s_oh, s_od,
+                             HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr,
+                             BLOCK_D: tl.constexpr):
+        """out = sum_s 2^(m_s - M) acc_s / sum_s 2^(m_s - M) l_s, M = max_s m_s."""
+        t = tl.program_id(0).to(tl.int64)
+        h = tl.program_id(1)
+        sp = tl.arange(0, BLOCK_S)
+        s_ok = sp < num_splits
+        m = tl.load(part_m + sp * s_ms + t * s_mt + h * s_mh, mask=s_ok, other=float("-inf"))
+        l_s = tl.load(part_l + sp * s_ms + t * s_mt + h * s_mh, mask=s_ok, other=0.0)
+        m_max = tl.max(m, 0)
+        w = tl.exp2(m - tl.where(m_max == float("-inf"), 0.0, m_max))  # 0 for empty splits
+        denom = tl.sum(l_s * w, 0)
+        d = tl.arange(0, BLOCK_D)
+        acc = tl.load(part_acc + sp[:, None] * s_as + t * s_at + h * s_ah + d[None, :],
+                      mask=s_ok[:, None] & (d[None, :] < HEAD_DIM), other=0.0)
+        o = tl.sum(acc * w[:, None], 0) / tl.where(denom > 0.0, denom, 1.0)
+        tl.store(out_ptr + t * s_ot + h * s_oh + d * s_od, o.to(out_ptr.dtype.element_ty),
+                 mask=d < HEAD_DIM)
 
 
 def _interpreting() -> bool:
@@ -212,6 +257,18 @@ def _default_config(head_dim: int, dtype: torch.dtype) -> dict:
     return dict(BLOCK_M=64, BLOCK_N=64, num_warps=8, num_stages=2)
 
 
+def _num_splits(programs: int, max_keys: int, block_n: int, n_sm: int) -> int:
+    """Key splits per query block so that a small problem still fills the GPU.
+
+    Below 4 programs per multiprocessor the last wave dominates; splitting each query
+    block's keys (flash-decoding style) multiplies the programs, at the price of one
+    float32 partial output per split and a merge launch. Splits stay >= 8 key tiles.
+    """
+    if programs >= 4 * n_sm:
+        return 1
+    return max(1, min(-(-4 * n_sm // max(programs, 1)), max_keys // (8 * block_n)))
+
+
 def partial_attention(q, key_cache, value_cache, block_table, seq_lens, cu_seqlens_q,
                       q_pos, scale: float, out: torch.Tensor | None = None,
                       config: dict | None = None) -> torch.Tensor:
@@ -242,22 +299,43 @@ def partial_attention(q, key_cache, value_cache, block_table, seq_lens, cu_seqle
     cfg = dict(_default_config(D, q.dtype), **(config or {}))
     block_m = max(cfg["BLOCK_M"], G_PAD, 16)
     block_q = block_m // G_PAD
+    block_n = cfg["BLOCK_N"]
+    block_d = max(triton.next_power_of_2(D), 16)
     # Query blocks per sequence, prefix-summed on the device (no sync).
     n_q = (cu_seqlens_q[1:] - cu_seqlens_q[:-1]).to(torch.int32)
     blk_cum = torch.zeros(B + 1, dtype=torch.int32, device=q.device)
     torch.cumsum((n_q + block_q - 1) // block_q, 0, out=blk_cum[1:])
-    grid = (triton.cdiv(Nq, block_q) + B, Hkv)
-    _partial_attention_kernel[grid](
+    q_blocks = triton.cdiv(Nq, block_q) + B  # upper bound, known without a sync
+    max_keys = block_table.shape[1] * key_cache.shape[1]
+    n_sm = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 4
+    splits = cfg.get("splits") or _num_splits(triton.cdiv(Nq, block_q) * Hkv, max_keys,
+                                              block_n, n_sm)
+    keys_per_split = triton.cdiv(triton.cdiv(max_keys, splits), block_n) * block_n
+    splits = triton.cdiv(max_keys, keys_per_split)
+    if splits > 1:
+        part_acc = torch.empty(splits, Nq, Hq, D, dtype=torch.float32, device=q.device)
+        part_m = torch.empty(splits, Nq, Hq, dtype=torch.float32, device=q.device)
+        part_l = torch.empty_like(part_m)
+    else:  # unused placeholders
+        part_acc = part_m = part_l = out
+    _partial_attention_kernel[(q_blocks, Hkv, splits)](
         q, key_cache, value_cache, out, block_table, seq_lens, cu_seqlens_q, q_pos, blk_cum,
-        B, scale * LOG2E, key_cache.shape[1],
+        part_acc, part_m, part_l,
+        B, scale * LOG2E, key_cache.shape[1], keys_per_split,
         *q.stride(), *out.stride(), *key_cache.stride(), *value_cache.stride(),
-        block_table.stride(0),
+        block_table.stride(0), *part_acc.stride()[:3], *part_m.stride()[:3],
         G=G, G_PAD=G_PAD, HEAD_DIM=D,
-        BLOCK_Q=block_q, BLOCK_N=cfg["BLOCK_N"], BLOCK_D=max(triton.next_power_of_2(D), 16),
+        BLOCK_Q=block_q, BLOCK_N=block_n, BLOCK_D=block_d,
         BLOCK_B=triton.next_power_of_2(B + 1),
-        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", SPLIT=splits > 1,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
+    if splits > 1:
+        _merge_splits_kernel[(Nq, Hq)](
+            part_acc, part_m, part_l, out, splits,
+            *part_acc.stride()[:3], *part_m.stride(), *out.stride(),
+            HEAD_DIM=D, BLOCK_S=triton.next_power_of_2(splits), BLOCK_D=block_d,
+            num_warps=4)
     return out
 
 

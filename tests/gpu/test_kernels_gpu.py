@@ -110,7 +110,9 @@ ATTN_CASES = [
     (12, 4, 64, torch.float16, "flash", 16, None),  # G = 3, padded to 4
     (16, 2, 128, torch.float32, "flash", 16, None),
     (32, 8, 128, torch.bfloat16, "flash", 16, dict(BLOCK_M=64, BLOCK_N=32, num_warps=4)),
-    (32, 8, 128, torch.bfloat16, "flash", 16, dict(BLOCK_M=128, BLOCK_N=128, num_stages=2)),
+    (32, 8, 128, torch.bfloat16, "flash", 16, dict(BLOCK_M=128, BLOCK_N=64, num_stages=3)),
+    (32, 8, 128, torch.bfloat16, "flash", 16, dict(splits=1)),  # no key split
+    (16, 4, 256, torch.float16, "cpu", 128, dict(splits=5)),  # splits past short sequences
 ]
 
 

@@ -273,8 +273,8 @@ def test_interp_load_kernel_matches_reference(interp, layout, is_neox, rotary_di
 # float32 -> bf16 cast (seen here: errors ~1e10); bf16 is covered by tests/gpu.
 @pytest.mark.parametrize("Hq,Hkv,D,dtype", [(4, 4, 64, torch.float32), (8, 2, 80, torch.float32),
                                             (6, 2, 32, torch.float32), (8, 1, 64, torch.float16)])
-@pytest.mark.parametrize("layout", ["flash", "cpu"])
-def test_interp_partial_attention_matches_reference(interp, Hq, Hkv, D, dtype, layout):
+@pytest.mark.parametrize("layout,splits", [("flash", 1), ("cpu", 3)])
+def test_interp_partial_attention_matches_reference(interp, Hq, Hkv, D, dtype, layout, splits):
     torch.manual_seed(5)
     BS, NB = 16, 16
     lens, nq = [70, 33, 0], [9, 5, 0]  # last sequence empty
@@ -285,7 +285,7 @@ def test_interp_partial_attention_matches_reference(interp, Hq, Hkv, D, dtype, l
     q = torch.randn(sum(nq), Hq, D).to(dtype)
     out = torch.full_like(q, float("nan"))
     interp.pa.partial_attention(q, kc, vc, bt, torch.tensor(lens), cu, q_pos, D ** -0.5,
-                                out=out, config=dict(BLOCK_M=32, BLOCK_N=16))
+                                out=out, config=dict(BLOCK_M=32, BLOCK_N=16, splits=splits))
     ref = interp.pa.partial_attention_reference(q, kc, vc, bt, torch.tensor(lens), cu, q_pos,
                                                 D ** -0.5)
     assert not out.isnan().any()

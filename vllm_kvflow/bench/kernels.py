@@ -134,9 +134,11 @@ def _bench_partial(torch, triton, n, hq, hkv, d, frac, log):
     pairs = float((q_pos.double() + 1).sum())
     flop = 4 * d * hq * pairs
     best = None
-    for cfg in (None, dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=2),
-                dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3),
-                dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3)):
+    # None = the wrapper's defaults (128x128 tiles, 8 warps, 2 stages, automatic key
+    # splits); the others are variations of it.
+    for cfg in (None, dict(splits=1), dict(splits=4),
+                dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3),
+                dict(BLOCK_M=64, BLOCK_N=128, num_warps=4, num_stages=2)):
         fn = lambda: partial_attention(q, kc, vc, bt[None], seq_lens, cu, q_pos,  # noqa: E731
                                        d ** -0.5, config=cfg)
         ms = triton.testing.do_bench(fn, warmup=50, rep=300, return_mode="median")
