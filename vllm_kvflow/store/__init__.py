@@ -1,0 +1,3 @@
+from vllm_kvflow.store.chunk_store import ChunkKV, ChunkStore, StoreCounters, chunk_key
+
+__all__ = ["ChunkKV", "ChunkStore", "StoreCounters", "chunk_key"]

@@ -1,0 +1,150 @@
+"""Access to one request's KV in vLLM's paged cache, whatever the backend's layout.
+
+Every accessor yields 4-D views [num_blocks, block_size, num_kv_heads, head_dim] for keys
+and values (strides as the backend stores them), so the rest of the code, the Triton
+kernels included, never assumes a layout.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+def packed_pages(kv_cache: torch.Tensor, head_dim: int):
+    """CPU_ATTN: (key pages, value pages), each [num_blocks, H, block_size * head_dim]."""
+    num_blocks, num_heads, block_size, _ = kv_cache.shape
+    pages = kv_cache.view(num_blocks, num_heads, 2 * block_size * head_dim)
+    return pages[..., : block_size * head_dim], pages[..., block_size * head_dim:]
+
+
+def split_kv_cache(kv_cache: torch.Tensor, layout: str, head_dim: int):
+    """(key_view, value_view), each [num_blocks, block_size, num_kv_heads, head_dim].
+
+    layout "cpu": CPU_ATTN, logical [B, H, N, 2D] stored contiguous as per-(block, head)
+        pages of N key rows then N value rows, i.e. view(B, H, 2N, D).
+    layout "flash": FLASH_ATTN, logical [B, H, N, 2D] whose strides are those of
+        [B, N, H, 2D]: K and V interleaved on the last dim of each token row.
+    layout "stacked": a [2, B, N, H, D] tensor (older flash layout).
+    """
+    if layout == "stacked":
+        return kv_cache[0], kv_cache[1]
+    if kv_cache.dim() != 4 or kv_cache.shape[-1] != 2 * head_dim:
+        raise ValueError(f"unexpected KV cache shape {tuple(kv_cache.shape)} for {layout}")
+    if layout == "cpu":
+        num_blocks, num_heads, block_size, _ = kv_cache.shape
+        pages = kv_cache.view(num_blocks, num_heads, 2 * block_size, head_dim)
+        keys, values = pages.chunk(2, dim=2)
+        return keys.permute(0, 2, 1, 3), values.permute(0, 2, 1, 3)
+    if layout == "flash":
+        keys, values = kv_cache.transpose(1, 2).split(head_dim, dim=-1)
+        return keys, values
+    raise ValueError(f"unknown KV cache layout {layout!r}")
+
+
+def layout_for_backend(backend_name: str, kv_cache: torch.Tensor) -> str:
+    name = backend_name.upper()
+    if name.startswith("CPU"):
+        return "cpu"
+    if kv_cache.dim() == 5 and kv_cache.shape[0] == 2:
+        return "stacked"
+    if "FLASH" in name and "INFER" not in name:
+        return "flash"
+    raise NotImplementedError(
+        f"kvflow does not know the KV layout of attention backend {backend_name}"
+    )
+
+
+@dataclass
+class PagedKV:
+    """One request's KV across layers: block table over per-layer paged views."""
+
+    keys: list[torch.Tensor]  # per layer [num_blocks, block_size, H, D]
+    values: list[torch.Tensor]
+    block_ids: torch.Tensor  # int64 [num_request_blocks]
+    block_size: int
+
+    def slots(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(block, offset) of each position."""
+        pos = positions.to(torch.long)
+        return self.block_ids[pos // self.block_size], pos % self.block_size
+
+    def slot_mapping(self, positions: torch.Tensor) -> torch.Tensor:
+        block, offset = self.slots(positions)
+        return block * self.block_size + offset
+
+    def write(self, layer: int, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+        block, offset = self.slots(positions)
+        self.keys[layer][block, offset] = k.to(self.keys[layer].dtype)
+        self.values[layer][block, offset] = v.to(self.values[layer].dtype)
+
+    def read(self, layer: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """K, V of positions [0, length): [length, H, D] each."""
+        nblocks = -(-length // self.block_size)
+        blocks = self.block_ids[:nblocks]
+        k = self.keys[layer][blocks].flatten(0, 1)[:length]
+        v = self.values[layer][blocks].flatten(0, 1)[:length]
+        return k, v
+
+    def load_rotated(self, layer: int, positions, k_src, v_src, delta, cos_sin, rotary_dim,
+                     is_neox) -> None:
+        """Write a chunk's K (rotated by delta) and V at positions, in one fused pass."""
+        from vllm_kvflow.kernels import chunk_load
+
+        fused = chunk_load.load_chunk_kv if k_src.is_cuda else chunk_load.load_chunk_kv_reference
+        fused(k_src, v_src, self.keys[layer], self.values[layer], self.slot_mapping(positions),
+              delta, cos_sin, rotary_dim, is_neox)
+
+
+@dataclass
+class PackedPagedKV(PagedKV):
+    """A paged cache whose pages hold each head's key rows and value rows in a packed
+    order (CPU_ATTN): `keys`/`values` are [num_blocks, H, block_size * D] flat pages and
+    key_index/value_index map logical (offset, dim) to page elements."""
+
+    key_index: torch.Tensor | None = None  # [block_size, D]
+    value_index: torch.Tensor | None = None
+
+    def write(self, layer: int, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+        block, offset = self.slots(positions)
+        heads = torch.arange(k.shape[1], device=k.device)[None, :, None]
+        b = block[:, None, None]
+        self.keys[layer][b, heads, self.key_index[offset][:, None, :]] = k.to(self.keys[layer].dtype)
+        self.values[layer][b, heads, self.value_index[offset][:, None, :]] = v.to(self.values[layer].dtype)
+
+    def read(self, layer: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        nblocks = -(-length // self.block_size)
+        blocks = self.block_ids[:nblocks]
+        out = []
+        for pages, index in ((self.keys[layer], self.key_index), (self.values[layer], self.value_index)):
+            page = pages[blocks]  # [nb, H, N * D]
+            logical = page[:, :, index.flatten()].unflatten(2, index.shape)  # [nb, H, N, D]
+            out.append(logical.transpose(1, 2).flatten(0, 1)[:length])
+        return out[0], out[1]
+
+    def load_rotated(self, layer, positions, k_src, v_src, delta, cos_sin, rotary_dim, is_neox):
+        from vllm_kvflow.kernels.chunk_load import rotate_keys_reference
+
+        k = rotate_keys_reference(k_src, delta, cos_sin, rotary_dim, is_neox)
+        self.write(layer, positions, k, v_src)
+
+
+@dataclass
+class DenseKV:
+    """A private contiguous KV buffer, for computing a chunk in isolation."""
+
+    keys: torch.Tensor  # [num_layers, capacity, H, D]
+    values: torch.Tensor
+
+    @classmethod
+    def empty(cls, num_layers, capacity, num_heads, head_dim, dtype, device):
+        shape = (num_layers, capacity, num_heads, head_dim)
+        return cls(torch.empty(shape, dtype=dtype, device=device),
+                   torch.empty(shape, dtype=dtype, device=device))
+
+    def write(self, layer: int, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+        self.keys[layer, positions] = k.to(self.keys.dtype)
+        self.values[layer, positions] = v.to(self.values.dtype)
+
+    def read(self, layer: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.keys[layer, :length], self.values[layer, :length]

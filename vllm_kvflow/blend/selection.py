@@ -1,0 +1,99 @@
+"""Which chunk tokens to recompute: one small function per method, in a registry.
+
+Every selector gets the candidate positions (tokens of the non-exact chunks, sorted),
+the chunk spans and the budget k = floor(ratio * #candidates), and returns at most k
+sorted positions. Signals that cost model compute (attention-norm scores, K deviation)
+come in through `SelectionInput.signal`, computed only for the selectors that ask.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+
+@dataclass
+class SelectionInput:
+    candidates: torch.Tensor  # int64 [T], sorted positions
+    chunks: list[tuple[int, int]]  # candidate chunk spans, sorted
+    budget: int
+    seed: int = 0
+    # Per-position score over [0, context_end), for selectors with needs_signal.
+    signal: torch.Tensor | None = None
+
+
+@dataclass(frozen=True)
+class Selector:
+    fn: Callable[[SelectionInput], torch.Tensor]
+    needs_signal: str | None = None  # "attn_norm" | "k_deviation" | None
+
+
+SELECTORS: dict[str, Selector] = {}
+
+
+def register(name: str, needs_signal: str | None = None):
+    def deco(fn):
+        SELECTORS[name] = Selector(fn, needs_signal)
+        return fn
+
+    return deco
+
+
+def budget_for(num_candidates: int, ratio: float) -> int:
+    return int(ratio * num_candidates + 1e-9)  # floor; ratio 1.0 takes every candidate
+
+
+def top_k_positions(candidates: torch.Tensor, scores: torch.Tensor, k: int) -> torch.Tensor:
+    """The k highest-scoring candidates, sorted by position; ties go to the earlier one."""
+    if k >= candidates.numel():
+        return candidates
+    s = scores.double()
+    # Stable descending sort breaks ties by position, deterministically.
+    order = torch.sort(-s, stable=True).indices[:k]
+    return torch.sort(candidates[order]).values
+
+
+@register("none")
+def select_none(inp: SelectionInput) -> torch.Tensor:
+    return inp.candidates[:0]
+
+
+@register("random")
+def select_random(inp: SelectionInput) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(inp.seed)
+    perm = torch.randperm(inp.candidates.numel(), generator=gen)[: inp.budget]
+    return torch.sort(inp.candidates[perm.to(inp.candidates.device)]).values
+
+
+@register("epic")
+def select_epic(inp: SelectionInput) -> torch.Tensor:
+    """EPIC's LegoLink: the first tokens of each chunk, the budget split by chunk size."""
+    total = sum(e - s for s, e in inp.chunks)
+    if total == 0 or inp.budget == 0:
+        return inp.candidates[:0]
+    picks = []
+    for s, e in inp.chunks:
+        k = min(e - s, (inp.budget * (e - s)) // total)
+        picks.append(torch.arange(s, s + k, device=inp.candidates.device))
+    return torch.cat(picks)
+
+
+@register("infoflow", needs_signal="attn_norm")
+def select_infoflow(inp: SelectionInput) -> torch.Tensor:
+    """Top-k by the question's attention norm (InfoFlow KV)."""
+    return top_k_positions(inp.candidates, inp.signal[inp.candidates], inp.budget)
+
+
+@register("cacheblend", needs_signal="k_deviation")
+def select_cacheblend(inp: SelectionInput) -> torch.Tensor:
+    """Top-k by the deviation of cached from recomputed keys at layer 1 (CacheBlend)."""
+    return top_k_positions(inp.candidates, inp.signal[inp.candidates], inp.budget)
+
+
+def select(method: str, inp: SelectionInput) -> torch.Tensor:
+    if inp.budget >= inp.candidates.numel():
+        return inp.candidates  # the exact limit: every candidate, whatever the method
+    if method not in SELECTORS:
+        raise ValueError(f"unknown selection method {method!r}; known: {sorted(SELECTORS)}")
+    return SELECTORS[method].fn(inp)

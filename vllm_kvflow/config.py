@@ -1,0 +1,89 @@
+"""One validated settings object, read from `kv_connector_extra_config`.
+
+Every setting has a documented default (README, "Settings"); unknown names are an error
+so a typo never silently falls back to a default.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+METHODS = ("full", "none", "random", "epic", "cacheblend", "infoflow", "infoflow-reorder")
+
+
+@dataclass(frozen=True)
+class KVFlowConfig:
+    # Selection method used when a request does not name one (see blend/selection.py).
+    method: str = "infoflow"
+    # Fraction rho of chunk tokens recomputed (1.0 reproduces full prefill).
+    recompute_ratio: float = 0.15
+    # Chunk store capacity on the worker, in GiB (host memory on CPU, device on GPU).
+    store_capacity_gb: float = 2.0
+    # Fixed sink prefix chunks are computed behind, in isolation. None: [BOS].
+    sink_token_ids: tuple[int, ...] | None = None
+    # Default namespace folded into chunk identity (requests may add a cache_salt).
+    namespace: str = ""
+    # Scoring layers for infoflow: absolute indices (ints) or depth fractions in
+    # [0, 1) (floats). None: 4 consecutive layers starting at 60% depth.
+    scoring_layers: tuple[int | float, ...] | None = None
+    # Seed of the `random` baseline.
+    seed: int = 0
+    # Log one line of stats per request.
+    log_stats: bool = True
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"kvflow: method must be one of {METHODS}, got {self.method!r}")
+        check_ratio(self.recompute_ratio)
+        if not self.store_capacity_gb >= 0:
+            raise ValueError("kvflow: store_capacity_gb must be >= 0")
+        if self.sink_token_ids is not None:
+            object.__setattr__(self, "sink_token_ids", tuple(int(t) for t in self.sink_token_ids))
+            if not self.sink_token_ids:
+                raise ValueError("kvflow: sink_token_ids must not be empty")
+        if self.scoring_layers is not None:
+            layers = tuple(self.scoring_layers)
+            if not layers or any(isinstance(x, bool) or not isinstance(x, (int, float)) for x in layers):
+                raise ValueError("kvflow: scoring_layers must be a non-empty list of numbers")
+            object.__setattr__(self, "scoring_layers", layers)
+
+    @property
+    def store_capacity_bytes(self) -> int:
+        return int(self.store_capacity_gb * (1 << 30))
+
+    @classmethod
+    def from_extra_config(cls, extra: dict[str, Any] | None) -> "KVFlowConfig":
+        extra = dict(extra or {})
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(extra) - names)
+        if unknown:
+            raise ValueError(f"kvflow: unknown settings {unknown}; known: {sorted(names)}")
+        return cls(**extra)
+
+    def to_extra_config(self) -> dict[str, Any]:
+        out = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            out[f.name] = list(value) if isinstance(value, tuple) else value
+        return out
+
+
+def check_ratio(ratio: Any) -> float:
+    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0.0 <= ratio <= 1.0:
+        raise ValueError(f"kvflow: recompute ratio must be a number in [0, 1], got {ratio!r}")
+    return float(ratio)
+
+
+def resolve_layers(spec: tuple[int | float, ...] | None, num_layers: int) -> list[int]:
+    """Scoring layer indices for a model of num_layers layers."""
+    if spec is None:
+        start = min(int(round(0.6 * num_layers)), max(num_layers - 4, 0))
+        return list(range(start, min(start + 4, num_layers)))
+    out = []
+    for x in spec:
+        idx = int(x) if isinstance(x, int) else int(x * num_layers)
+        if not 0 <= idx < num_layers:
+            raise ValueError(f"kvflow: scoring layer {x!r} outside a {num_layers}-layer model")
+        out.append(idx)
+    return sorted(set(out))

@@ -1,0 +1,115 @@
+"""Scheduler side: parse each request's chunk declaration, report the reusable context
+as externally computed tokens, learn the request's blocks, and hand the worker a plan.
+
+Touches no tensors. Per-request stats collect here and go back to the client through
+`request_finished` (vLLM puts the returned dict in the output's kv_transfer_params).
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from vllm_kvflow.blend.pipeline import LoadPlan
+from vllm_kvflow.config import KVFlowConfig
+from vllm_kvflow.connector.metadata import KVFlowConnectorMetadata, KVFlowWorkerMetadata
+from vllm_kvflow.request import PARAMS_KEY, STATS_KEY, RequestError, RequestSpec, parse_request
+
+logger = logging.getLogger("vllm_kvflow")
+
+
+class KVFlowScheduler:
+    def __init__(self, config: KVFlowConfig, tokenizer_path: str | None, block_size: int):
+        self.config = config
+        self.block_size = block_size
+        self._tokenizer_path = tokenizer_path
+        self._tokenizer = None
+        self._specs: dict[str, RequestSpec] = {}
+        self._pending: dict[str, LoadPlan] = {}
+        self._stats: dict[str, dict[str, Any]] = {}
+
+    def _tokenize(self, text: str) -> list[int]:
+        if self._tokenizer is None:
+            from transformers import AutoTokenizer
+
+            self._tokenizer = AutoTokenizer.from_pretrained(self._tokenizer_path)
+        return self._tokenizer.encode(text, add_special_tokens=False)
+
+    def get_num_new_matched_tokens(self, request, num_computed_tokens: int) -> tuple[int, bool]:
+        params = (request.kv_transfer_params or {}).get(PARAMS_KEY)
+        req_id = request.request_id
+        if params is None:
+            return 0, False
+        stats = self._stats.setdefault(req_id, {})
+        try:
+            spec = parse_request(params, request.prompt_token_ids, self.config, self._tokenize)
+        except RequestError as e:
+            stats.update(fallback="bad-request", error=str(e))
+            logger.warning("kvflow: request %s falls back to full prefill: %s", req_id, e)
+            return 0, False
+        stats.update(method=spec.method, ratio=spec.ratio, chunks=len(spec.chunks),
+                     chunks_unlocatable=spec.unlocatable, chunk_tokens=spec.num_chunk_tokens,
+                     context_tokens=spec.context_end)
+        if spec.unlocatable:
+            logger.warning("kvflow: request %s: chunks %s not found in the prompt",
+                           req_id, spec.unlocatable)
+        if spec.method == "full":
+            stats["fallback"] = None
+            return 0, False
+        if num_computed_tokens >= spec.context_end:
+            stats["prefix_cache_tokens"] = num_computed_tokens
+            return 0, False
+        self._specs[req_id] = spec
+        # Synchronous load (False): the KV must be in place before this step's forward.
+        return spec.context_end - num_computed_tokens, False
+
+    def update_state_after_alloc(self, request, blocks, num_external_tokens: int) -> None:
+        spec = self._specs.pop(request.request_id, None)
+        if spec is None:
+            return
+        if num_external_tokens == 0:
+            self._stats[request.request_id]["fallback"] = "scheduler-declined-load"
+            return
+        block_ids = list(blocks.get_block_ids()[0])
+        self._pending[request.request_id] = LoadPlan(
+            req_id=request.request_id,
+            token_ids=list(request.prompt_token_ids),
+            chunks=spec.chunks,
+            question=spec.question,
+            method=spec.method,
+            ratio=spec.ratio,
+            namespace=self._namespace(request, spec),
+            load_start=spec.context_end - num_external_tokens,
+            block_ids=block_ids,
+        )
+
+    @staticmethod
+    def _namespace(request, spec: RequestSpec) -> str:
+        # Tenants that salt their prefix cache are isolated in the chunk store too.
+        salt = getattr(request, "cache_salt", None)
+        return f"{spec.namespace}|salt={salt}" if salt else spec.namespace
+
+    def build_connector_meta(self, scheduler_output) -> KVFlowConnectorMetadata:
+        meta = KVFlowConnectorMetadata(loads=list(self._pending.values()))
+        self._pending.clear()
+        return meta
+
+    def update_connector_output(self, connector_output) -> None:
+        worker_meta = getattr(connector_output, "kv_connector_worker_meta", None)
+        if not isinstance(worker_meta, KVFlowWorkerMetadata):
+            return
+        for req_id, result in worker_meta.results.items():
+            stats = self._stats.setdefault(req_id, {})
+            stats.update(result)
+            stats.setdefault("fallback", None)
+            if "error" in result:
+                stats["fallback"] = "worker-error"
+
+    def request_finished(self, request, block_ids) -> tuple[bool, dict[str, Any] | None]:
+        self._specs.pop(request.request_id, None)
+        self._pending.pop(request.request_id, None)
+        stats = self._stats.pop(request.request_id, None)
+        if stats is None:
+            return False, None
+        if self.config.log_stats:
+            logger.info("kvflow: request %s %s", request.request_id, stats)
+        return False, {STATS_KEY: stats}

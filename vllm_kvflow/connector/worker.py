@@ -1,0 +1,123 @@
+"""Worker side: before the forward, run each planned load through the blend pipeline
+(store fetch + re-rotation + selective recompute) into the request's paged blocks.
+
+A load that fails marks the request's blocks as failed, so vLLM recomputes them
+(kv_load_failure_policy="recompute"): the request falls back to full prefill rather
+than decoding from half-written KV.
+"""
+from __future__ import annotations
+
+import logging
+import time
+import traceback
+from typing import Any
+
+import torch
+
+from vllm_kvflow.blend.executor import LayerwiseExecutor
+from vllm_kvflow.blend.model_adapter import adapter_for
+from vllm_kvflow.blend.paged import (
+    PackedPagedKV,
+    PagedKV,
+    layout_for_backend,
+    packed_pages,
+    split_kv_cache,
+)
+from vllm_kvflow.blend.pipeline import BlendPipeline
+from vllm_kvflow.config import KVFlowConfig
+from vllm_kvflow.connector.metadata import KVFlowConnectorMetadata, KVFlowWorkerMetadata
+from vllm_kvflow.store import ChunkStore
+
+logger = logging.getLogger("vllm_kvflow")
+
+
+class KVFlowWorker:
+    def __init__(self, config: KVFlowConfig, vllm_config):
+        self.config = config
+        self.vllm_config = vllm_config
+        self.store = ChunkStore(config.store_capacity_bytes)
+        self._kv_caches: dict[str, torch.Tensor] = {}
+        self._pipeline: BlendPipeline | None = None
+        self._views: dict | None = None
+        self._results: dict[str, dict[str, Any]] = {}
+        self._failed_blocks: set[int] = set()
+
+    def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
+        self._kv_caches = dict(kv_caches)
+        self._views = None
+
+    def _ready(self) -> BlendPipeline:
+        if self._pipeline is None:
+            from vllm_kvflow.patches import model_hook
+
+            model = model_hook.current_model()
+            adapter = adapter_for(model)
+            model_config = self.vllm_config.model_config
+            sink = self.config.sink_token_ids
+            if sink is None:
+                bos = getattr(model_config.hf_config, "bos_token_id", None)
+                if bos is None:
+                    raise RuntimeError("kvflow: the model has no BOS token; set sink_token_ids")
+                sink = (int(bos),)
+            model_id = f"{model_config.model}|{model_config.dtype}"
+            self._pipeline = BlendPipeline(LayerwiseExecutor(adapter), self.store, self.config,
+                                           model_id, sink)
+        if self._views is None:
+            self._views = self._cache_views()
+        return self._pipeline
+
+    def _cache_views(self) -> dict:
+        """Per-layer key/value views of the paged cache, and how to build a PagedKV."""
+        adapter = self._pipeline.adapter
+        head_dim = adapter.shape.head_dim
+        first = adapter.attn_modules[0]
+        layout = layout_for_backend(first.attn_backend.get_name(), self._kv_caches[first.layer_name])
+        split = (lambda c: packed_pages(c, head_dim)) if layout == "cpu" else (
+            lambda c: split_kv_cache(c, layout, head_dim))
+        pairs = [split(self._kv_caches[m.layer_name]) for m in adapter.attn_modules]
+        views = {"keys": [k for k, _ in pairs], "values": [v for _, v in pairs]}
+        if layout == "cpu":
+            from vllm_kvflow.patches.cpu_attn_layout import page_permutation
+
+            cache = self._kv_caches[first.layer_name]
+            block_size = cache.shape[2]
+            k_index, v_index = page_permutation(first.isa, cache.dtype, block_size, head_dim)
+            views.update(cls=PackedPagedKV, block_size=block_size,
+                         extra={"key_index": k_index.view(block_size, head_dim),
+                                "value_index": v_index.view(block_size, head_dim)})
+        else:
+            views.update(cls=PagedKV, block_size=pairs[0][0].shape[1], extra={})
+        return views
+
+    def _paged_kv(self, block_ids: list[int], device) -> PagedKV:
+        v = self._views
+        return v["cls"](v["keys"], v["values"],
+                        torch.tensor(block_ids, dtype=torch.long, device=device),
+                        block_size=v["block_size"], **v["extra"])
+
+    def start_load_kv(self, metadata: KVFlowConnectorMetadata) -> None:
+        for plan in metadata.loads:
+            t0 = time.perf_counter()
+            try:
+                pipeline = self._ready()
+                kv = self._paged_kv(plan.block_ids, pipeline.adapter.device)
+                result = pipeline.run(plan, kv).as_dict()
+            except Exception as e:  # noqa: BLE001 - any failure must degrade, not crash
+                logger.error("kvflow: load for %s failed, recomputing: %s\n%s", plan.req_id, e,
+                             traceback.format_exc())
+                self._failed_blocks.update(plan.block_ids)
+                result = {"error": f"{type(e).__name__}: {e}"}
+            result["load_s"] = time.perf_counter() - t0
+            result["store"] = {"entries": len(self.store), "bytes": self.store.nbytes,
+                               **self.store.counters.as_dict()}
+            self._results[plan.req_id] = result
+
+    def get_block_ids_with_load_errors(self) -> set[int]:
+        failed, self._failed_blocks = self._failed_blocks, set()
+        return failed
+
+    def build_worker_meta(self) -> KVFlowWorkerMetadata | None:
+        if not self._results:
+            return None
+        meta, self._results = KVFlowWorkerMetadata(self._results), {}
+        return meta

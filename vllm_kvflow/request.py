@@ -1,0 +1,177 @@
+"""Per-request chunk declarations: parsing, validation and locating chunks in the prompt.
+
+A request declares its chunks in `kv_transfer_params["kvflow"]`:
+
+    {"chunks": [{"span": [start, end]} | {"text": "..."} | {"token_ids": [...]}, ...],
+     "question": {"span": [s, e]} | {"text": "..."},     # optional, for scoring
+     "method": "infoflow", "ratio": 0.15, "namespace": "tenant-a"}   # optional
+
+Spans index the prompt's token ids, end exclusive. Texts and token ids are located in
+the prompt, in declaration order. Bad declarations raise RequestError, which the
+connector turns into a full-prefill fallback with the reason in the stats; a chunk that
+cannot be located is listed in `unlocatable` and its tokens are prefilled normally.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+from vllm_kvflow.config import METHODS, KVFlowConfig, check_ratio
+
+PARAMS_KEY = "kvflow"
+STATS_KEY = "kvflow_stats"
+_KEYS = {"chunks", "question", "method", "ratio", "namespace"}
+_CHUNK_FORMS = ("span", "text", "token_ids")
+
+
+class RequestError(ValueError):
+    """A malformed chunk declaration; the message is reported to the client."""
+
+
+@dataclass
+class RequestSpec:
+    """A validated declaration, chunks located as sorted non-overlapping spans."""
+
+    chunks: list[tuple[int, int]]
+    question: tuple[int, int]
+    method: str
+    ratio: float
+    namespace: str
+    unlocatable: list[int] = field(default_factory=list)
+
+    @property
+    def context_end(self) -> int:
+        return self.chunks[-1][1]
+
+    @property
+    def num_chunk_tokens(self) -> int:
+        return sum(e - s for s, e in self.chunks)
+
+
+def find_subsequence(haystack: Sequence[int], needle: Sequence[int], start: int = 0) -> int:
+    """First index >= start where needle occurs in haystack, or -1."""
+    n = len(needle)
+    if n == 0:
+        return -1
+    first = needle[0]
+    limit = len(haystack) - n
+    i = start
+    while i <= limit:
+        try:
+            i = haystack.index(first, i, limit + 1)
+        except ValueError:
+            return -1
+        if haystack[i:i + n] == needle:
+            return i
+        i += 1
+    return -1
+
+
+def _span(value: Any, prompt_len: int, what: str) -> tuple[int, int]:
+    if (not isinstance(value, (list, tuple)) or len(value) != 2
+            or not all(isinstance(x, int) and not isinstance(x, bool) for x in value)):
+        raise RequestError(f"{what}: span must be [start, end] integers, got {value!r}")
+    start, end = value
+    if not 0 <= start < end <= prompt_len:
+        raise RequestError(f"{what}: span {value} outside the prompt of {prompt_len} tokens "
+                           "(need 0 <= start < end <= prompt length)")
+    return start, end
+
+
+def _token_list(value: Any, what: str) -> list[int]:
+    if not isinstance(value, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in value):
+        raise RequestError(f"{what}: token_ids must be a list of integers")
+    if not value:
+        raise RequestError(f"{what}: empty chunk")
+    return value
+
+
+def _text_tokens(value: Any, tokenize: Callable[[str], list[int]] | None, what: str) -> list[int]:
+    if not isinstance(value, str):
+        raise RequestError(f"{what}: text must be a string, got {type(value).__name__}")
+    if not value.strip():
+        raise RequestError(f"{what}: empty chunk text")
+    if tokenize is None:
+        raise RequestError(f"{what}: chunk texts need the tokenizer, which is unavailable")
+    return tokenize(value)
+
+
+def parse_request(params: Any, prompt_ids: Sequence[int], config: KVFlowConfig,
+                  tokenize: Callable[[str], list[int]] | None = None) -> RequestSpec:
+    """Validate `params` (the value under PARAMS_KEY) against the prompt's token ids."""
+    if not isinstance(params, dict):
+        raise RequestError(f"kv_transfer_params[{PARAMS_KEY!r}] must be an object")
+    unknown = sorted(set(params) - _KEYS)
+    if unknown:
+        raise RequestError(f"unknown keys {unknown}; known: {sorted(_KEYS)}")
+    method = params.get("method", config.method)
+    if method not in METHODS:
+        raise RequestError(f"method must be one of {list(METHODS)}, got {method!r}")
+    try:
+        ratio = check_ratio(params.get("ratio", config.recompute_ratio))
+    except ValueError as e:
+        raise RequestError(str(e)) from None
+    namespace = params.get("namespace", config.namespace)
+    if not isinstance(namespace, str):
+        raise RequestError("namespace must be a string")
+
+    prompt = list(prompt_ids)
+    declared = params.get("chunks")
+    if not isinstance(declared, list) or not declared:
+        raise RequestError("chunks must be a non-empty list")
+    spans: list[tuple[int, int]] = []
+    unlocatable: list[int] = []
+    cursor = 0
+    for i, item in enumerate(declared):
+        what = f"chunk {i}"
+        if isinstance(item, (list, tuple)):
+            item = {"span": item}
+        if not isinstance(item, dict) or len(item) != 1 or next(iter(item)) not in _CHUNK_FORMS:
+            raise RequestError(f"{what}: must be one of {{'span': [s, e]}}, {{'text': str}}, "
+                               f"{{'token_ids': [...]}}; got {item!r}")
+        (form, value), = item.items()
+        if form == "span":
+            spans.append(_span(value, len(prompt), what))
+            continue
+        needle = (_token_list(value, what) if form == "token_ids"
+                  else _text_tokens(value, tokenize, what))
+        at = find_subsequence(prompt, needle, cursor)
+        if at < 0:
+            unlocatable.append(i)
+            continue
+        spans.append((at, at + len(needle)))
+        cursor = at + len(needle)
+
+    spans.sort()
+    for (s0, e0), (s1, e1) in zip(spans, spans[1:]):
+        if s1 < e0:
+            raise RequestError(f"chunks overlap: [{s0}, {e0}) and [{s1}, {e1})")
+    if not spans:
+        raise RequestError(f"no chunk could be located in the prompt (unlocatable: {unlocatable})")
+    # vLLM must compute at least the last prompt token itself to produce logits.
+    last_start, last_end = spans[-1]
+    if last_end >= len(prompt):
+        if len(prompt) - 1 <= last_start:
+            spans.pop()
+        else:
+            spans[-1] = (last_start, len(prompt) - 1)
+        if not spans:
+            raise RequestError("the only chunk is the prompt's last token; nothing to reuse")
+    ctx_end = spans[-1][1]
+
+    question = (ctx_end, len(prompt))
+    if "question" in params:
+        q = params["question"]
+        if isinstance(q, dict) and set(q) == {"span"}:
+            question = _span(q["span"], len(prompt), "question")
+        elif isinstance(q, dict) and set(q) == {"text"}:
+            needle = _text_tokens(q["text"], tokenize, "question")
+            at = find_subsequence(prompt, needle, ctx_end)
+            if at < 0:
+                raise RequestError("question text not found after the chunks")
+            question = (at, at + len(needle))
+        else:
+            raise RequestError("question must be {'span': [s, e]} or {'text': str}")
+        if question[0] < ctx_end:
+            raise RequestError("question must come after the last chunk")
+    return RequestSpec(spans, question, method, ratio, namespace, unlocatable)
