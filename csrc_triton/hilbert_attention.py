@@ -38,6 +38,7 @@ import torch
 __all__ = [
     "hilbert_attention",
     "hilbert_attention_reference",
+    "hilbert_attention_sdpa",
     "hilbert_attention_mask",
     "hilbert_mask_mod",
     "pair_count",
@@ -102,6 +103,31 @@ def hilbert_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
     s = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale
     s = s.masked_fill(~mask, float("-inf"))
     return torch.matmul(torch.softmax(s, dim=-1), v.float())
+
+
+def hilbert_attention_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                           n_shared: int, tile_size: int, offset: int = 0,
+                           sm_scale: Optional[float] = None) -> torch.Tensor:
+    """The same attention through torch SDPA, one call per group of rows: shared rows over
+    all keys, then each tile's rows over [shared keys | its window]. Exact (no mask is
+    materialised), O(N (S + g)) memory, any device: the CPU path of the vision hook.
+    q, k, v: [B, H, N, D]; returns q's dtype."""
+    import torch.nn.functional as F
+
+    n = q.shape[-2]
+    n_local = _check_layout(n, n_shared, tile_size, offset)
+    out = torch.empty_like(q)
+    if n_shared:
+        out[..., :n_shared, :] = F.scaled_dot_product_attention(
+            q[..., :n_shared, :], k, v, scale=sm_scale)
+    local = torch.arange(n_local, device=q.device)
+    for t in range(-(-n_local // tile_size)):
+        rows = slice(n_shared + t * tile_size, n_shared + min((t + 1) * tile_size, n_local))
+        window = n_shared + (t * tile_size + offset + local[:tile_size]) % n_local
+        keys = torch.cat([torch.arange(n_shared, device=q.device), window])
+        out[..., rows, :] = F.scaled_dot_product_attention(
+            q[..., rows, :], k.index_select(-2, keys), v.index_select(-2, keys), scale=sm_scale)
+    return out
 
 
 def pair_count(n_tokens: int, n_shared: int, tile_size: int) -> int:

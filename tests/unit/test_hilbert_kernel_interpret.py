@@ -159,3 +159,31 @@ def test_interp_host_validation_tensors(ha):
         ha.hilbert_attention(t, t, t, 8, 4)
     with pytest.raises(TypeError):
         ha.hilbert_attention(q, q, q, 8.0, 4)
+
+
+@pytest.mark.parametrize("n,s,g,off", [(100, 20, 24, 5), (77, 0, 77, 0), (90, 10, 79, 78),
+                                       (70, 69, 1, 0)])
+def test_sdpa_path_matches_reference(n, s, g, off):
+    """The vision hook's CPU path (per-tile SDPA, no N x N mask) equals the reference."""
+    from vllm_kvflow.kernels.hilbert_attention import hilbert_attention_sdpa
+
+    q, k, v = (torch.randn(2, 3, n, 16) for _ in range(3))
+    ref = hilbert_attention_reference(q, k, v, s, g, off)
+    assert _rel(hilbert_attention_sdpa(q, k, v, s, g, off), ref) < 1e-5
+
+
+def test_merged_segment_one_tile_no_shared_is_dense():
+    """A Qwen2.5-VL-like segment (10x6 units of 4 patches, window order) permuted into the
+    layout with one tile and no shared region, attended, and permuted back = dense."""
+    from vllm_kvflow.kernels.hilbert_attention import hilbert_attention_sdpa
+    from vllm_kvflow.vision.hilbert import merged_segment_layout
+
+    wi = torch.randperm(60).numpy()
+    seg = merged_segment_layout(10, 6, wi, merge_unit=4, tiles=1, central_fraction=0.0)
+    assert seg.n_shared == 0 and seg.tile_size == 240
+    q, k, v = (torch.randn(1, 2, 240, 16) for _ in range(3))
+    order, inverse = torch.from_numpy(seg.order.copy()), torch.from_numpy(seg.inverse.copy())
+    out = hilbert_attention_sdpa(q[:, :, order], k[:, :, order], v[:, :, order],
+                                 seg.n_shared, seg.tile_size, 3)[:, :, inverse]
+    dense = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+    assert _rel(out, dense) < 1e-5

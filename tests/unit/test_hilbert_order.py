@@ -144,3 +144,34 @@ def test_sliding_offset():
     assert hilbert_layout(64, 64, 512, 4).offset(3) == 720
     with pytest.raises(ValueError):
         sliding_offset(10, 0, cycle=0)
+
+
+def _window_index(llm_h, llm_w, win=4):
+    """Qwen2.5-VL's unit order for one frame: row-major inside win x win windows of
+    units, windows row-major (vLLM's get_window_index_thw, written out)."""
+    idx = []
+    for wr in range(0, llm_h, win):
+        for wc in range(0, llm_w, win):
+            for r in range(wr, min(wr + win, llm_h)):
+                for c in range(wc, min(wc + win, llm_w)):
+                    idx.append(r * llm_w + c)
+    return np.array(idx)
+
+
+@pytest.mark.parametrize("llm_h,llm_w,tiles", [(8, 8, 4), (13, 9, 3), (5, 22, 1)])
+def test_merged_segment_layout(llm_h, llm_w, tiles):
+    from vllm_kvflow.vision.hilbert import merged_segment_layout
+
+    wi = _window_index(llm_h, llm_w)
+    seg = merged_segment_layout(llm_h, llm_w, wi, merge_unit=4, tiles=tiles)
+    n = llm_h * llm_w * 4
+    assert np.array_equal(np.sort(seg.order), np.arange(n))
+    assert np.array_equal(seg.order[seg.inverse], np.arange(n))
+    assert seg.n_shared % 4 == 0 and seg.tile_size % 4 == 0
+    # each unit's 4 patches stay together, and the units follow the unit-grid layout
+    units = seg.order.reshape(-1, 4)
+    assert (np.diff(units, axis=1) == 1).all()
+    lay = hilbert_layout(llm_h, llm_w, 0, tiles)
+    assert np.array_equal(wi[units[:, 0] // 4], lay.order)
+    with pytest.raises(ValueError):
+        merged_segment_layout(llm_h, llm_w, wi[:-1])

@@ -44,6 +44,8 @@ __all__ = [
     "HilbertLayout",
     "hilbert_layout",
     "sliding_offset",
+    "SegmentLayout",
+    "merged_segment_layout",
 ]
 
 
@@ -252,6 +254,46 @@ def hilbert_layout(height: int, width: int, text_tokens: int = 0, tiles: int = 1
                          central_fraction=central_fraction, order=order, inverse=inverse,
                          n_shared=text_tokens + int(centre.size), n_local=n_local,
                          tile_size=math.ceil(n_local / tiles))
+
+
+@dataclass(frozen=True)
+class SegmentLayout:
+    """[shared | local] order of one attention segment whose tokens come in merge units.
+
+    order[j] = position in the segment of the token placed at layout position j;
+    n_shared and tile_size are in tokens (whole merge units)."""
+
+    order: np.ndarray
+    inverse: np.ndarray
+    n_shared: int
+    tile_size: int
+
+
+def merged_segment_layout(grid_h: int, grid_w: int, unit_order, merge_unit: int = 4,
+                          tiles: int = 16, central_fraction: float = 0.25) -> SegmentLayout:
+    """Layout for a vision-encoder segment that holds a grid_h x grid_w grid of merge units
+    (e.g. Qwen2.5-VL: 2x2 patches per unit, kept contiguous) in an arbitrary unit order.
+
+    unit_order[p] = row-major index (r * grid_w + c) of the p-th unit of the segment
+    (Qwen2.5-VL: the frame's slice of `window_index`). The Hilbert curve runs over units,
+    so a unit's patches stay together and tiles end on unit boundaries."""
+    lay = hilbert_layout(grid_h, grid_w, 0, tiles, central_fraction)
+    unit_order = np.asarray(unit_order, dtype=np.int64).reshape(-1)
+    n_units = grid_h * grid_w
+    if unit_order.size != n_units or not np.array_equal(np.sort(unit_order), np.arange(n_units)):
+        raise ValueError(f"unit_order must be a permutation of the {grid_h}x{grid_w} units")
+    if merge_unit < 1:
+        raise ValueError(f"merge_unit must be >= 1, got {merge_unit}")
+    pos_of_unit = np.empty_like(unit_order)
+    pos_of_unit[unit_order] = np.arange(n_units, dtype=np.int64)
+    units = pos_of_unit[lay.order]                          # segment slot of each unit
+    order = (units[:, None] * merge_unit + np.arange(merge_unit)).reshape(-1)
+    inverse = np.empty_like(order)
+    inverse[order] = np.arange(order.size, dtype=np.int64)
+    order.setflags(write=False)
+    inverse.setflags(write=False)
+    return SegmentLayout(order=order, inverse=inverse, n_shared=lay.n_shared * merge_unit,
+                         tile_size=lay.tile_size * merge_unit)
 
 
 @functools.lru_cache(maxsize=64)
