@@ -26,6 +26,8 @@ class KVFlowScheduler:
         self._specs: dict[str, RequestSpec] = {}
         self._pending: dict[str, LoadPlan] = {}
         self._stats: dict[str, dict[str, Any]] = {}
+        self._awaiting_result: set[str] = set()  # loads sent to the worker, no result yet
+        self._finished: set[str] = set()  # finished while awaiting their load result
 
     def _tokenize(self, text: str) -> list[int]:
         if self._tokenizer is None:
@@ -90,6 +92,7 @@ class KVFlowScheduler:
 
     def build_connector_meta(self, scheduler_output) -> KVFlowConnectorMetadata:
         meta = KVFlowConnectorMetadata(loads=list(self._pending.values()))
+        self._awaiting_result.update(self._pending)
         self._pending.clear()
         return meta
 
@@ -98,18 +101,36 @@ class KVFlowScheduler:
         if not isinstance(worker_meta, KVFlowWorkerMetadata):
             return
         for req_id, result in worker_meta.results.items():
-            stats = self._stats.setdefault(req_id, {})
+            self._awaiting_result.discard(req_id)
+            stats = self._stats.get(req_id)
+            if stats is None:
+                continue
             stats.update(result)
             stats.setdefault("fallback", None)
             if "error" in result:
                 stats["fallback"] = "worker-error"
+            if req_id in self._finished:
+                self._finished.discard(req_id)
+                self._done(req_id)
 
     def request_finished(self, request, block_ids) -> tuple[bool, dict[str, Any] | None]:
-        self._specs.pop(request.request_id, None)
-        self._pending.pop(request.request_id, None)
-        stats = self._stats.pop(request.request_id, None)
+        req_id = request.request_id
+        self._specs.pop(req_id, None)
+        self._pending.pop(req_id, None)
+        stats = self._stats.get(req_id)
         if stats is None:
             return False, None
-        if self.config.log_stats:
-            logger.info("kvflow: request %s %s", request.request_id, stats)
+        if req_id in self._awaiting_result:
+            # A request that stops on its first step finishes in the same engine update
+            # that carries its load result, but before the result is read. Return the
+            # live dict: the result is merged into it later in that update, before the
+            # outputs leave the engine core.
+            self._finished.add(req_id)
+        else:
+            self._done(req_id)
         return False, {STATS_KEY: stats}
+
+    def _done(self, req_id: str) -> None:
+        stats = self._stats.pop(req_id)
+        if self.config.log_stats:
+            logger.info("kvflow: request %s %s", req_id, stats)

@@ -1,0 +1,131 @@
+"""The exact limits of chunk reuse, through the real engine on real weights."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from vllm_kvflow.bench.dataset import generate as make_dataset
+from vllm_kvflow.rag import build_rag_prompt
+from vllm_kvflow.request import STATS_KEY
+
+pytestmark = pytest.mark.engine
+
+# float32 engine: recompute and full prefill differ by summation order only.
+LOGPROB_TOL = 2e-3
+
+
+def _items(n, seed, passages=3, words=40):
+    return make_dataset(n, num_passages=passages, passage_words=words, seed=seed)
+
+
+def _run_pair(generate, tokenizer, items, **settings):
+    """Full prefill and kvflow on the same prompts; returns (full_outs, kv_outs, prompts)."""
+    full = [build_rag_prompt(tokenizer, it["question"], it["passages"], method="full") for it in items]
+    reuse = [build_rag_prompt(tokenizer, it["question"], it["passages"], **settings) for it in items]
+    outs_full = generate([p.vllm_prompt() for p in full], [p.kv_transfer_params for p in full])
+    outs_kv = generate([p.vllm_prompt() for p in reuse], [p.kv_transfer_params for p in reuse])
+    return outs_full, outs_kv, reuse
+
+
+def _first_logprob(out):
+    lp = out.outputs[0].logprobs[0]
+    tok = out.outputs[0].token_ids[0]
+    return lp[tok].logprob
+
+
+def _assert_identical(outs_full, outs_kv):
+    for f, k in zip(outs_full, outs_kv):
+        assert k.outputs[0].token_ids == f.outputs[0].token_ids, (f.outputs[0].text, k.outputs[0].text)
+        assert math.isclose(_first_logprob(k), _first_logprob(f), abs_tol=LOGPROB_TOL)
+
+
+@pytest.mark.parametrize("method", ["random", "infoflow"])
+def test_ratio_one_reproduces_full_prefill(generate, tokenizer, method):
+    items = _items(10, seed=11)
+    outs_full, outs_kv, prompts = _run_pair(generate, tokenizer, items, method=method, ratio=1.0)
+    for out, prompt in zip(outs_full, prompts):
+        assert out.kv_transfer_params[STATS_KEY]["method"] == "full"
+    for out, prompt in zip(outs_kv, prompts):
+        stats = out.kv_transfer_params[STATS_KEY]
+        chunk_tokens = sum(e - s for s, e in prompt.chunk_spans)
+        # Exact because of the recompute, not because of a fallback:
+        assert stats["fallback"] is None and "error" not in stats
+        assert stats["tokens_reused"] == chunk_tokens > 0
+        assert stats["tokens_recomputed"] == chunk_tokens - 0  # no chunk follows the sink
+        assert stats["chunks_hit"] + stats["chunks_missed"] == len(prompt.chunk_spans)
+    _assert_identical(outs_full, outs_kv)
+
+
+def test_same_chunks_in_another_order_hit_the_store(generate, tokenizer):
+    items = _items(4, seed=12)
+    generate(*_prompts(tokenizer, items, method="none", ratio=0.0))  # warm the store
+    for it in items:
+        it["passages"] = list(reversed(it["passages"]))
+    outs_full, outs_kv, prompts = _run_pair(generate, tokenizer, items, method="random", ratio=1.0)
+    for out, prompt in zip(outs_kv, prompts):
+        stats = out.kv_transfer_params[STATS_KEY]
+        assert stats["chunks_hit"] == len(prompt.chunk_spans) and stats["chunks_missed"] == 0
+    _assert_identical(outs_full, outs_kv)
+
+
+def _prompts(tokenizer, items, **settings):
+    built = [build_rag_prompt(tokenizer, it["question"], it["passages"], **settings) for it in items]
+    return [p.vllm_prompt() for p in built], [p.kv_transfer_params for p in built]
+
+
+def test_chunk_right_after_sink_is_exact_without_recompute(generate, tokenizer):
+    """[BOS][chunk][question]: the chunk sits where it was computed, behind the same sink,
+    so plain reuse (ratio 0) is already exact."""
+    bos = tokenizer.bos_token_id
+    chunk = tokenizer.encode("Velmora is a harbor town whose lighthouse keeper is Ines Dovtal.",
+                             add_special_tokens=False)
+    question = tokenizer.encode("\nWho keeps the lighthouse of Velmora? Answer:", add_special_tokens=False)
+    ids = [bos] + chunk + question
+    span = [1, 1 + len(chunk)]
+    full, reuse = generate([{"prompt_token_ids": ids}] * 2,
+                           [{"kvflow": {"chunks": [{"span": span}], "method": "full"}},
+                            {"kvflow": {"chunks": [{"span": span}], "method": "none", "ratio": 0.0}}])
+    stats = reuse.kv_transfer_params[STATS_KEY]
+    assert "chunks_exact" in stats, repr(stats)[-300:]
+    assert stats["chunks_exact"] == 1 and stats["tokens_recomputed"] == 0
+    assert stats["tokens_reused"] == len(chunk)
+    _assert_identical([full], [reuse])
+
+
+def test_rerotated_layer0_keys_equal_keys_at_global_positions(worker, tokenizer):
+    """Layer-0 keys depend on the token and its position only, so the stored keys
+    re-rotated to the global positions must equal keys computed there directly;
+    checked through both cache layouts (CPU_ATTN packed pages, FLASH_ATTN strides)."""
+    from vllm_kvflow.blend.paged import DenseKV, PagedKV, split_kv_cache
+
+    pipeline = worker._ready()
+    chunk = tokenizer.encode("Quellport was founded by Ada Finch in 1742.", add_special_tokens=False)
+    entry = pipeline.compute_isolated(chunk)
+    shape = pipeline.adapter.shape
+    offset = 37  # the chunk's start in some prompt
+    filler = tokenizer.encode(" filler" * offset, add_special_tokens=False)[:offset]
+    ids = torch.tensor(filler + chunk)
+    direct = DenseKV.empty(pipeline.adapter.num_layers, len(ids), shape.num_kv_heads, shape.head_dim,
+                           torch.float32, "cpu")
+    pipeline.executor.prefill(ids, torch.arange(len(ids)), direct)
+    expected = direct.keys[0, offset:]
+
+    positions = torch.arange(offset, offset + len(chunk))
+    offsets = torch.arange(len(chunk))
+    # CPU_ATTN: the engine's real cache, in a block no request holds between tests.
+    real = worker._paged_kv([worker._kv_caches[next(iter(worker._kv_caches))].shape[0] - 1], "cpu")
+    # FLASH_ATTN: [blocks, H, N, 2D] logical with [blocks, N, H, 2D] strides.
+    flash_raw = torch.zeros(2, 64, shape.num_kv_heads, 2 * shape.head_dim).transpose(1, 2)
+    fk, fv = split_kv_cache(flash_raw, "flash", shape.head_dim)
+    flash = PagedKV([fk] * pipeline.adapter.num_layers, [fv] * pipeline.adapter.num_layers,
+                    torch.tensor([1]), block_size=64)
+    for kv in (real, flash):
+        delta = positions - (offsets + entry.local_start)
+        kv.load_rotated(0, positions, entry.keys[0], entry.values[0], delta,
+                        pipeline.cos_sin, pipeline.rotary_dim, pipeline.is_neox)
+        keys, values = kv.read(0, offset + len(chunk))
+        err = (keys[offset:] - expected).abs().max().item()
+        assert err < 5e-5, err  # float32 rotation by delta vs rotation at the position
+        assert torch.equal(values[offset:], entry.values[0])

@@ -1,0 +1,90 @@
+import pytest
+import torch
+
+from vllm_kvflow.blend.selection import SelectionInput, budget_for, select, top_k_positions
+from vllm_kvflow.config import KVFlowConfig, resolve_layers
+from vllm_kvflow.request import RequestError, find_subsequence, parse_request
+
+PROMPT = list(range(100, 140))
+CFG = KVFlowConfig()
+
+
+def test_spans_texts_and_token_ids_are_located_in_order():
+    tokenize = lambda text: [int(x) for x in text.split()]
+    spec = parse_request({"chunks": [{"span": [2, 5]}, {"token_ids": [110, 111]}, {"text": "120 121 122"}],
+                          "method": "none"}, PROMPT, CFG, tokenize)
+    assert spec.chunks == [(2, 5), (10, 12), (20, 23)]
+    assert spec.question == (23, 40) and spec.method == "none" and spec.ratio == CFG.recompute_ratio
+
+
+def test_unlocatable_chunks_are_reported_not_dropped_silently():
+    spec = parse_request({"chunks": [{"token_ids": [101]}, {"token_ids": [7, 8]}]}, PROMPT, CFG)
+    assert spec.chunks == [(1, 2)] and spec.unlocatable == [1]
+
+
+@pytest.mark.parametrize("bad", [
+    {"chunks": [{"span": [5, 3]}]}, {"chunks": [{"span": [0, 41]}]}, {"chunks": [[1, 4], [3, 6]]},
+    {"chunks": []}, {"chunks": [{"text": ""}]}, {"chunks": [{"span": [1, 2]}], "ratio": -0.1},
+    {"chunks": [{"span": [1, 2]}], "method": "best"}, {"chunks": [{"span": [1, 2]}], "x": 1},
+    {"chunks": [{"token_ids": [999]}]}, "not a dict", {"chunks": [{"span": [True, 3]}]},
+    {"chunks": [{"span": [1, 2]}], "question": {"span": [0, 1]}},
+])
+def test_malformed_declarations_raise_request_error(bad):
+    with pytest.raises(RequestError):
+        parse_request(bad, PROMPT, CFG, tokenize=lambda t: [])
+
+
+def test_chunk_covering_the_last_token_is_clipped():
+    spec = parse_request({"chunks": [{"span": [30, 40]}]}, PROMPT, CFG)
+    assert spec.chunks == [(30, 39)]
+
+
+def test_find_subsequence():
+    assert find_subsequence([1, 2, 3, 2, 3], [2, 3], 2) == 3
+    assert find_subsequence([1, 2], [3]) == -1 and find_subsequence([1], []) == -1
+
+
+def test_config_rejects_unknown_and_invalid_settings():
+    with pytest.raises(ValueError, match="unknown"):
+        KVFlowConfig.from_extra_config({"ratio": 0.2})
+    with pytest.raises(ValueError):
+        KVFlowConfig(recompute_ratio=1.5)
+    assert KVFlowConfig.from_extra_config(KVFlowConfig(sink_token_ids=[1, 2]).to_extra_config()) \
+        == KVFlowConfig(sink_token_ids=(1, 2))
+
+
+def test_scoring_layers_default_and_fractions():
+    assert resolve_layers(None, 30) == [18, 19, 20, 21]
+    assert resolve_layers((0.5, 10), 30) == [10, 15]
+    with pytest.raises(ValueError):
+        resolve_layers((30,), 30)
+
+
+def _inp(budget, signal=None):
+    cand = torch.cat([torch.arange(10, 20), torch.arange(30, 40)])
+    return SelectionInput(cand, [(10, 20), (30, 40)], budget, seed=3, signal=signal)
+
+
+@pytest.mark.parametrize("method", ["none", "random", "epic", "infoflow", "cacheblend"])
+def test_ratio_one_selects_every_candidate(method):
+    inp = _inp(budget_for(20, 1.0), signal=torch.rand(40))
+    assert torch.equal(select(method, inp), inp.candidates)
+
+
+def test_budget_is_a_floor():
+    assert budget_for(20, 0.15) == 3 and budget_for(7, 1.0) == 7 and budget_for(3, 0.0) == 0
+
+
+def test_infoflow_takes_top_scores_sorted_by_position_with_deterministic_ties():
+    signal = torch.zeros(40)
+    signal[[35, 12, 18]] = torch.tensor([3.0, 2.0, 2.0])
+    assert select("infoflow", _inp(3, signal)).tolist() == [12, 18, 35]
+    tie = top_k_positions(torch.arange(5), torch.ones(5), 2)
+    assert tie.tolist() == [0, 1]
+
+
+def test_random_and_epic_respect_budget_and_candidates():
+    r = select("random", _inp(5))
+    assert r.numel() == 5 and set(r.tolist()) <= set(_inp(5).candidates.tolist())
+    assert torch.equal(r, select("random", _inp(5)))  # seeded
+    assert select("epic", _inp(6)).tolist() == [10, 11, 12, 30, 31, 32]

@@ -1,0 +1,51 @@
+import pytest
+import torch
+
+from vllm_kvflow.store import ChunkKV, ChunkStore, chunk_key
+
+
+def _entry(tokens, nbytes_per_token=16):
+    t = len(tokens)
+    return ChunkKV(tuple(tokens), torch.zeros(1, t, 1, nbytes_per_token // 4, dtype=torch.float32),
+                   torch.zeros(1, t, 1, nbytes_per_token // 4, dtype=torch.float32), local_start=1)
+
+
+def test_key_is_position_independent_and_scoped():
+    a = chunk_key("m", "", [1], [5, 6, 7])
+    assert a == chunk_key("m", "", [1], [5, 6, 7])
+    assert a != chunk_key("m", "tenant", [1], [5, 6, 7])
+    assert a != chunk_key("other", "", [1], [5, 6, 7])
+    assert a != chunk_key("m", "", [2], [5, 6, 7])
+    assert a != chunk_key("m", "", [1], [5, 6, 8])
+
+
+def test_capacity_and_lru_eviction():
+    e = _entry([1, 2])  # 2 tokens * 16 B * 2 (K and V) = 64 B
+    assert e.nbytes == 64
+    store = ChunkStore(capacity_bytes=192)
+    for name in "abc":
+        assert store.put(name, _entry([1, 2]))
+    assert store.nbytes == 192 and len(store) == 3
+    assert store.get("a", [1, 2]) is not None  # a becomes most recent
+    store.put("d", _entry([1, 2]))  # evicts b, the least recently used
+    assert store.keys_lru_order() == ["c", "a", "d"]
+    assert store.counters.evictions == 1 and store.nbytes == 192
+
+
+def test_too_large_entry_is_rejected_not_stored():
+    store = ChunkStore(capacity_bytes=32)
+    assert not store.put("x", _entry([1, 2]))
+    assert len(store) == 0 and store.counters.rejected_too_large == 1
+
+
+def test_hit_verifies_token_ids_not_only_the_hash():
+    store = ChunkStore(capacity_bytes=1 << 20)
+    store.put("k", _entry([1, 2, 3]))
+    assert store.get("k", [1, 2, 4]) is None  # same key, other tokens: a collision
+    assert store.counters.hash_collisions == 1 and store.counters.misses == 1
+    assert store.get("k", [1, 2, 3]) is not None and store.counters.hits == 1
+
+
+def test_negative_capacity_is_an_error():
+    with pytest.raises(ValueError):
+        ChunkStore(-1)
