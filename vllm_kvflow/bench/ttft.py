@@ -1,0 +1,122 @@
+"""`kvflow bench ttft`: time-to-first-token of chunk reuse against full prefill and
+against vLLM's exact prefix-cache hit, all measured in one engine, one run.
+
+Methods: `full` (plain prefill), `prefix-hit` (the same context served from vLLM's prefix
+cache, a new question: the ideal of reuse), and any kvflow method (`none`, `random`,
+`epic`, `infoflow`, ...) with a warm chunk store. Each measured kvflow/full prompt starts
+with a unique instruction, so vLLM's prefix cache cannot serve any of its blocks.
+Repetitions are interleaved across methods (machines are noisy); medians are reported.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+
+from vllm_kvflow.bench.dataset import generate as make_dataset
+from vllm_kvflow.bench.engine import environment, make_llm, time_first_token
+from vllm_kvflow.rag import build_rag_prompt
+
+
+def _passages_for(tokenizer, context_tokens: int, seed: int) -> list[dict]:
+    """Enough fictional passages (~100 tokens each) to fill context_tokens."""
+    item_passages: list[dict] = []
+    seed_i = seed
+    while sum(len(tokenizer.encode(p["text"])) + 8 for p in item_passages) < context_tokens:
+        item_passages += make_dataset(1, num_passages=10, passage_words=70, seed=seed_i)[0]["passages"]
+        seed_i += 1
+    out, total = [], 0
+    for p in item_passages:
+        n = len(tokenizer.encode(p["text"])) + 8
+        if total + n > context_tokens:
+            break
+        out.append(p)
+        total += n
+    return out
+
+
+def run(args) -> dict:
+    methods = [m for m in args.methods.split(",") if m]
+    sizes = [int(x) for x in args.context_tokens.split(",")]
+    llm = make_llm(args.model, prefix_caching=True, max_model_len=max(sizes) + 512,
+                   dtype=args.dtype, method="none", recompute_ratio=args.ratio)
+    tok = llm.get_tokenizer()
+    results = []
+    total_steps = len(sizes) * args.repeats * len(methods)
+    step = 0
+    for size in sizes:
+        passages = _passages_for(tok, size, seed=1000 + size)
+        times: dict[str, list[float]] = {m: [] for m in methods}
+        stats: dict[str, dict] = {}
+        # Warm the chunk store (a miss computes and stores each chunk).
+        warm = build_rag_prompt(tok, "Which city exports wool?", passages,
+                                instruction="Warm-up.", method="none")
+        time_first_token(llm, warm.vllm_prompt(), warm.kv_transfer_params)
+        for rep in range(args.repeats):
+            for method in methods:
+                step += 1
+                print(f"\r[{step}/{total_steps}] {size} tokens, {method:<12}", end="",
+                      file=sys.stderr, flush=True)
+                tag = f"Request {size}-{rep}-{method}. "
+                question = f"Which city exports {['wool', 'salt', 'iron', 'tea'][rep % 4]}?"
+                if method == "prefix-hit":
+                    base = build_rag_prompt(tok, "Warm the prefix cache.", passages,
+                                            instruction=tag, method="full")
+                    time_first_token(llm, base.vllm_prompt(), None)  # fills the prefix cache
+                    p = build_rag_prompt(tok, question, passages, instruction=tag, method="full")
+                    t, out = time_first_token(llm, p.vllm_prompt(), None)
+                else:
+                    p = build_rag_prompt(tok, question, passages, instruction=tag + "Answer briefly.",
+                                         method=method, ratio=args.ratio)
+                    t, out = time_first_token(llm, p.vllm_prompt(), p.kv_transfer_params)
+                    stats[method] = (out.kv_transfer_params or {}).get("kvflow_stats", {})
+                times[method].append(t)
+        print(file=sys.stderr)
+        context = len(build_rag_prompt(tok, "q", passages).prompt_token_ids)
+        for method in methods:
+            s = stats.get(method, {})
+            results.append({
+                "method": method, "context_tokens": context, "ttft_s": statistics.median(times[method]),
+                "ttft_all_s": times[method], "ratio": 0.0 if method in ("full", "prefix-hit", "none") else args.ratio,
+                "tokens_recomputed": s.get("tokens_recomputed"), "chunks_hit": s.get("chunks_hit"),
+                "timings_s": s.get("timings_s"),
+            })
+    by = {(r["context_tokens"], r["method"]): r for r in results}
+    for r in results:
+        full = by.get((r["context_tokens"], "full"))
+        hit = by.get((r["context_tokens"], "prefix-hit"))
+        r["speedup_vs_full"] = full["ttft_s"] / r["ttft_s"] if full else None
+        if full and hit and r["method"] not in ("full", "prefix-hit"):
+            r["share_of_prefix_hit_speedup"] = r["speedup_vs_full"] / (full["ttft_s"] / hit["ttft_s"])
+    return {**environment(), "dtype": args.dtype, "repeats": args.repeats, "results": results}
+
+
+def print_table(report: dict) -> None:
+    print(f"\nTTFT on {report['card']} (vLLM {report['vllm']}, torch {report['torch']}), "
+          f"median of {report['repeats']}")
+    print(f"{'context':>8} {'method':<12} {'TTFT s':>8} {'vs full':>8} {'of prefix-hit':>14} {'recomputed':>10}")
+    for r in report["results"]:
+        share = r.get("share_of_prefix_hit_speedup")
+        print(f"{r['context_tokens']:>8} {r['method']:<12} {r['ttft_s']:>8.3f} "
+              f"{r['speedup_vs_full']:>7.2f}x {'' if share is None else f'{share:>13.0%}':>14} "
+              f"{'' if r['tokens_recomputed'] is None else r['tokens_recomputed']:>10}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="kvflow bench ttft", description=__doc__)
+    p.add_argument("--model", default=None, help="model directory (default: embedded SmolLM2)")
+    p.add_argument("--context-tokens", default="1024,2048,4096")
+    p.add_argument("--methods", default="full,none,prefix-hit")
+    p.add_argument("--ratio", type=float, default=0.15)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--out", default=None, help="JSON file")
+    args = p.parse_args(argv)
+    report = run(args)
+    print_table(report)
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(report, f, indent=1)
+        print(f"wrote {args.out}")
+    return 0
