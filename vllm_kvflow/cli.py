@@ -14,6 +14,7 @@ COMMANDS = {
 }
 BENCHES = {
     "ttft": ("vllm_kvflow.bench.ttft", "TTFT of reuse methods against full prefill"),
+    "quality": ("vllm_kvflow.bench.quality", "answer quality of reuse methods vs full prefill"),
     "dataset": ("vllm_kvflow.bench.dataset", "write fictional multi-passage QA as JSONL"),
     "kernels": ("vllm_kvflow.bench.kernels", "GPU kernels against the card's ceilings"),
     "hilbert": ("vllm_kvflow.bench.hilbert", "HilbertA sparse attention against dense"),

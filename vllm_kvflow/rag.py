@@ -57,7 +57,9 @@ def passage_text(passage: Any) -> str:
 def build_rag_prompt(tokenizer, question: str, passages: Sequence[Any],
                      instruction: str = DEFAULT_INSTRUCTION, chat: bool = True,
                      **settings: Any) -> RagPrompt:
-    """Layout: [chat header][Passage 1:\\n][chunk 1]\\n\\n...[Question: ][question][footer].
+    """Layout: [chat header][chunk 1]...[chunk n][Question: ][question][footer], where a
+    chunk is "title\\ntext\\n\\n": the separators live inside the chunks, so the only
+    tokens outside chunks (prefilled on every request) are the header and the footer.
 
     passages: strings or {"title", "text"} dicts. settings (method, ratio, namespace)
     go into the request's kv_transfer_params.
@@ -71,13 +73,12 @@ def build_rag_prompt(tokenizer, question: str, passages: Sequence[Any],
     before, after = _chat_frame(tokenizer, instruction) if chat else (f"{instruction}\n\n", "\nAnswer:")
     ids = enc(before)
     spans, texts = [], []
-    for i, passage in enumerate(passages):
-        ids += enc(f"Passage {i + 1}:\n")
-        text = passage_text(passage)
+    for passage in passages:
+        text = passage_text(passage) + "\n\n"
         chunk = enc(text)
         spans.append((len(ids), len(ids) + len(chunk)))
         texts.append(text)
-        ids += chunk + enc("\n\n")
+        ids += chunk
     ids += enc("Question: ")
     q = enc(question)
     question_span = (len(ids), len(ids) + len(q))

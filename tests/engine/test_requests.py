@@ -71,7 +71,8 @@ def test_chunk_texts_are_located_and_unlocatable_ones_reported(generate, tokeniz
     assert stats["tokens_reused"] == sum(e - s for s, e in rag.chunk_spans)
 
 
-@pytest.mark.parametrize("method", ["none", "random", "epic", "infoflow"])
+@pytest.mark.parametrize("method", ["none", "random", "epic", "cacheblend", "infoflow",
+                                    "infoflow-reorder"])
 def test_each_method_runs_with_its_budget(generate, tokenizer, method):
     items = make_dataset(2, num_passages=4, passage_words=40, seed=31)
     prompts = [build_rag_prompt(tokenizer, it["question"], it["passages"], method=method, ratio=0.15)
@@ -86,3 +87,6 @@ def test_each_method_runs_with_its_budget(generate, tokenizer, method):
         else:
             assert stats["tokens_recomputed"] == expected
         assert out.outputs[0].token_ids, "no output"
+        if method == "infoflow-reorder":
+            assert sorted(stats["reorder"]) == list(range(len(p.chunk_spans)))
+            assert stats["tokens_reused"] == chunk_tokens

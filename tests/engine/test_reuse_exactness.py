@@ -41,9 +41,9 @@ def _assert_identical(outs_full, outs_kv):
         assert math.isclose(_first_logprob(k), _first_logprob(f), abs_tol=LOGPROB_TOL)
 
 
-@pytest.mark.parametrize("method", ["random", "infoflow"])
+@pytest.mark.parametrize("method", ["random", "epic", "cacheblend", "infoflow", "infoflow-reorder"])
 def test_ratio_one_reproduces_full_prefill(generate, tokenizer, method):
-    items = _items(10, seed=11)
+    items = _items(10 if method in ("random", "infoflow") else 3, seed=11)
     outs_full, outs_kv, prompts = _run_pair(generate, tokenizer, items, method=method, ratio=1.0)
     for out, prompt in zip(outs_full, prompts):
         assert out.kv_transfer_params[STATS_KEY]["method"] == "full"

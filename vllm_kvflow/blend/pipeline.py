@@ -12,7 +12,7 @@ The prompt's remaining tokens are then prefilled by vLLM itself over this cache.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -50,10 +50,29 @@ class LoadResult:
     tokens_reused: int = 0  # chunk tokens whose KV came from the store
     tokens_recomputed: int = 0  # chunk tokens recomputed over the mixed cache
     tokens_glue: int = 0  # prompt tokens outside chunks, prefilled by the executor
+    reorder: list[int] | None = None  # infoflow-reorder: chunk order used
     timings_s: dict[str, float] = field(default_factory=dict)
 
     def as_dict(self) -> dict:
         return dict(self.__dict__)
+
+
+def reordered_layout(token_ids: list[int], chunks: list[tuple[int, int]], order: list[int]):
+    """The prompt with chunk slot k holding chunk order[k]; glue stays in place, chunks
+    stay contiguous. Returns (token ids, new chunk spans in slot order)."""
+    if sorted(order) != list(range(len(chunks))):
+        raise ValueError(f"order {order} is not a permutation of {len(chunks)} chunks")
+    ids: list[int] = []
+    spans: list[tuple[int, int]] = []
+    cursor = 0
+    for (c0, c1), src in zip(chunks, order):
+        ids += token_ids[cursor:c0]
+        s0, s1 = chunks[src]
+        spans.append((len(ids), len(ids) + s1 - s0))
+        ids += token_ids[s0:s1]
+        cursor = c1
+    ids += token_ids[cursor:]
+    return ids, spans
 
 
 class _Timer:
@@ -118,13 +137,31 @@ class BlendPipeline:
     def run(self, plan: LoadPlan, kv: PagedKV) -> LoadResult:
         result = LoadResult()
         timer = _Timer(result.timings_s, self.adapter.device)
+        if plan.method == "infoflow-reorder":
+            plan = self._reorder(plan, kv, result, timer)
+        chosen, glue, glue_done = self._select(plan, kv, result, timer)
+        with timer("recompute"):
+            if chosen.numel():
+                # Glue tokens after the first recomputed token saw stale KV: redo them.
+                later_glue = glue[glue > chosen[0]] if glue_done else glue
+                todo = torch.sort(torch.cat([chosen, later_glue])).values
+                self._prefill(plan.token_ids, todo, kv)
+            elif not glue_done:
+                self._prefill(plan.token_ids, glue, kv)
+        result.tokens_recomputed = int(chosen.numel())
+        result.tokens_glue = int(glue.numel())
+        return result
+
+    def _select(self, plan: LoadPlan, kv: PagedKV, result: LoadResult, timer):
+        """Load the chunks, and (for signal-based selectors) prefill glue and score.
+        Returns (chosen positions, glue positions, whether the glue is prefilled)."""
         device = self.adapter.device
         prompt = plan.token_ids
         start, ctx_end = plan.load_start, plan.context_end
         s = len(self.sink_ids)
         exact_prefix = tuple(prompt[:s]) == self.sink_ids
 
-        candidates, cand_chunks = [], []
+        candidates, cand_chunks, loads = [], [], []
         with timer("load"):
             for c0, c1 in plan.chunks:
                 if c1 <= start:
@@ -132,7 +169,7 @@ class BlendPipeline:
                 entry = self.chunk_kv(prompt[c0:c1], plan.namespace, result)
                 first = max(c0, start)
                 positions = torch.arange(first, c1, device=device)
-                self._write_chunk(entry, positions - c0, positions, kv)
+                loads.append((entry, positions - c0, positions))
                 result.tokens_reused += c1 - first
                 if exact_prefix and c0 == s:
                     # Same tokens before it as in isolation, same positions: exact KV.
@@ -140,6 +177,7 @@ class BlendPipeline:
                     continue
                 candidates.append(positions)
                 cand_chunks.append((first, c1))
+            self._write_chunks(loads, kv)
 
         in_chunk = torch.zeros(ctx_end, dtype=torch.bool, device=device)
         for c0, c1 in plan.chunks:
@@ -158,28 +196,39 @@ class BlendPipeline:
             glue_done = True
             with timer("score"):
                 inp.signal = self._signal(selector.needs_signal, plan, kv)
-        chosen = select(plan.method, inp)
+        return select(plan.method, inp), glue, glue_done
 
-        with timer("recompute"):
-            if chosen.numel():
-                # Glue tokens after the first recomputed token saw stale KV: redo them.
-                later_glue = glue[glue > chosen[0]] if glue_done else glue
-                todo = torch.sort(torch.cat([chosen, later_glue])).values
-                self._prefill(prompt, todo, kv)
-            elif not glue_done:
-                self._prefill(prompt, glue, kv)
-        result.tokens_recomputed = int(chosen.numel())
-        result.tokens_glue = int(glue.numel())
-        return result
+    def _reorder(self, plan: LoadPlan, kv: PagedKV, result: LoadResult, timer) -> LoadPlan:
+        """Information-flow chunk reordering (DESIGN §2 step 6): score once in the given
+        order, then lay the chunks out by ascending selected fraction (most relevant
+        nearest the question). Glue tokens keep their places; vLLM never rereads the
+        context's token ids, so the request then runs on the reordered layout."""
+        if plan.ratio >= 1.0 or plan.load_start > 0 or len(plan.chunks) < 2:
+            return replace(plan, method="infoflow")  # exact limit / prefix hit: keep order
+        chosen, _, _ = self._select(replace(plan, method="infoflow"), kv, result, timer)
+        fractions = [int(((chosen >= c0) & (chosen < c1)).sum()) / (c1 - c0) for c0, c1 in plan.chunks]
+        order = sorted(range(len(plan.chunks)), key=lambda i: (fractions[i], i))
+        ids, spans = reordered_layout(plan.token_ids, plan.chunks, order)
+        result.reorder = order
+        # Counts restart for the final layout; store traffic keeps both passes' counts.
+        result.tokens_reused = result.chunks_exact = 0
+        return replace(plan, token_ids=ids, chunks=spans, method="infoflow")
 
     # -- steps ----------------------------------------------------------------------------
-    def _write_chunk(self, entry: ChunkKV, offsets, positions, kv: PagedKV) -> None:
-        delta = positions - (offsets + entry.local_start)
-        cos_sin = self.cos_sin.to(positions.device)
+    def _write_chunks(self, loads, kv: PagedKV) -> None:
+        """Write every chunk's K (re-rotated) and V: one fused write per layer for all
+        chunks of the request."""
+        if not loads:
+            return
+        device = loads[0][2].device
+        positions = torch.cat([p for _, _, p in loads])
+        delta = torch.cat([p - (o + e.local_start) for e, o, p in loads])
+        cos_sin = self.cos_sin.to(device)
         for layer in range(self.adapter.num_layers):
-            k = entry.keys[layer].index_select(0, offsets).to(positions.device)
-            v = entry.values[layer].index_select(0, offsets).to(positions.device)
-            kv.load_rotated(layer, positions, k, v, delta, cos_sin, self.rotary_dim, self.is_neox)
+            k = torch.cat([e.keys[layer].index_select(0, o.to(e.keys.device)) for e, o, _ in loads])
+            v = torch.cat([e.values[layer].index_select(0, o.to(e.keys.device)) for e, o, _ in loads])
+            kv.load_rotated(layer, positions, k.to(device), v.to(device), delta, cos_sin,
+                            self.rotary_dim, self.is_neox)
 
     def _prefill(self, prompt: list[int], positions: torch.Tensor, kv) -> None:
         if positions.numel() == 0:
@@ -188,6 +237,15 @@ class BlendPipeline:
         self.executor.prefill(ids, positions, kv)
 
     def _signal(self, kind: str, plan: LoadPlan, kv: PagedKV) -> torch.Tensor:
+        if kind == "k_deviation":
+            # Layers 0 and 1 of every token from load_start on are recomputed here
+            # (CacheBlend's first layers); the deviation is read at layer 1.
+            positions = torch.arange(plan.load_start, plan.context_end, device=self.adapter.device)
+            ids = torch.tensor(plan.token_ids, device=positions.device)[positions]
+            dev = self.executor.key_deviation(ids, positions, kv, layer=1)
+            signal = torch.zeros(plan.context_end, device=positions.device)
+            signal[positions] = dev
+            return signal
         if kind == "attn_norm":
             q0, q1 = plan.question
             positions = torch.arange(q0, q1, device=self.adapter.device)

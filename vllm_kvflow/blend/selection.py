@@ -85,6 +85,9 @@ def select_infoflow(inp: SelectionInput) -> torch.Tensor:
     return top_k_positions(inp.candidates, inp.signal[inp.candidates], inp.budget)
 
 
+register("infoflow-reorder", needs_signal="attn_norm")(select_infoflow)  # after reordering
+
+
 @register("cacheblend", needs_signal="k_deviation")
 def select_cacheblend(inp: SelectionInput) -> torch.Tensor:
     """Top-k by the deviation of cached from recomputed keys at layer 1 (CacheBlend)."""

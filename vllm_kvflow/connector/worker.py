@@ -77,14 +77,21 @@ class KVFlowWorker:
         pairs = [split(self._kv_caches[m.layer_name]) for m in adapter.attn_modules]
         views = {"keys": [k for k, _ in pairs], "values": [v for _, v in pairs]}
         if layout == "cpu":
-            from vllm_kvflow.patches.cpu_attn_layout import page_permutation
+            from vllm_kvflow.patches.cpu_attn_layout import (
+                cpu_cache_writer,
+                cpu_op_caches,
+                page_permutation,
+            )
 
             cache = self._kv_caches[first.layer_name]
             block_size = cache.shape[2]
             k_index, v_index = page_permutation(first.isa, cache.dtype, block_size, head_dim)
             views.update(cls=PackedPagedKV, block_size=block_size,
                          extra={"key_index": k_index.view(block_size, head_dim),
-                                "value_index": v_index.view(block_size, head_dim)})
+                                "value_index": v_index.view(block_size, head_dim),
+                                "write_op": cpu_cache_writer(first.isa),
+                                "op_caches": [cpu_op_caches(self._kv_caches[m.layer_name])
+                                              for m in adapter.attn_modules]})
         else:
             views.update(cls=PagedKV, block_size=pairs[0][0].shape[1], extra={})
         return views

@@ -1,0 +1,207 @@
+"""`kvflow bench quality`: answer quality of each reuse method against full prefill.
+
+Input: LongBench-style JSONL, one object per line: {"id", "question", "answers": [...],
+"passages": [{"title", "text"}, ...]} (real LongBench / 2WikiMQA / MuSiQue / HotpotQA
+exports work unchanged; `kvflow bench dataset` writes a fictional one).
+
+Per method and ratio: accuracy (a normalized gold answer contained in the output),
+LongBench token F1, fidelity (token F1 against the full-prefill answer), nll_gap (mean
+per-token NLL of the full-prefill answer under the method minus under full prefill,
+teacher-forced: the low-noise measure of how far the method's KV is from exact), echo
+rate (answers that reproduce "Passage k:" headers), the recompute ratio actually used
+and mean TTFT (requests timed alone). 95% intervals: paired bootstrap of the difference
+against `none` and against `cacheblend`.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+
+import numpy as np
+
+from vllm_kvflow.bench import metrics as M
+from vllm_kvflow.bench.engine import environment, make_llm, time_first_token
+from vllm_kvflow.rag import build_rag_prompt
+
+RATIO_FREE = ("full", "none")
+
+
+def _load(path: str, limit: int | None) -> list[dict]:
+    items = []
+    with open(path) as f:
+        for line_no, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            item = json.loads(line)
+            missing = {"question", "answers", "passages"} - set(item)
+            if missing:
+                raise ValueError(f"{path}:{line_no}: missing keys {sorted(missing)}")
+            items.append(item)
+            if limit and len(items) >= limit:
+                break
+    return items
+
+
+def _progress(done: int, total: int, label: str) -> None:
+    width = 30
+    fill = int(width * done / max(total, 1))
+    print(f"\r[{'#' * fill}{'.' * (width - fill)}] {done}/{total} {label:<28}", end="",
+          file=sys.stderr, flush=True)
+
+
+def _answer_nll(out, answer_len: int) -> float:
+    """Mean NLL of the last answer_len prompt tokens from prompt_logprobs."""
+    lps = out.prompt_logprobs[-answer_len:]
+    ids = out.prompt_token_ids[-answer_len:]
+    return -sum(lp[t].logprob for lp, t in zip(lps, ids)) / answer_len
+
+
+def run(args) -> dict:
+    from vllm import SamplingParams
+
+    items = _load(args.dataset, args.limit)
+    methods = [m for m in args.methods.split(",") if m]
+    ratios = [float(r) for r in str(args.ratio).split(",")]
+    # full first: it is the reference of fidelity and nll_gap.
+    runs = [("full", 0.0)] + [(m, 0.0) for m in methods if m == "none"]
+    runs += [(m, r) for r in ratios for m in methods if m not in RATIO_FREE]
+    llm = make_llm(args.model, dtype=args.dtype, max_model_len=args.max_model_len,
+                   method="none", log_stats=False)
+    tok = llm.get_tokenizer()
+    prompts = [build_rag_prompt(tok, it["question"], it["passages"]) for it in items]
+
+    per: dict[tuple[str, float], dict[str, list]] = {}
+    full_answers: list[list[int]] = []
+    total = len(runs)
+    for k, (method, ratio) in enumerate(runs):
+        _progress(k, total, f"{method} rho={ratio}")
+        params = [{"kvflow": {**p.kv_transfer_params["kvflow"], "method": method, "ratio": ratio}}
+                  for p in prompts]
+        outs = llm.generate([p.vllm_prompt() for p in prompts],
+                            [SamplingParams(temperature=0.0, max_tokens=args.max_tokens,
+                                            extra_args={"kv_transfer_params": kp}) for kp in params],
+                            use_tqdm=False)
+        texts = [o.outputs[0].text for o in outs]
+        if method == "full":
+            full_answers = [list(o.outputs[0].token_ids) or [tok.eos_token_id] for o in outs]
+            full_texts = texts
+        # Teacher-forced NLL of the full-prefill answer under this method's KV.
+        tf_prompts = [{"prompt_token_ids": p.prompt_token_ids + a} for p, a in zip(prompts, full_answers)]
+        tf = llm.generate(tf_prompts, [SamplingParams(temperature=0.0, max_tokens=1, prompt_logprobs=0,
+                                                      extra_args={"kv_transfer_params": kp}) for kp in params],
+                          use_tqdm=False)
+        nll = [_answer_nll(o, len(a)) for o, a in zip(tf, full_answers)]
+        stats = [(o.kv_transfer_params or {}).get("kvflow_stats", {}) for o in outs]
+        ttft = []
+        for p, kp in list(zip(prompts, params))[: args.ttft_samples]:
+            ttft.append(time_first_token(llm, p.vllm_prompt(), kp)[0])
+        per[(method, ratio)] = {
+            "accuracy": [M.contains_answer(t, it["answers"]) for t, it in zip(texts, items)],
+            "f1": [M.best_f1(t, it["answers"]) for t, it in zip(texts, items)],
+            "fidelity": [M.token_f1(t, f) for t, f in zip(texts, full_texts)],
+            "nll": nll,
+            "echo_rate": [M.is_echo(t) for t in texts],
+            "recompute_ratio": [s.get("tokens_recomputed", 0) / max(s.get("chunk_tokens", 1), 1)
+                                if method != "full" else 1.0 for s in stats],
+            "ttft_s": ttft,
+            "answers": texts,
+        }
+    _progress(total, total, "done")
+    print(file=sys.stderr)
+    return _summarize(per, items, args)
+
+
+def _summarize(per, items, args) -> dict:
+    full_nll = per[("full", 0.0)]["nll"]
+    results = []
+    for (method, ratio), m in per.items():
+        gap = [a - b for a, b in zip(m["nll"], full_nll)]
+        row = {"method": method, "ratio": ratio, "n": len(items)}
+        for key, values in (("accuracy", m["accuracy"]), ("f1", m["f1"]), ("fidelity", m["fidelity"]),
+                            ("nll_gap", gap), ("echo_rate", m["echo_rate"])):
+            mean, lo, hi = M.mean_ci(values)
+            row[key], row[f"{key}_ci"] = mean, [lo, hi]
+        row["recompute_ratio"] = float(np.mean(m["recompute_ratio"]))
+        row["ttft_s"] = float(np.mean(m["ttft_s"])) if m["ttft_s"] else None
+        for base in ("none", "cacheblend"):
+            ref = per.get((base, 0.0)) or per.get((base, ratio))
+            if ref is None or base == method:
+                continue
+            ref_gap = [a - b for a, b in zip(ref["nll"], full_nll)]
+            row[f"vs_{base}"] = {
+                "nll_gap_diff": list(M.paired_diff_ci(gap, ref_gap)),
+                "accuracy_diff": list(M.paired_diff_ci(m["accuracy"], ref["accuracy"])),
+            }
+        results.append(row)
+    none_gap = next((r["nll_gap"] for r in results if r["method"] == "none"), None)
+    for r in results:
+        if none_gap:
+            r["gap_closed"] = 1.0 - r["nll_gap"] / none_gap
+    answers = {f"{k[0]}@{k[1]}": v["answers"] for k, v in per.items()}
+    return {**environment(), "dataset": args.dataset, "dtype": args.dtype, "results": results,
+            "answers": answers, "ids": [it.get("id") for it in items]}
+
+
+def print_table(report: dict) -> None:
+    print(f"\nquality on {report['card']} (vLLM {report['vllm']}), n={report['results'][0]['n']}")
+    head = f"{'method':<17}{'rho':>5}{'acc':>7}{'F1':>7}{'fidel':>7}{'nll_gap [95% CI]':>24}{'closed':>8}{'echo':>6}{'recomp':>7}{'TTFT s':>8}"
+    print(head)
+    for r in report["results"]:
+        lo, hi = r["nll_gap_ci"]
+        closed = r.get("gap_closed")
+        print(f"{r['method']:<17}{r['ratio']:>5.2f}{r['accuracy']:>7.3f}{r['f1']:>7.3f}{r['fidelity']:>7.3f}"
+              f"{r['nll_gap']:>9.4f} [{lo:.4f},{hi:.4f}]{'' if closed is None else f'{closed:>8.0%}'}"
+              f"{r['echo_rate']:>6.2f}{r['recompute_ratio']:>7.3f}"
+              f"{'' if r['ttft_s'] is None else format(r['ttft_s'], '8.3f')}")
+
+
+def plot(report: dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    methods = sorted({r["method"] for r in report["results"]})
+    for method in methods:
+        rows = sorted((r for r in report["results"] if r["method"] == method), key=lambda r: r["ratio"])
+        if len(rows) == 1 and method in RATIO_FREE:
+            for ax, key in zip(axes, ("nll_gap", "accuracy")):
+                ax.axhline(rows[0][key], linestyle="--", label=method, color="k" if method == "full" else "gray")
+            continue
+        xs = [r["ratio"] for r in rows]
+        for ax, key in zip(axes, ("nll_gap", "accuracy")):
+            ax.errorbar(xs, [r[key] for r in rows],
+                        yerr=[[r[key] - r[f"{key}_ci"][0] for r in rows], [r[f"{key}_ci"][1] - r[key] for r in rows]],
+                        marker="o", capsize=3, label=method)
+    for ax, key in zip(axes, ("nll_gap (lower is better)", "accuracy")):
+        ax.set_xlabel("recompute ratio rho")
+        ax.set_title(key)
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="kvflow bench quality", description=__doc__)
+    p.add_argument("--dataset", required=True)
+    p.add_argument("--methods", default="full,none,cacheblend,epic,random,infoflow,infoflow-reorder")
+    p.add_argument("--ratio", default="0.15", help="one ratio or a comma list, e.g. 0.05,0.15,0.3")
+    p.add_argument("--limit", type=int, default=None)
+    p.add_argument("--max-tokens", type=int, default=24)
+    p.add_argument("--ttft-samples", type=int, default=10, help="requests timed alone per method")
+    p.add_argument("--model", default=None)
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--max-model-len", type=int, default=8192)
+    p.add_argument("--out", required=True, help="JSON file; a PNG plot is written beside it")
+    args = p.parse_args(argv)
+    report = run(args)
+    print_table(report)
+    with open(args.out, "w") as f:
+        json.dump(report, f, indent=1)
+    png = args.out.rsplit(".", 1)[0] + ".png"
+    plot(report, png)
+    print(f"wrote {args.out} and {png}")
+    return 0
