@@ -57,9 +57,10 @@ def passage_text(passage: Any) -> str:
 def build_rag_prompt(tokenizer, question: str, passages: Sequence[Any],
                      instruction: str = DEFAULT_INSTRUCTION, chat: bool = True,
                      **settings: Any) -> RagPrompt:
-    """Layout: [chat header][chunk 1]...[chunk n][Question: ][question][footer], where a
-    chunk is "title\\ntext\\n\\n": the separators live inside the chunks, so the only
-    tokens outside chunks (prefilled on every request) are the header and the footer.
+    """Layout: [chat header][chunk 1]\\n\\n...[chunk n]\\n\\n[Question: ][question][footer],
+    a chunk being "title\\ntext". Separators stay outside the chunks: how BPE splits
+    whitespace depends on the next word, so a chunk ending in whitespace would not be
+    found by its standalone tokens in a prompt tokenized as one text (the server path).
 
     passages: strings or {"title", "text"} dicts. settings (method, ratio, namespace)
     go into the request's kv_transfer_params.
@@ -73,12 +74,13 @@ def build_rag_prompt(tokenizer, question: str, passages: Sequence[Any],
     before, after = _chat_frame(tokenizer, instruction) if chat else (f"{instruction}\n\n", "\nAnswer:")
     ids = enc(before)
     spans, texts = [], []
+    separator = enc("\n\n")
     for passage in passages:
-        text = passage_text(passage) + "\n\n"
+        text = passage_text(passage).strip()
         chunk = enc(text)
         spans.append((len(ids), len(ids) + len(chunk)))
         texts.append(text)
-        ids += chunk
+        ids += chunk + separator
     ids += enc("Question: ")
     q = enc(question)
     question_span = (len(ids), len(ids) + len(q))

@@ -93,7 +93,8 @@ def _text_tokens(value: Any, tokenize: Callable[[str], list[int]] | None, what: 
         raise RequestError(f"{what}: empty chunk text")
     if tokenize is None:
         raise RequestError(f"{what}: chunk texts need the tokenizer, which is unavailable")
-    return tokenize(value)
+    # Edge whitespace tokenizes differently next to other text; the stripped text does not.
+    return tokenize(value.strip())
 
 
 def parse_request(params: Any, prompt_ids: Sequence[int], config: KVFlowConfig,

