@@ -90,4 +90,4 @@ def test_bad_declaration_gets_full_prefill_with_reason(server, model_path):
                  "max_tokens": 4, "kv_transfer_params": {"kvflow": {"chunks": [{"span": [5, 2]}]}}})
     stats = out["kv_transfer_params"]["kvflow_stats"]
     assert stats["fallback"] == "bad-request" and "span" in stats["error"]
-    assert out["choices"][0]["text"]
+    assert out["usage"]["completion_tokens"] >= 1  # answered by full prefill

@@ -58,6 +58,16 @@ def _answer_nll(out, answer_len: int) -> float:
     return -sum(lp[t].logprob for lp, t in zip(lps, ids)) / answer_len
 
 
+def _check_served(outs, method: str) -> None:
+    """The teacher-forced pass must run on the method's KV, not on a silent full prefill."""
+    if method == "full":
+        return
+    for o in outs:
+        stats = (o.kv_transfer_params or {}).get("kvflow_stats", {})
+        if stats.get("fallback") is not None or "tokens_reused" not in stats:
+            raise RuntimeError(f"teacher-forced {method} request was not served by kvflow: {stats}")
+
+
 def run(args) -> dict:
     from vllm import SamplingParams
 
@@ -89,9 +99,13 @@ def run(args) -> dict:
             full_texts = texts
         # Teacher-forced NLL of the full-prefill answer under this method's KV.
         tf_prompts = [{"prompt_token_ids": p.prompt_token_ids + a} for p, a in zip(prompts, full_answers)]
+        # prompt_logprobs makes vLLM skip cached/external KV by default; the answer's
+        # logprobs come after the reused context, so the connector may serve it.
         tf = llm.generate(tf_prompts, [SamplingParams(temperature=0.0, max_tokens=1, prompt_logprobs=0,
+                                                      skip_reading_prefix_cache=False,
                                                       extra_args={"kv_transfer_params": kp}) for kp in params],
                           use_tqdm=False)
+        _check_served(tf, method)
         nll = [_answer_nll(o, len(a)) for o, a in zip(tf, full_answers)]
         stats = [(o.kv_transfer_params or {}).get("kvflow_stats", {}) for o in outs]
         ttft = []
