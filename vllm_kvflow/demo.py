@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 
@@ -25,6 +26,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ratio", type=float, default=0.15)
     p.add_argument("--max-tokens", type=int, default=24)
     a = p.parse_args(argv)
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # keep the demo's output readable
 
     print("kvflow demo: starting the vLLM engine (CPU, SmolLM2-135M-Instruct) ...", flush=True)
     llm = make_llm(max_model_len=8192, method=a.method, recompute_ratio=a.ratio, log_stats=False)

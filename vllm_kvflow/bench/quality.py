@@ -101,8 +101,10 @@ def run(args) -> dict:
         tf_prompts = [{"prompt_token_ids": p.prompt_token_ids + a} for p, a in zip(prompts, full_answers)]
         # prompt_logprobs makes vLLM skip cached/external KV by default; the answer's
         # logprobs come after the reused context, so the connector may serve it.
+        # detokenize=False: prompt-logprob rows of the reused context were never computed
+        # (their token ids are garbage) and must not be decoded.
         tf = llm.generate(tf_prompts, [SamplingParams(temperature=0.0, max_tokens=1, prompt_logprobs=0,
-                                                      skip_reading_prefix_cache=False,
+                                                      skip_reading_prefix_cache=False, detokenize=False,
                                                       extra_args={"kv_transfer_params": kp}) for kp in params],
                           use_tqdm=False)
         _check_served(tf, method)
@@ -207,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-tokens", type=int, default=24)
     p.add_argument("--ttft-samples", type=int, default=10, help="requests timed alone per method")
     p.add_argument("--model", default=None)
-    p.add_argument("--dtype", default="float32")
+    p.add_argument("--dtype", default=None, help="default: float32 on CPU, auto on GPU")
     p.add_argument("--max-model-len", type=int, default=8192)
     p.add_argument("--out", required=True, help="JSON file; a PNG plot is written beside it")
     args = p.parse_args(argv)

