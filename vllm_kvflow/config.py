@@ -6,7 +6,7 @@ so a typo never silently falls back to a default.
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 METHODS = ("full", "none", "random", "epic", "cacheblend", "infoflow", "infoflow-reorder")

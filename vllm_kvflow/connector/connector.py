@@ -21,8 +21,7 @@ class KVFlowConnector(KVConnectorBase_V1):
         if role == KVConnectorRole.SCHEDULER:
             from vllm_kvflow.connector.scheduler import KVFlowScheduler
 
-            self._scheduler = KVFlowScheduler(self.config, vllm_config.model_config.tokenizer,
-                                              vllm_config.cache_config.block_size)
+            self._scheduler = KVFlowScheduler(self.config, vllm_config.model_config.tokenizer)
         else:
             from vllm_kvflow.connector.worker import KVFlowWorker
 

@@ -18,9 +18,8 @@ logger = logging.getLogger("vllm_kvflow")
 
 
 class KVFlowScheduler:
-    def __init__(self, config: KVFlowConfig, tokenizer_path: str | None, block_size: int):
+    def __init__(self, config: KVFlowConfig, tokenizer_path: str | None):
         self.config = config
-        self.block_size = block_size
         self._tokenizer_path = tokenizer_path
         self._tokenizer = None
         self._specs: dict[str, RequestSpec] = {}
