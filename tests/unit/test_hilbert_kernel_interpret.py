@@ -10,10 +10,6 @@ test_kernel_under_triton_interpreter runs the child and asserts that it passed.
 """
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -22,22 +18,14 @@ from vllm_kvflow.kernels.hilbert_attention import (hilbert_attention_mask,
                                                    hilbert_attention_reference, pair_count)
 from vllm_kvflow.vision.hilbert import hilbert_layout, sliding_offset
 
-_IN_CHILD = os.environ.get("TRITON_INTERPRET") == "1"
-_REPO = Path(__file__).resolve().parents[2]
+from interpreter_child import IN_CHILD, run_interpreter_child
+
+_IN_CHILD = IN_CHILD
 
 
 def test_kernel_under_triton_interpreter():
-    pytest.importorskip("triton")
-    if _IN_CHILD:
-        pytest.skip("this is the child run")
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    cmd = [sys.executable, "-m", "pytest", str(Path(__file__).resolve()), "-q",
-           "-p", "no:cacheprovider", "-k", "test_interp_"]
-    res = subprocess.run(cmd, cwd=_REPO, env=env, capture_output=True, text=True, timeout=300)
-    tail = (res.stdout + res.stderr)[-6000:]
-    assert res.returncode == 0, f"interpreter tests failed:\n{tail}"
-    last = res.stdout.strip().splitlines()[-1]
-    assert " passed" in last and "skipped" not in last and "deselected" in last, tail
+    last = run_interpreter_child(__file__)
+    assert "deselected" in last, last
 
 
 @pytest.fixture(scope="module")

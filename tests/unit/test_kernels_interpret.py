@@ -11,13 +11,8 @@ Two groups:
 """
 from __future__ import annotations
 
-import importlib.util
 import math
-import os
-import subprocess
-import sys
 import types
-from pathlib import Path
 
 import pytest
 import torch
@@ -25,6 +20,7 @@ import torch
 import vllm_kvflow.kernels.attn_norm as an
 import vllm_kvflow.kernels.chunk_load as cl
 import vllm_kvflow.kernels.partial_attention as pa
+from interpreter_child import IN_CHILD, run_interpreter_child
 
 # --------------------------------------------------------------------------------------
 # helpers
@@ -207,28 +203,12 @@ def test_wrappers_reject_bad_inputs():
 # --------------------------------------------------------------------------------------
 # Triton kernels under the interpreter
 # --------------------------------------------------------------------------------------
-_IN_INTERPRETER_CHILD = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-_REPO = Path(__file__).resolve().parents[2]
+_IN_INTERPRETER_CHILD = IN_CHILD
 
 
 def test_kernels_under_triton_interpreter():
-    """Run the ``test_interp_*`` tests in a child pytest with TRITON_INTERPRET=1.
-
-    The interpreter must be chosen before triton is first imported (triton.language's own
-    @jit helpers such as tl.sum are built at import), and setting it in this process
-    would leak into every later test module. A child process keeps it contained.
-    """
-    if _IN_INTERPRETER_CHILD:
-        pytest.skip("already inside the interpreter run")
-    if importlib.util.find_spec("triton") is None:
-        pytest.skip("triton is not installed")
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    cmd = [sys.executable, "-m", "pytest", str(Path(__file__).resolve()), "-q",
-           "-p", "no:cacheprovider", "-k", "test_interp_"]
-    res = subprocess.run(cmd, cwd=_REPO, env=env, capture_output=True, text=True, timeout=300)
-    tail = (res.stdout + res.stderr)[-6000:]
-    assert res.returncode == 0, f"interpreter tests failed:\n{tail}"
-    assert " passed" in res.stdout and "skipped" not in res.stdout.splitlines()[-1], tail
+    """Run this file's ``test_interp_*`` tests in a TRITON_INTERPRET=1 child pytest."""
+    run_interpreter_child(__file__)
 
 
 @pytest.fixture(scope="module")
