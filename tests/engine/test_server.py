@@ -39,7 +39,7 @@ def server(model_path, tmp_path_factory):
     proc = subprocess.Popen(
         [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model_path,
          "--port", str(port), "--dtype", "float32", "--gpu-memory-utilization", "0.2",
-         "--max-model-len", "2048", "--no-enable-prefix-caching",
+         "--max-model-len", "2048",  # prefix caching on, as `vllm serve` defaults
          "--kv-transfer-config", json.dumps(config)],
         stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "1"})
     base = f"http://127.0.0.1:{port}"
@@ -91,3 +91,28 @@ def test_bad_declaration_gets_full_prefill_with_reason(server, model_path):
     stats = out["kv_transfer_params"]["kvflow_stats"]
     assert stats["fallback"] == "bad-request" and "span" in stats["error"]
     assert out["usage"]["completion_tokens"] >= 1  # answered by full prefill
+
+
+def _first_token_logprobs(server, model_path, prompt, **extra) -> dict[str, float]:
+    out = _post(server + "/v1/completions", {"model": model_path, "prompt": prompt, "max_tokens": 1,
+                                             "temperature": 0, "logprobs": 5, **extra})
+    return out["choices"][0]["logprobs"]["top_logprobs"][0], out.get("kv_transfer_params")
+
+
+def test_blended_kv_never_served_from_the_exact_prefix_cache(server, model_path):
+    # Prompts span several 128-token blocks, so vLLM caches full blocks of each request.
+    passages = [f"Archive {i}\nThe archive of Velmar holds {i * 7} ledgers of grain, salt and "
+                f"copper trades, sealed by clerk number {i * 13} in the year {1700 + i}." for i in range(12)]
+    prompt = "\n\n".join(passages) + "\n\nQuestion: How many ledgers does archive 5 hold?\nAnswer:"
+    chunks = {"kvflow": {"chunks": [{"text": p} for p in passages], "method": "none"}}
+    blended, params = _first_token_logprobs(server, model_path, prompt, kv_transfer_params=chunks)
+    assert params["kvflow_stats"]["tokens_reused"] > 256 and params["kvflow_stats"]["fallback"] is None
+    # The same prompt without kvflow, after the blend: must be exact, not a prefix-cache
+    # hit on the blended blocks. The reference is computed under its own cache salt.
+    plain, _ = _first_token_logprobs(server, model_path, prompt)
+    reference, _ = _first_token_logprobs(server, model_path, prompt, cache_salt="reference")
+    assert plain.keys() == reference.keys()
+    assert max(abs(plain[t] - reference[t]) for t in plain) < 1e-3
+    # ...and the blend really differs from exact (else this test could not fail).
+    shared = blended.keys() & reference.keys()
+    assert shared and max(abs(blended[t] - reference[t]) for t in shared) > 1e-3

@@ -12,6 +12,7 @@ from typing import Any
 from vllm_kvflow.blend.pipeline import LoadPlan
 from vllm_kvflow.config import KVFlowConfig
 from vllm_kvflow.connector.metadata import KVFlowConnectorMetadata, KVFlowWorkerMetadata
+from vllm_kvflow.patches.prefix_cache import blend_salt, isolate_blended_blocks, tenant_salt
 from vllm_kvflow.request import PARAMS_KEY, STATS_KEY, RequestError, RequestSpec, parse_request
 
 logger = logging.getLogger("vllm_kvflow")
@@ -60,6 +61,8 @@ class KVFlowScheduler:
             stats["prefix_cache_tokens"] = num_computed_tokens
             return 0, False
         self._specs[req_id] = spec
+        # Blended KV is approximate: keep it out of the exact prefix cache.
+        isolate_blended_blocks(request, blend_salt(request.prompt_token_ids, spec, tenant_salt(request)))
         # Synchronous load (False): the KV must be in place before this step's forward.
         return spec.context_end - num_computed_tokens, False
 
@@ -86,7 +89,7 @@ class KVFlowScheduler:
     @staticmethod
     def _namespace(request, spec: RequestSpec) -> str:
         # Tenants that salt their prefix cache are isolated in the chunk store too.
-        salt = getattr(request, "cache_salt", None)
+        salt = tenant_salt(request)
         return f"{spec.namespace}|salt={salt}" if salt else spec.namespace
 
     def build_connector_meta(self, scheduler_output) -> KVFlowConnectorMetadata:

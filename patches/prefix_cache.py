@@ -1,0 +1,53 @@
+"""Keep approximate KV out of vLLM's exact prefix cache.
+
+vLLM caches every full block a request computes under a hash of the token prefix, so a
+blended request's blocks (reused chunk KV, partly recomputed) would later be served to
+an identical prompt as if they were exact. The block hashes chain from the first block,
+whose hash includes `request.cache_salt`: re-salting a blended request and recomputing
+its hashes moves its blocks into their own hash space. The salt names the method, the
+ratio, the declared spans and a digest of the prompt up to the question's end, because a
+blend of the context depends on the question that follows it: only the same context and
+question blended the same way share blocks (a longer prompt with the same head may).
+
+Exact blocks the request already hit (looked up before the connector runs) stay valid.
+Both vLLM versions compute hashes through `Request._block_hasher` into `block_hashes`.
+"""
+from __future__ import annotations
+
+import hashlib
+import struct
+
+MARKER = "kvflow:"
+
+
+def blend_salt(prompt_token_ids, spec, tenant_salt: str | None) -> str:
+    """Salt naming how `spec` (a RequestSpec) blends this prompt's context."""
+    head = list(prompt_token_ids[:spec.question[1]])
+    h = hashlib.blake2b(struct.pack(f"<{len(head)}q", *head), digest_size=16)
+    h.update(repr((spec.chunks, spec.question)).encode())
+    return f"{tenant_salt or ''}|{MARKER}{spec.method}:{spec.ratio!r}:{h.hexdigest()}"
+
+
+def isolate_blended_blocks(request, salt: str) -> bool:
+    """Re-salt `request` so the blocks it computes hash apart from exact ones.
+
+    Idempotent (the scheduler may ask about a request again after a failed allocation).
+    Returns False where the request does not hash blocks (prefix caching off).
+    """
+    if request.cache_salt == salt:
+        return True
+    hasher = getattr(request, "_block_hasher", None)
+    if hasher is None:
+        return False
+    request.cache_salt = salt
+    request.block_hashes.clear()
+    request.block_hashes.extend(hasher(request))
+    return True
+
+
+def tenant_salt(request) -> str | None:
+    """The client's own cache salt, without the blend tag this module may have added."""
+    salt = getattr(request, "cache_salt", None)
+    if salt and f"|{MARKER}" in salt:
+        salt = salt.split(f"|{MARKER}")[0] or None
+    return salt

@@ -1,0 +1,40 @@
+"""Blended requests hash their blocks apart from exact ones (engine proof: test_server)."""
+from types import SimpleNamespace
+
+from vllm_kvflow.patches.prefix_cache import blend_salt, isolate_blended_blocks, tenant_salt
+from vllm_kvflow.request import RequestSpec
+
+
+def _spec(method="infoflow", ratio=0.15, question=(8, 10)):
+    return RequestSpec([(2, 5), (5, 8)], question, method, ratio, "default")
+
+
+def _request(salt=None):
+    req = SimpleNamespace(cache_salt=salt, block_hashes=["exact0", "exact1"], calls=0)
+
+    def hasher(r):
+        r.calls += 1
+        return [f"{r.cache_salt}/0", f"{r.cache_salt}/1"]
+    req._block_hasher = hasher
+    return req
+
+
+def test_salt_depends_on_method_ratio_spans_and_head_not_tail():
+    ids = list(range(12))
+    base = blend_salt(ids, _spec(), None)
+    assert base == blend_salt(ids + [99, 98], _spec(), None)  # tokens after the question
+    assert base != blend_salt(ids, _spec(method="none"), None)
+    assert base != blend_salt(ids, _spec(ratio=0.3), None)
+    assert base != blend_salt(ids, _spec(question=(8, 11)), None)
+    assert base != blend_salt([7] + ids[1:], _spec(), None)
+    assert blend_salt(ids, _spec(), "tenant-a").startswith("tenant-a|")
+
+
+def test_isolation_rehashes_once_and_keeps_the_tenant_salt():
+    req = _request("tenant-a")
+    salt = blend_salt(list(range(12)), _spec(), tenant_salt(req))
+    assert isolate_blended_blocks(req, salt)
+    assert req.block_hashes == [f"{salt}/0", f"{salt}/1"] and req.calls == 1
+    assert isolate_blended_blocks(req, salt) and req.calls == 1  # idempotent on retry
+    assert tenant_salt(req) == "tenant-a" and tenant_salt(_request()) is None
+    assert not isolate_blended_blocks(SimpleNamespace(cache_salt=None, block_hashes=[]), salt)
