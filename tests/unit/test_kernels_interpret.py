@@ -301,3 +301,76 @@ def test_interp_attn_norm_dense_matches_reference(interp):
     ref = interp.an.attn_norm_reference(q, k.unsqueeze(0), torch.zeros(1, dtype=torch.int32),
                                         Nk, q_pos, nc, 0.125, compute_dtype=torch.float64)
     assert rel_err(got, ref) < 1e-5
+
+
+def test_interp_engine_wiring_kernels_equal_the_torch_path(interp):
+    """What the engine runs on CUDA (PagedKV.attend / load_rotated through the kernels)
+    against what it runs on CPU (gather + masked_attention; rotate + write), on a
+    FLASH_ATTN-strided cache with a scattered block table."""
+    from vllm_kvflow.blend.attention import masked_attention
+    from vllm_kvflow.blend.paged import PagedKV, split_kv_cache, use_kernels
+
+    torch.manual_seed(6)
+    Hq, Hkv, D, BS, NB, length = 8, 2, 64, 16, 12, 70
+    raw = torch.randn(NB, BS, Hkv, 2 * D).transpose(1, 2)  # logical [B, H, N, 2D]
+    k, v = split_kv_cache(raw, "flash", D)
+    kv = PagedKV([k], [v], torch.tensor([7, 3, 9, 1, 5]), BS)
+    assert use_kernels(k)
+    positions = torch.randperm(length)[:20].sort().values
+    q = torch.randn(20, Hq, D)
+    got = kv.attend(0, q, positions, length, D ** -0.5)
+    keys, values = kv.read(0, length)
+    ref = masked_attention(q, keys, values, positions, torch.arange(length), D ** -0.5)
+    assert rel_err(got, ref) < 1e-5
+
+    cache = cos_sin_cache(300, inv_freq(D)).float()
+    at = torch.tensor([3, 17, 18, 40, 69])
+    k_src, v_src = torch.randn(5, Hkv, D), torch.randn(5, Hkv, D)
+    delta = torch.tensor([3, -2, 11, 40, 0])
+    kv.load_rotated(0, at, k_src, v_src, delta, cache, D, True)
+    keys, values = kv.read(0, length)
+    expected = interp.cl.rotate_keys_reference(k_src, delta, cache, D, True)
+    assert rel_err(keys[at], expected) < 1e-6 and torch.equal(values[at], v_src)
+
+
+def test_interp_score_in_place_equals_scratch_path(interp):
+    """The executor's attention-norm scoring with the question's K/V written into the
+    paged cache (CUDA path) equals the scratch-copy path (CPU path), on a toy 2-layer
+    model whose 'layers' are just the attention hook."""
+    from vllm_kvflow.blend.executor import LayerwiseExecutor
+    from vllm_kvflow.blend.model_adapter import AttentionShape
+    from vllm_kvflow.blend.paged import PagedKV, split_kv_cache
+
+    torch.manual_seed(7)
+    Hq, Hkv, D, BS, NB, ctx, nq = 4, 2, 32, 16, 8, 50, 6
+    proj = torch.randn(3, 16, Hq * D + 2 * Hkv * D) * 0.3
+
+    class Toy:  # the adapter surface the executor uses
+        shape = AttentionShape(Hq, Hkv, D, D ** -0.5)
+        num_layers = 2
+        attn_modules = [torch.nn.Module(), torch.nn.Module()]
+
+        def embed(self, ids):
+            return torch.nn.functional.one_hot(ids % 16, 16).float()
+
+        def layer_forward(self, idx, positions, hidden, residual):
+            qkv = hidden @ proj[idx]
+            q, k, v = qkv.split([Hq * D, Hkv * D, Hkv * D], -1)
+            out = self.attn_modules[idx](q, k, v)
+            return hidden + out[:, :16], residual
+
+    raw = torch.randn(NB, BS, Hkv, 2 * D).transpose(1, 2)
+    k, v = split_kv_cache(raw, "flash", D)
+    table = torch.tensor([6, 2, 7, 0, 4])
+    ids, pos = torch.arange(60, 60 + nq), torch.arange(ctx + 3, ctx + 3 + nq)  # a gap after ctx
+    kv = PagedKV([k, k.clone()], [v, v.clone()], table, BS)
+    ex = LayerwiseExecutor(Toy())
+    in_place = ex.score(ids, pos, kv, ctx, [0, 1])
+
+    class Scratch(PagedKV):
+        strided = False  # forces the scratch-copy path on the same cache
+    kv2 = Scratch([k.clone(), k.clone()], [v.clone(), v.clone()], table, BS)
+    # same context K/V in both layers as kv had before scoring
+    kv2.keys = [kv.keys[0].clone(), kv.keys[1].clone()]
+    reference = ex.score(ids, pos, kv2, ctx, [0, 1])
+    assert rel_err(in_place, reference) < 1e-5

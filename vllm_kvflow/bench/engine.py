@@ -17,8 +17,12 @@ def default_dtype() -> str:
 
 def make_llm(model: str | None = None, *, connector: bool = True, prefix_caching: bool = False,
              max_model_len: int = 8192, dtype: str | None = None, load_format: str = "auto",
+             gpu_memory_utilization: float = 0.6, tensor_parallel_size: int = 1,
              **kvflow_settings: Any):
-    """An LLM on the CPU or GPU platform; kvflow settings go to transfer_config()."""
+    """An LLM on the CPU or GPU platform; kvflow settings go to transfer_config().
+
+    On GPU, vLLM's share of memory is capped (default 0.6) so a chunk store kept in
+    device memory has room beside the paged cache."""
     dtype = dtype or default_dtype()
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     from vllm import LLM
@@ -34,9 +38,34 @@ def make_llm(model: str | None = None, *, connector: bool = True, prefix_caching
 
     if not torch.cuda.is_available():
         kwargs.update(gpu_memory_utilization=0.3, distributed_executor_backend="uni")
+    else:
+        kwargs.update(gpu_memory_utilization=gpu_memory_utilization,
+                      tensor_parallel_size=tensor_parallel_size)
     if connector:
         kwargs["kv_transfer_config"] = vllm_kvflow.transfer_config(**kvflow_settings)
     return LLM(model or str(default_model_path()), **kwargs)
+
+
+def randomize_weights(std: float = 0.02, seed: int = 0) -> None:
+    """Give an in-process dummy-weight model trained-scale random weights.
+
+    vLLM's dummy loader draws weights from U(-1e-3, 1e-3): every logit is then nearly
+    equal and greedy tokens are decided by rounding noise, which makes "identical greedy
+    tokens" meaningless. N(0, std) weights with unit norm scales spread the logits
+    (std ~1 at hidden 4096), as trained weights do. Same seed, same weights."""
+    import torch
+
+    from vllm_kvflow.patches.model_hook import current_model
+
+    model = current_model()
+    device = next(model.parameters()).device
+    gen = torch.Generator(device=device).manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.fill_(1.0)
+            else:
+                p.copy_(torch.randn(p.shape, generator=gen, device=device, dtype=torch.float32) * std)
 
 
 def time_first_token(llm, prompt: dict, kv_params: dict | None) -> tuple[float, Any]:

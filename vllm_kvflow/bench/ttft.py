@@ -36,11 +36,21 @@ def _passages_for(tokenizer, context_tokens: int, seed: int) -> list[dict]:
     return out
 
 
+def _store_settings(args) -> dict:
+    """Where the warm chunk store lives on GPU: device memory, or host memory only."""
+    if args.store == "host":
+        return {"store_device_gb": 0.0, "store_host_gb": 64.0}
+    return {"store_device_gb": 24.0} if args.store == "device" else {}
+
+
 def run(args) -> dict:
     methods = [m for m in args.methods.split(",") if m]
     sizes = [int(x) for x in args.context_tokens.split(",")]
     llm = make_llm(args.model, prefix_caching=True, max_model_len=max(sizes) + 512,
-                   dtype=args.dtype, method="none", recompute_ratio=args.ratio)
+                   dtype=args.dtype, load_format=args.load_format,
+                   gpu_memory_utilization=args.gpu_memory_utilization,
+                   tensor_parallel_size=args.tensor_parallel_size,
+                   method="none", recompute_ratio=args.ratio, **_store_settings(args))
     tok = llm.get_tokenizer()
     results = []
     total_steps = len(sizes) * args.repeats * len(methods)
@@ -89,18 +99,28 @@ def run(args) -> dict:
         r["speedup_vs_full"] = full["ttft_s"] / r["ttft_s"] if full else None
         if full and hit and r["method"] not in ("full", "prefix-hit"):
             r["share_of_prefix_hit_speedup"] = r["speedup_vs_full"] / (full["ttft_s"] / hit["ttft_s"])
-    return {**environment(), "dtype": args.dtype, "repeats": args.repeats, "results": results}
+    return {**environment(), "model": args.model, "load_format": args.load_format, "dtype": args.dtype,
+            "store": args.store, "repeats": args.repeats, "results": results}
 
 
 def print_table(report: dict) -> None:
     print(f"\nTTFT on {report['card']} (vLLM {report['vllm']}, torch {report['torch']}), "
-          f"median of {report['repeats']}")
-    print(f"{'context':>8} {'method':<12} {'TTFT s':>8} {'vs full':>8} {'of prefix-hit':>14} {'recomputed':>10}")
+          f"median of {report['repeats']}; breakdown of the last kvflow request in ms "
+          "(load = store fetch + re-rotation, score, recompute incl. glue, rest = suffix prefill + engine)")
+    print(f"{'context':>8} {'method':<12} {'TTFT s':>8} {'vs full':>8} {'of prefix-hit':>14} {'recomputed':>10}"
+          f"{'load':>7}{'score':>7}{'recomp':>7}{'rest':>7}")
     for r in report["results"]:
         share = r.get("share_of_prefix_hit_speedup")
+        t = r.get("timings_s") or {}
+        parts = ""
+        if t:
+            load, score = t.get("load", 0.0), t.get("score", 0.0)
+            recomp = t.get("recompute", 0.0) + t.get("glue", 0.0)
+            rest = r["ttft_s"] - load - score - recomp
+            parts = "".join(f"{1e3 * x:>7.1f}" for x in (load, score, recomp, rest))
         print(f"{r['context_tokens']:>8} {r['method']:<12} {r['ttft_s']:>8.3f} "
               f"{r['speedup_vs_full']:>7.2f}x {'' if share is None else f'{share:>13.0%}':>14} "
-              f"{'' if r['tokens_recomputed'] is None else r['tokens_recomputed']:>10}")
+              f"{'' if r['tokens_recomputed'] is None else r['tokens_recomputed']:>10}{parts}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -111,6 +131,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ratio", type=float, default=0.15)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--dtype", default=None, help="default: float32 on CPU, auto on GPU")
+    p.add_argument("--load-format", default="auto", help="'dummy': random weights (speed only)")
+    p.add_argument("--gpu-memory-utilization", type=float, default=0.6)
+    p.add_argument("--tensor-parallel-size", type=int, default=1)
+    p.add_argument("--store", choices=("device", "host"), default=None,
+                   help="GPU only: keep the warm chunk store in device memory or in host memory")
     p.add_argument("--out", default=None, help="JSON file")
     args = p.parse_args(argv)
     args.dtype = args.dtype or default_dtype()

@@ -14,35 +14,9 @@ from typing import Callable
 
 import torch
 
+from vllm_kvflow.blend.attention import masked_attention
 from vllm_kvflow.blend.model_adapter import DecoderAdapter
-
-# Queries attended per SDPA call: bounds the [H, q, k] score memory on long contexts.
-_QUERY_BLOCK = 1024
-
-
-def masked_attention(q, k, v, q_pos, k_pos, scale):
-    """softmax(q k^T * scale, mask k_pos <= q_pos) v with GQA, math in float32.
-
-    q [n, Hq, D]; k, v [N, Hkv, D]; returns [n, Hq, D] in q's dtype.
-    """
-    n, hq, _ = q.shape
-    group = hq // k.shape[1]
-    kf = k.float().transpose(0, 1)  # [Hkv, N, D]
-    vf = v.float().transpose(0, 1)
-    if group > 1:
-        kf = kf.repeat_interleave(group, dim=0)
-        vf = vf.repeat_interleave(group, dim=0)
-    out = torch.empty_like(q)
-    for s in range(0, n, _QUERY_BLOCK):
-        e = min(s + _QUERY_BLOCK, n)
-        mask = k_pos[None, :] <= q_pos[s:e, None]  # [b, N]
-        qb = q[s:e].float().transpose(0, 1)  # [Hq, b, D]
-        ob = torch.nn.functional.scaled_dot_product_attention(
-            qb, kf, vf, attn_mask=mask, scale=scale
-        )
-        out[s:e] = ob.transpose(0, 1).to(q.dtype)
-    return out
-
+from vllm_kvflow.blend.paged import use_kernels
 
 class LayerwiseExecutor:
     def __init__(self, adapter: DecoderAdapter):
@@ -76,14 +50,11 @@ class LayerwiseExecutor:
         valid KV in kv (or be among `positions`).
         """
         length = int(positions[-1]) + 1
-        key_pos = torch.arange(length, device=positions.device)
 
         def attend(layer, q, k, v):
             q, k, v = self._split_heads(q, k, v)
             kv.write(layer, positions, k, v)
-            keys, values = kv.read(layer, length)
-            out = masked_attention(q, keys, values, positions, key_pos, self.shape.scale)
-            return out.flatten(1)
+            return kv.attend(layer, q, positions, length, self.shape.scale).flatten(1)
 
         self._run(token_ids, positions, attend, num_layers)
 
@@ -92,29 +63,42 @@ class LayerwiseExecutor:
         """Query attention-norm of context columns [0, context_len) from the tokens at
         `positions` (the question, placed after the context), averaged over `layers`.
 
-        The question's own K/V are kept in a scratch buffer, never written into kv.
+        The question attends to the context and to itself, as if it followed the context
+        directly (tokens between them, e.g. "Question: ", are not computed yet): key-array
+        entry context_len + i holds question token i. On CUDA that array is the request's
+        own paged cache, whose slots from context_len on belong to not-yet-computed tokens
+        (vLLM's forward overwrites them): the kernels read it in place. Elsewhere the
+        question's K/V stay in a scratch copy, never written into kv.
         """
         from vllm_kvflow.kernels.attn_norm import attn_norm, attn_norm_reference
 
-        ctx_pos = torch.arange(context_len, device=positions.device)
-        key_pos = torch.cat([ctx_pos, positions])
+        dev = positions.device
+        n = positions.numel()
         # Row i of the question sees key-array entries [0, context_len + i].
-        row_pos = context_len + torch.arange(positions.numel(), device=positions.device)
+        row_pos = context_len + torch.arange(n, device=dev)
+        key_pos = torch.cat([torch.arange(context_len, device=dev), positions])
         wanted = set(layers)
-        total = torch.zeros(context_len, dtype=torch.float32, device=positions.device)
+        total = torch.zeros(context_len, dtype=torch.float32, device=dev)
+        in_place = use_kernels(token_ids) and getattr(kv, "strided", False)
 
         def attend(layer, q, k, v):
             q, k, v = self._split_heads(q, k, v)
+            scale = self.shape.scale
+            if in_place:
+                kv.write(layer, row_pos, k, v)
+                if layer in wanted:
+                    total.add_(attn_norm(q, kv.keys[layer], kv.block_table[0], context_len + n,
+                                         row_pos, context_len, scale).float())
+                return kv.attend(layer, q, row_pos, context_len + n, scale).flatten(1)
             keys, values = kv.read(layer, context_len)
             keys = torch.cat([keys, k.to(keys.dtype)])
             values = torch.cat([values, v.to(values.dtype)])
             if layer in wanted:
                 # Keys of context + question sit contiguously: one page, block table [0].
-                page, table = keys.unsqueeze(0), torch.zeros(1, dtype=torch.int32, device=keys.device)
-                fn = attn_norm if keys.is_cuda else attn_norm_reference
-                total.add_(fn(q, page, table, keys.shape[0], row_pos, context_len,
-                              self.shape.scale).float())
-            return masked_attention(q, keys, values, positions, key_pos, self.shape.scale).flatten(1)
+                page, table = keys.unsqueeze(0), torch.zeros(1, dtype=torch.int32, device=dev)
+                fn = attn_norm if use_kernels(keys) else attn_norm_reference
+                total.add_(fn(q, page, table, keys.shape[0], row_pos, context_len, scale).float())
+            return masked_attention(q, keys, values, positions, key_pos, scale).flatten(1)
 
         self._run(token_ids, positions, attend, max(layers) + 1)
         return total / len(wanted)
@@ -125,7 +109,6 @@ class LayerwiseExecutor:
         0..layer-1 (writing their K/V, i.e. those layers are fully recomputed), then
         return ||K_recomputed - K_cached||_2 per token at `layer` (nothing written there)."""
         length = int(positions[-1]) + 1
-        key_pos = torch.arange(length, device=positions.device)
         deviation = torch.zeros(positions.numel(), device=positions.device)
 
         def attend(l, q, k, v):
@@ -135,8 +118,7 @@ class LayerwiseExecutor:
                 deviation.copy_((k.float() - cached[positions].float()).flatten(1).norm(dim=1))
                 return torch.zeros_like(q).flatten(1)
             kv.write(l, positions, k, v)
-            keys, values = kv.read(l, length)
-            return masked_attention(q, keys, values, positions, key_pos, self.shape.scale).flatten(1)
+            return kv.attend(l, q, positions, length, self.shape.scale).flatten(1)
 
         self._run(token_ids, positions, attend, layer + 1)
         return deviation

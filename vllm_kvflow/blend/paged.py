@@ -3,14 +3,22 @@
 PagedKV serves strided layouts (FLASH_ATTN) through 4-D views [num_blocks, block_size,
 num_kv_heads, head_dim], which the Triton kernels take with their strides; PackedPagedKV
 serves CPU_ATTN's packed pages through a probed permutation. Both offer the same
-write / read / load_rotated, so the pipeline never assumes a layout. DenseKV is a private
-contiguous buffer with the same write / read, for computing a chunk in isolation.
+write / read / attend / load_rotated, so the pipeline never assumes a layout. DenseKV is
+a private contiguous buffer with the same write / read / attend, for computing a chunk in
+isolation.
+
+`attend` is where the device matters: on CUDA the paged views go straight to the Triton
+partial-prefill kernel (no gather of the context); elsewhere the KV is gathered and the
+torch reference (`masked_attention`) runs.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
+
+from vllm_kvflow.blend.attention import masked_attention
 
 
 def packed_pages(kv_cache: torch.Tensor, head_dim: int):
@@ -51,6 +59,12 @@ def layout_for_backend(backend_name: str, kv_cache: torch.Tensor) -> str:
     )
 
 
+def use_kernels(t: torch.Tensor) -> bool:
+    """The Triton kernels on CUDA, and under TRITON_INTERPRET=1 (how CI checks this wiring
+    on CPU); the torch path otherwise."""
+    return t.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
+
+
 @dataclass
 class PagedKV:
     """One request's KV across layers: block table over per-layer paged views."""
@@ -59,6 +73,12 @@ class PagedKV:
     values: list[torch.Tensor]
     block_ids: torch.Tensor  # int64 [num_request_blocks]
     block_size: int
+    strided = True  # keys/values are views the Triton kernels can read in place
+
+    @property
+    def block_table(self) -> torch.Tensor:
+        """[1, num_request_blocks] int32, the kernels' block-table form."""
+        return self.block_ids.to(torch.int32)[None]
 
     def slots(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(block, offset) of each position."""
@@ -82,12 +102,27 @@ class PagedKV:
         v = self.values[layer][blocks].flatten(0, 1)[:length]
         return k, v
 
+    def attend(self, layer: int, q: torch.Tensor, positions: torch.Tensor, length: int,
+               scale: float) -> torch.Tensor:
+        """Attention of q [n, Hq, D] at `positions` over this request's KV [0, length)."""
+        if not use_kernels(q):
+            k, v = self.read(layer, length)
+            return masked_attention(q, k, v, positions, torch.arange(length, device=q.device), scale)
+        from vllm_kvflow.kernels.partial_attention import partial_attention
+
+        dev = q.device
+        return partial_attention(
+            q, self.keys[layer], self.values[layer], self.block_table,
+            torch.tensor([length], dtype=torch.int32, device=dev),
+            torch.tensor([0, q.shape[0]], dtype=torch.int32, device=dev),
+            positions.to(torch.int32), scale)
+
     def load_rotated(self, layer: int, positions, k_src, v_src, delta, cos_sin, rotary_dim,
                      is_neox) -> None:
         """Write a chunk's K (rotated by delta) and V at positions, in one fused pass."""
         from vllm_kvflow.kernels import chunk_load
 
-        fused = chunk_load.load_chunk_kv if k_src.is_cuda else chunk_load.load_chunk_kv_reference
+        fused = chunk_load.load_chunk_kv if use_kernels(k_src) else chunk_load.load_chunk_kv_reference
         fused(k_src, v_src, self.keys[layer], self.values[layer], self.slot_mapping(positions),
               delta, cos_sin, rotary_dim, is_neox)
 
@@ -98,6 +133,7 @@ class PackedPagedKV(PagedKV):
     order (CPU_ATTN): `keys`/`values` are [num_blocks, H, block_size * D] flat pages and
     key_index/value_index map logical (offset, dim) to page elements."""
 
+    strided = False
     key_index: torch.Tensor | None = None  # [block_size, D]
     value_index: torch.Tensor | None = None
     # vLLM's own cache-write op and its per-layer (key_cache, value_cache) arguments:
@@ -128,6 +164,10 @@ class PackedPagedKV(PagedKV):
             out.append(logical.transpose(1, 2).flatten(0, 1)[:length])
         return out[0], out[1]
 
+    def attend(self, layer, q, positions, length, scale):
+        k, v = self.read(layer, length)  # packed pages: no strided view for a kernel
+        return masked_attention(q, k, v, positions, torch.arange(length, device=q.device), scale)
+
     def load_rotated(self, layer, positions, k_src, v_src, delta, cos_sin, rotary_dim, is_neox):
         from vllm_kvflow.kernels.chunk_load import rotate_keys_reference
 
@@ -154,3 +194,8 @@ class DenseKV:
 
     def read(self, layer: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.keys[layer, :length], self.values[layer, :length]
+
+    def attend(self, layer: int, q: torch.Tensor, positions: torch.Tensor, length: int,
+               scale: float) -> torch.Tensor:
+        k, v = self.read(layer, length)
+        return masked_attention(q, k, v, positions, torch.arange(length, device=q.device), scale)

@@ -20,6 +20,7 @@ from vllm_kvflow.blend.executor import LayerwiseExecutor
 from vllm_kvflow.blend.paged import DenseKV, PagedKV
 from vllm_kvflow.blend.selection import SELECTORS, SelectionInput, budget_for, select
 from vllm_kvflow.config import KVFlowConfig, resolve_layers
+from vllm_kvflow.patches.parallel import sum_over_tp
 from vllm_kvflow.store import ChunkKV, ChunkStore, chunk_key
 
 
@@ -92,6 +93,10 @@ class _Timer:
                 timer.out[name] = timer.out.get(name, 0.0) + time.perf_counter() - self.t0
 
         return _Span()
+
+
+# Bytes of chunk K/V gathered at once when writing a request's chunks.
+_GATHER_BYTES = 1 << 30
 
 
 class BlendPipeline:
@@ -169,7 +174,7 @@ class BlendPipeline:
                 entry = self.chunk_kv(prompt[c0:c1], plan.namespace, result)
                 first = max(c0, start)
                 positions = torch.arange(first, c1, device=device)
-                loads.append((entry, positions - c0, positions))
+                loads.append((entry, first - c0, c0, positions))
                 result.tokens_reused += c1 - first
                 if exact_prefix and c0 == s:
                     # Same tokens before it as in isolation, same positions: exact KV.
@@ -216,19 +221,27 @@ class BlendPipeline:
 
     # -- steps ----------------------------------------------------------------------------
     def _write_chunks(self, loads, kv: PagedKV) -> None:
-        """Write every chunk's K (re-rotated) and V: one fused write per layer for all
-        chunks of the request."""
+        """Write every chunk's K (re-rotated) and V, one fused kernel per layer for all
+        chunks of the request. The chunks are gathered for a group of layers at once
+        (one copy per chunk, not per chunk and layer: long contexts have hundreds)."""
         if not loads:
             return
-        device = loads[0][2].device
-        positions = torch.cat([p for _, _, p in loads])
-        delta = torch.cat([p - (o + e.local_start) for e, o, p in loads])
+        device = loads[0][3].device
+        positions = torch.cat([p for *_, p in loads])
+        # A chunk's tokens all move by the same distance: its start minus its local start.
+        delta = torch.cat([torch.full((p.numel(),), c0 - e.local_start, device=device)
+                           for e, _, c0, p in loads])
         cos_sin = self.cos_sin.to(device)
-        for layer in range(self.adapter.num_layers):
-            k = torch.cat([e.keys[layer].index_select(0, o.to(e.keys.device)) for e, o, _ in loads])
-            v = torch.cat([e.values[layer].index_select(0, o.to(e.keys.device)) for e, o, _ in loads])
-            kv.load_rotated(layer, positions, k.to(device), v.to(device), delta, cos_sin,
-                            self.rotary_dim, self.is_neox)
+        first = loads[0][0].keys
+        per_layer = 2 * positions.numel() * first[0, :1].numel() * first.element_size()
+        group = max(1, min(self.adapter.num_layers, _GATHER_BYTES // max(per_layer, 1)))
+        for l0 in range(0, self.adapter.num_layers, group):
+            l1 = min(l0 + group, self.adapter.num_layers)
+            keys = torch.cat([e.keys[l0:l1, skip:].to(device, non_blocking=True) for e, skip, *_ in loads], 1)
+            values = torch.cat([e.values[l0:l1, skip:].to(device, non_blocking=True) for e, skip, *_ in loads], 1)
+            for i, layer in enumerate(range(l0, l1)):
+                kv.load_rotated(layer, positions, keys[i], values[i], delta, cos_sin,
+                                self.rotary_dim, self.is_neox)
 
     def _prefill(self, prompt: list[int], positions: torch.Tensor, kv) -> None:
         if positions.numel() == 0:
@@ -244,11 +257,12 @@ class BlendPipeline:
             ids = torch.tensor(plan.token_ids, device=positions.device)[positions]
             dev = self.executor.key_deviation(ids, positions, kv, layer=1)
             signal = torch.zeros(plan.context_end, device=positions.device)
-            signal[positions] = dev
-            return signal
+            signal[positions] = dev.square()  # squares sum over tensor-parallel ranks
+            return sum_over_tp(signal).sqrt()
         if kind == "attn_norm":
             q0, q1 = plan.question
             positions = torch.arange(q0, q1, device=self.adapter.device)
             ids = torch.tensor(plan.token_ids[q0:q1], device=positions.device)
-            return self.executor.score(ids, positions, kv, plan.context_end, self.scoring_layers)
+            return sum_over_tp(self.executor.score(ids, positions, kv, plan.context_end,
+                                                   self.scoring_layers))
         raise NotImplementedError(f"signal {kind!r}")

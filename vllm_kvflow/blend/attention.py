@@ -1,0 +1,42 @@
+"""The torch attention of the recompute path: any query positions over a dense K/V with
+the causal mask key_pos <= query_pos. The reference the Triton kernel is tested
+against, the CPU path, and the path for a chunk computed in isolation on GPU."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+# Queries attended per SDPA call: bounds the [H, q, k] score memory on long contexts.
+_QUERY_BLOCK = 1024
+
+
+def masked_attention(q, k, v, q_pos, k_pos, scale):
+    """softmax(q k^T * scale, mask k_pos <= q_pos) v with GQA.
+
+    q [n, Hq, D]; k, v [N, Hkv, D]; returns [n, Hq, D] in q's dtype. Math in float32 on
+    CPU (exactness tests compare against a float32 engine); on CUDA in the model's
+    dtype, as vLLM's own attention computes, and a contiguous causal block (a chunk
+    computed in isolation) takes SDPA's flash path.
+    """
+    n, hq, _ = q.shape
+    group = hq // k.shape[1]
+    if q.is_cuda:
+        kt, vt = k.transpose(0, 1).to(q.dtype), v.transpose(0, 1).to(q.dtype)  # [Hkv, N, D]
+        # Sorted, distinct positions: equal and ending at n - 1 means both are 0..n-1.
+        if n == k.shape[0] and torch.equal(q_pos, k_pos) and int(k_pos[-1]) == n - 1:
+            out = F.scaled_dot_product_attention(q.transpose(0, 1), kt, vt, is_causal=True,
+                                                 scale=scale, enable_gqa=group > 1)
+            return out.transpose(0, 1)
+    else:
+        kt, vt = k.float().transpose(0, 1), v.float().transpose(0, 1)
+    if group > 1:
+        kt = kt.repeat_interleave(group, dim=0)
+        vt = vt.repeat_interleave(group, dim=0)
+    out = torch.empty_like(q)
+    for s in range(0, n, _QUERY_BLOCK):
+        e = min(s + _QUERY_BLOCK, n)
+        mask = k_pos[None, :] <= q_pos[s:e, None]  # [b, N]
+        qb = q[s:e].to(kt.dtype).transpose(0, 1)  # [Hq, b, D]
+        ob = F.scaled_dot_product_attention(qb, kt, vt, attn_mask=mask, scale=scale)
+        out[s:e] = ob.transpose(0, 1).to(q.dtype)
+    return out
