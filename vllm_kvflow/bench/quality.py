@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 import numpy as np
@@ -81,11 +82,16 @@ def run(args) -> dict:
     tok = llm.get_tokenizer()
     prompts = [build_rag_prompt(tok, it["question"], it["passages"]) for it in items]
 
-    per: dict[tuple[str, float], dict[str, list]] = {}
+    per = _load_checkpoint(args, items)
     full_answers: list[list[int]] = []
+    if ("full", 0.0) in per:
+        full_texts = per[("full", 0.0)]["answers"]
+        full_answers = per[("full", 0.0)]["answer_ids"]
     total = len(runs)
     for k, (method, ratio) in enumerate(runs):
         _progress(k, total, f"{method} rho={ratio}")
+        if (method, ratio) in per:
+            continue  # finished in an earlier, interrupted run
         params = [{"kvflow": {**p.kv_transfer_params["kvflow"], "method": method, "ratio": ratio}}
                   for p in prompts]
         outs = llm.generate([p.vllm_prompt() for p in prompts],
@@ -123,9 +129,40 @@ def run(args) -> dict:
             "ttft_s": ttft,
             "answers": texts,
         }
+        if method == "full":
+            per[(method, ratio)]["answer_ids"] = full_answers
+        _save_checkpoint(args, items, per)
     _progress(total, total, "done")
     print(file=sys.stderr)
     return _summarize(per, items, args)
+
+
+def _checkpoint_path(args) -> str:
+    return args.out.rsplit(".", 1)[0] + ".partial.json"
+
+
+def _load_checkpoint(args, items) -> dict:
+    """Finished runs of an interrupted invocation with the same dataset and settings."""
+    path = _checkpoint_path(args)
+    if not os.path.exists(path):
+        return {}
+    with open(path) as f:
+        saved = json.load(f)
+    if saved["key"] != _checkpoint_key(args, items):
+        print(f"ignoring {path}: it was made with other settings", file=sys.stderr)
+        return {}
+    print(f"resuming from {path}: {len(saved['runs'])} runs done", file=sys.stderr)
+    return {(r["method"], r["ratio"]): r["data"] for r in saved["runs"]}
+
+
+def _save_checkpoint(args, items, per) -> None:
+    runs = [{"method": m, "ratio": r, "data": d} for (m, r), d in per.items()]
+    with open(_checkpoint_path(args), "w") as f:
+        json.dump({"key": _checkpoint_key(args, items), "runs": runs}, f)
+
+
+def _checkpoint_key(args, items) -> list:
+    return [args.dataset, [it.get("id") for it in items], args.max_tokens, args.model, args.dtype]
 
 
 def _summarize(per, items, args) -> dict:
@@ -210,7 +247,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", default=None)
     p.add_argument("--dtype", default=None, help="default: float32 on CPU, auto on GPU")
     p.add_argument("--max-model-len", type=int, default=8192)
-    p.add_argument("--out", required=True, help="JSON file; a PNG plot is written beside it")
+    p.add_argument("--out", required=True, help="JSON file; a PNG plot is written beside it. Finished "
+                   "runs are checkpointed beside it, and a rerun with the same settings resumes")
     args = p.parse_args(argv)
     report = run(args)
     print_table(report)
@@ -219,4 +257,5 @@ def main(argv: list[str] | None = None) -> int:
     png = args.out.rsplit(".", 1)[0] + ".png"
     plot(report, png)
     print(f"wrote {args.out} and {png}")
+    os.remove(_checkpoint_path(args))  # complete: the report holds everything
     return 0
