@@ -18,8 +18,16 @@ class KVFlowConfig:
     method: str = "infoflow"
     # Fraction rho of chunk tokens recomputed (1.0 reproduces full prefill).
     recompute_ratio: float = 0.15
-    # Chunk store capacity on the worker, in GiB (host memory on CPU, device on GPU).
+    # Chunk store tiers, per worker, in GiB (README "Chunk store tiers"). The first
+    # memory tier is device memory on GPU and host RAM on CPU (there is no separate
+    # device tier on CPU); store_capacity_gb sizes it unless store_device_gb (GPU) or
+    # store_host_gb (CPU) is given. On GPU, store_host_gb adds a host tier below it.
     store_capacity_gb: float = 2.0
+    store_device_gb: float | None = None
+    store_host_gb: float | None = None
+    # Disk tier: a directory (None: no disk tier) and its capacity.
+    store_disk_path: str | None = None
+    store_disk_gb: float = 10.0
     # Fixed sink prefix chunks are computed behind, in isolation. None: [BOS].
     sink_token_ids: tuple[int, ...] | None = None
     # Default namespace folded into chunk identity (requests may add a cache_salt).
@@ -36,8 +44,15 @@ class KVFlowConfig:
         if self.method not in METHODS:
             raise ValueError(f"kvflow: method must be one of {METHODS}, got {self.method!r}")
         check_ratio(self.recompute_ratio)
-        if not self.store_capacity_gb >= 0:
-            raise ValueError("kvflow: store_capacity_gb must be >= 0")
+        for name in ("store_capacity_gb", "store_device_gb", "store_host_gb", "store_disk_gb"):
+            value = getattr(self, name)
+            if value is None and name in ("store_device_gb", "store_host_gb"):
+                continue
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+                raise ValueError(f"kvflow: {name} must be a number >= 0, got {value!r}")
+        if self.store_disk_path is not None and (
+                not isinstance(self.store_disk_path, str) or not self.store_disk_path):
+            raise ValueError("kvflow: store_disk_path must be a non-empty string")
         if self.sink_token_ids is not None:
             object.__setattr__(self, "sink_token_ids", tuple(int(t) for t in self.sink_token_ids))
             if not self.sink_token_ids:
@@ -50,7 +65,22 @@ class KVFlowConfig:
 
     @property
     def store_capacity_bytes(self) -> int:
-        return int(self.store_capacity_gb * (1 << 30))
+        return _gib(self.store_capacity_gb)
+
+    @property
+    def store_disk_bytes(self) -> int:
+        return _gib(self.store_disk_gb)
+
+    def store_memory_tiers(self, on_device: bool) -> list[tuple[str, int]]:
+        """(name, capacity bytes) of the memory tiers, first (fastest) first."""
+        if not on_device:
+            host = self.store_host_gb if self.store_host_gb is not None else self.store_capacity_gb
+            return [("host", _gib(host))]
+        device = self.store_device_gb if self.store_device_gb is not None else self.store_capacity_gb
+        tiers = [("device", _gib(device))]
+        if self.store_host_gb:
+            tiers.append(("host", _gib(self.store_host_gb)))
+        return tiers
 
     @classmethod
     def from_extra_config(cls, extra: dict[str, Any] | None) -> "KVFlowConfig":
@@ -67,6 +97,10 @@ class KVFlowConfig:
             value = getattr(self, f.name)
             out[f.name] = list(value) if isinstance(value, tuple) else value
         return out
+
+
+def _gib(gb: float) -> int:
+    return int(gb * (1 << 30))
 
 
 def check_ratio(ratio: Any) -> float:

@@ -7,7 +7,9 @@ than decoding from half-written KV.
 """
 from __future__ import annotations
 
+import hashlib
 import logging
+import os
 import time
 import traceback
 from typing import Any
@@ -26,7 +28,7 @@ from vllm_kvflow.blend.paged import (
 from vllm_kvflow.blend.pipeline import BlendPipeline
 from vllm_kvflow.config import KVFlowConfig
 from vllm_kvflow.connector.metadata import KVFlowConnectorMetadata, KVFlowWorkerMetadata
-from vllm_kvflow.store import ChunkStore
+from vllm_kvflow.store.build import build_store
 
 logger = logging.getLogger("vllm_kvflow")
 
@@ -35,7 +37,8 @@ class KVFlowWorker:
     def __init__(self, config: KVFlowConfig, vllm_config):
         self.config = config
         self.vllm_config = vllm_config
-        self.store = ChunkStore(config.store_capacity_bytes)
+        self.store = build_store(config, str(vllm_config.device_config.device_type),
+                                 store_identity(vllm_config))
         self._kv_caches: dict[str, torch.Tensor] = {}
         self._pipeline: BlendPipeline | None = None
         self._views: dict | None = None
@@ -115,9 +118,11 @@ class KVFlowWorker:
                 self._failed_blocks.update(plan.block_ids)
                 result = {"error": f"{type(e).__name__}: {e}"}
             result["load_s"] = time.perf_counter() - t0
-            result["store"] = {"entries": len(self.store), "bytes": self.store.nbytes,
-                               **self.store.counters.as_dict()}
+            result["store"] = self.store.stats()
             self._results[plan.req_id] = result
+
+    def shutdown(self) -> None:
+        self.store.close()  # queued disk writes land before the process goes
 
     def get_block_ids_with_load_errors(self) -> set[int]:
         failed, self._failed_blocks = self._failed_blocks, set()
@@ -128,3 +133,26 @@ class KVFlowWorker:
             return None
         meta, self._results = KVFlowWorkerMetadata(self._results), {}
         return meta
+
+
+def store_identity(vllm_config) -> str:
+    """What chunk KV on disk must match to be used here: the model (its path or name,
+    revision and, for a local directory, its weight files' sizes and mtimes, so rebuilt
+    weights at the same path do not match), dtype, this worker's KV layout and rank."""
+    mc, pc = vllm_config.model_config, vllm_config.parallel_config
+    weights = hashlib.sha256()
+    if os.path.isdir(mc.model):
+        for name in sorted(os.listdir(mc.model)):
+            if name.endswith((".safetensors", ".bin", ".pt", ".json")):
+                st = os.stat(os.path.join(mc.model, name))
+                weights.update(f"{name}:{st.st_size}:{st.st_mtime_ns};".encode())
+    try:
+        from vllm.distributed import get_pp_group, get_tensor_model_parallel_rank
+
+        rank = f"tp{get_tensor_model_parallel_rank()}/{pc.tensor_parallel_size}" \
+               f"-pp{get_pp_group().rank_in_group}/{pc.pipeline_parallel_size}"
+    except Exception:  # noqa: BLE001 - groups not initialized (single process)
+        rank = "tp0/1-pp0/1"
+    return (f"model={mc.model}@{mc.revision or ''}#{weights.hexdigest()[:16]}|dtype={mc.dtype}"
+            f"|layers={mc.get_num_layers(pc)}|kv_heads={mc.get_num_kv_heads(pc)}"
+            f"|head_size={mc.get_head_size()}|{rank}")

@@ -1,3 +1,4 @@
 from vllm_kvflow.store.chunk_store import ChunkKV, ChunkStore, StoreCounters, chunk_key
+from vllm_kvflow.store.tiers import MemoryTier
 
-__all__ = ["ChunkKV", "ChunkStore", "StoreCounters", "chunk_key"]
+__all__ = ["ChunkKV", "ChunkStore", "MemoryTier", "StoreCounters", "chunk_key"]

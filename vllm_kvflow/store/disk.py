@@ -1,0 +1,364 @@
+"""Disk tier of the chunk store: one safetensors file per chunk, in one directory.
+
+File `<sha256(key)[:32]>.<tag>.safetensors`, tag = sha256(identity)[:16]: tensors
+`keys`, `values`, `token_ids`; header metadata `format`, `key`, `identity` (model,
+dtype, layout, rank: KV of another model or layout is never used), `local_start` and
+`checksum` = sha256 over those fields and every tensor's dtype, shape and bytes.
+
+- Writes run on a background thread from a queue bounded in bytes; each goes to a temp
+  file, is fsynced, then renamed, so a final name only ever holds a complete file.
+- Start-up indexes this identity's files (header and size only, oldest first by mtime,
+  so LRU order survives a restart); every read checks size, header and checksum.
+- A truncated or corrupt file is logged, deleted and counted, never used.
+- Crash: queued, unwritten chunks are lost (they are recomputed on their next miss);
+  a half-written temp file is never indexed and is swept on the next start.
+One process per (directory, identity): processes of different identity (other models,
+tensor-parallel ranks) may share a directory; replicas of one model should not.
+"""
+from __future__ import annotations
+
+import atexit
+import hashlib
+import json
+import logging
+import os
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+from vllm_kvflow.store.chunk_store import ChunkKV
+
+logger = logging.getLogger("vllm_kvflow.store")
+
+FORMAT = "kvflow-chunk-v1"
+SUFFIX = ".safetensors"
+MAX_HEADER_BYTES = 1 << 20  # ours are < 1 KiB; a larger length field is corruption
+DEFAULT_QUEUE_BYTES = 256 << 20
+
+
+class CorruptFile(Exception):
+    pass
+
+
+class ForeignFile(Exception):
+    """A well-formed file of another model identity: skipped, left in place."""
+
+
+@dataclass
+class DiskCounters:
+    hits: int = 0
+    inserts: int = 0  # files written
+    evictions: int = 0  # files deleted for capacity
+    corrupt_skipped: int = 0  # truncated / checksum or header mismatch: deleted
+    foreign_skipped: int = 0  # another identity's header under our name: left alone
+    write_errors: int = 0
+    writes_dropped: int = 0  # write-through skipped because the queue was full
+    rejected_too_large: int = 0
+
+
+def _tensor_bytes(t: torch.Tensor) -> memoryview:
+    return memoryview(t.contiguous().reshape(-1).view(torch.uint8).numpy())
+
+
+def checksum(fields: dict[str, str], tensors: dict[str, torch.Tensor]) -> str:
+    h = hashlib.sha256(json.dumps(fields, sort_keys=True).encode())
+    for name in sorted(tensors):
+        t = tensors[name]
+        h.update(f"|{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(_tensor_bytes(t))
+    return h.hexdigest()
+
+
+def parse_header(prefix: bytes) -> tuple[dict[str, str], int]:
+    """(metadata, total file size the header implies) from a file's first bytes."""
+    if len(prefix) < 8:
+        raise CorruptFile("shorter than the header length field")
+    n = int.from_bytes(prefix[:8], "little")
+    if not 2 <= n <= MAX_HEADER_BYTES or len(prefix) < 8 + n:
+        raise CorruptFile(f"bad header length {n}")
+    try:
+        header = json.loads(prefix[8:8 + n])
+        meta = header.pop("__metadata__")
+        end = max(int(t["data_offsets"][1]) for t in header.values())
+        if not isinstance(meta, dict):
+            raise TypeError("metadata is not a dict")
+    except (ValueError, KeyError, TypeError, IndexError) as e:  # bad JSON/UTF-8/fields
+        raise CorruptFile(f"unreadable header: {e}") from None
+    return meta, 8 + n + end
+
+
+class DiskTier:
+    def __init__(self, path: str | os.PathLike, capacity_bytes: int, identity: str,
+                 queue_bytes: int = DEFAULT_QUEUE_BYTES):
+        if capacity_bytes < 0:
+            raise ValueError(f"capacity_bytes must be >= 0, got {capacity_bytes}")
+        self.path = Path(path)
+        self.path.mkdir(parents=True, exist_ok=True)
+        self.capacity_bytes = capacity_bytes
+        self.identity = identity
+        self.tag = hashlib.sha256(identity.encode()).hexdigest()[:16]
+        self.queue_bytes = queue_bytes
+        self.counters = DiskCounters()
+        self.on_evict: Callable[[str], None] | None = None
+        self._cond = threading.Condition()  # guards everything below
+        self._index: OrderedDict[str, int] = OrderedDict()  # key -> file size, LRU order
+        self._bytes = 0
+        self._pending: OrderedDict[str, ChunkKV] = OrderedDict()  # queued or being written
+        self._pending_bytes = 0
+        self._closed = False
+        self._scan()
+        self._writer = threading.Thread(target=self._write_loop, name="kvflow-disk-writer",
+                                        daemon=True)
+        self._writer.start()
+        atexit.register(self.close)  # flush queued writes on a normal interpreter exit
+
+    # -- lookups (request thread) ----------------------------------------------------------
+    def __contains__(self, key: str) -> bool:
+        with self._cond:
+            return key in self._index or key in self._pending
+
+    def __len__(self) -> int:
+        with self._cond:
+            return len(self._index)
+
+    @property
+    def nbytes(self) -> int:
+        return self._bytes
+
+    def keys_lru_order(self) -> list[str]:
+        with self._cond:
+            return list(self._index)
+
+    def file_for(self, key: str) -> Path:
+        return self.path / f"{hashlib.sha256(key.encode()).hexdigest()[:32]}.{self.tag}{SUFFIX}"
+
+    def get(self, key: str) -> ChunkKV | None:
+        """The verified entry, or None (absent, corrupt -> deleted, foreign -> skipped).
+        The caller checks token ids and counts the hit."""
+        with self._cond:
+            pending = self._pending.get(key)
+            if pending is not None:
+                return pending  # queued for writing: still the tier's to serve
+            if key not in self._index:
+                return None
+            self._index.move_to_end(key)
+        path = self.file_for(key)
+        try:
+            data = path.read_bytes()
+            os.utime(path)  # mtime is the LRU rank a restart sees
+        except FileNotFoundError:
+            self._forget(key)  # deleted behind our back
+            return None
+        try:
+            return self._decode(key, data)
+        except CorruptFile as e:
+            self._reject(path, key, str(e))
+        except ForeignFile as e:
+            self._skip_foreign(path, key, str(e))
+        return None
+
+    def _decode(self, key: str, data: bytes) -> ChunkKV:
+        meta, size = parse_header(data[:8 + MAX_HEADER_BYTES])
+        if size != len(data):
+            raise CorruptFile(f"size {len(data)} B, header says {size} B (truncated?)")
+        self._check_meta(meta, key)
+        try:
+            tensors = st_load(data)
+        except Exception as e:  # noqa: BLE001 - safetensors raises its own error types
+            raise CorruptFile(f"safetensors: {e}") from None
+        fields = {k: meta[k] for k in ("format", "key", "identity", "local_start")}
+        if set(tensors) != {"keys", "values", "token_ids"} or checksum(fields, tensors) != meta.get("checksum"):
+            raise CorruptFile("checksum mismatch")
+        keys, values, ids = tensors["keys"], tensors["values"], tensors["token_ids"]
+        if keys.dim() != 4 or keys.shape != values.shape or keys.shape[1] != ids.numel():
+            raise CorruptFile(f"inconsistent shapes {tuple(keys.shape)} {tuple(values.shape)}")
+        return ChunkKV(tuple(ids.tolist()), keys, values, int(meta["local_start"]))
+
+    def _check_meta(self, meta: dict[str, str], key: str | None) -> None:
+        if meta.get("format") != FORMAT:
+            raise CorruptFile(f"format {meta.get('format')!r}")
+        if meta.get("identity") != self.identity:
+            raise ForeignFile(f"identity {meta.get('identity')!r}, expected {self.identity!r}")
+        if key is not None and meta.get("key") != key:
+            raise CorruptFile("key in header does not match")
+
+    # -- writes ------------------------------------------------------------------------------
+    def enqueue(self, key: str, entry: ChunkKV, wait: bool) -> bool:
+        """Queue entry for writing. True if it is (or will be) on disk. wait=False drops
+        the write when the queue is full; wait=True waits for room."""
+        with self._cond:
+            if key in self._index or key in self._pending:
+                return True
+            if self._closed:
+                return False
+            if entry.nbytes > self.capacity_bytes:
+                self.counters.rejected_too_large += 1
+                return False
+            # An empty queue takes any entry, so one larger than queue_bytes still goes.
+            while self._pending and self._pending_bytes + entry.nbytes > self.queue_bytes:
+                if not wait:
+                    self.counters.writes_dropped += 1
+                    return False
+                self._cond.wait()
+                if self._closed:
+                    return False
+            self._pending[key] = entry
+            self._pending_bytes += entry.nbytes
+            self._cond.notify_all()
+            return True
+
+    def _write_loop(self) -> None:
+        while True:
+            with self._cond:
+                while not self._pending and not self._closed:
+                    self._cond.wait()
+                if not self._pending:
+                    return  # closed and drained
+                key, entry = next(iter(self._pending.items()))
+            try:
+                size = self._write_file(key, entry)
+            except Exception as e:  # noqa: BLE001 - a failed write only loses a cache entry
+                logger.warning("kvflow: writing chunk %s to %s failed: %s", key[:16], self.path, e)
+                size = None
+            with self._cond:
+                del self._pending[key]
+                self._pending_bytes -= entry.nbytes
+                if size is None:
+                    self.counters.write_errors += 1
+                else:
+                    self._bytes += size - self._index.pop(key, 0)
+                    self._index[key] = size
+                    self.counters.inserts += 1
+                    self._evict_over_capacity()
+                self._cond.notify_all()
+
+    def _write_file(self, key: str, entry: ChunkKV) -> int:
+        tensors = {"keys": entry.keys.detach().cpu().contiguous(),
+                   "values": entry.values.detach().cpu().contiguous(),
+                   "token_ids": torch.tensor(entry.token_ids, dtype=torch.int64)}
+        fields = {"format": FORMAT, "key": key, "identity": self.identity,
+                  "local_start": str(entry.local_start)}
+        data = st_save(tensors, metadata={**fields, "checksum": checksum(fields, tensors)})
+        final = self.file_for(key)
+        tmp = final.with_name(f".{final.name}.{os.getpid()}.tmp")
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())  # the rename must not outrun the data
+            os.replace(tmp, final)  # atomic: readers see the old file or the whole new one
+        finally:
+            tmp.unlink(missing_ok=True)
+        return len(data)
+
+    def _evict_over_capacity(self) -> None:
+        """Delete least recently used files until within capacity. Holds the lock."""
+        while self._bytes > self.capacity_bytes and self._index:
+            key, size = self._index.popitem(last=False)
+            self._bytes -= size
+            self.file_for(key).unlink(missing_ok=True)
+            self.counters.evictions += 1
+            if self.on_evict is not None:
+                self.on_evict(key)
+
+    def discard(self, key: str) -> None:
+        """Forget key and delete its file (a queued write still lands; rare and harmless)."""
+        self._forget(key)
+        self.file_for(key).unlink(missing_ok=True)
+
+    def flush(self) -> None:
+        with self._cond:
+            while self._pending:
+                self._cond.wait()
+
+    def close(self) -> None:
+        """Write what is queued, then stop the writer. Idempotent."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+        self._writer.join()
+        atexit.unregister(self.close)
+
+    # -- start-up and bad files ---------------------------------------------------------------
+    def _scan(self) -> None:
+        self._sweep_temp_files()
+        files = []
+        for path in self.path.glob(f"*.{self.tag}{SUFFIX}"):
+            try:
+                files.append((path.stat().st_mtime_ns, path))
+            except FileNotFoundError:
+                continue
+        for _, path in sorted(files):
+            try:
+                with open(path, "rb") as f:
+                    meta, size = parse_header(f.read(8 + MAX_HEADER_BYTES))
+                    actual = os.fstat(f.fileno()).st_size
+                if size != actual:
+                    raise CorruptFile(f"size {actual} B, header says {size} B (truncated?)")
+                self._check_meta(meta, None)
+                key = meta.get("key", "")
+                if self.file_for(key) != path:
+                    raise CorruptFile("file name does not match the key in its header")
+            except CorruptFile as e:
+                self._reject(path, None, str(e))
+                continue
+            except ForeignFile as e:
+                self._skip_foreign(path, None, str(e))
+                continue
+            except OSError as e:
+                logger.warning("kvflow: cannot read %s, skipped: %s", path, e)
+                continue
+            self._index[key] = size
+            self._bytes += size
+        with self._cond:
+            self._evict_over_capacity()  # capacity may have shrunk since the last run
+        if self._index:
+            logger.info("kvflow: disk tier %s: %d chunks, %d B from a previous run",
+                        self.path, len(self._index), self._bytes)
+
+    def _sweep_temp_files(self) -> None:
+        """Delete temp files of our identity left by a writer that died mid-write."""
+        for path in self.path.glob(f".*.{self.tag}{SUFFIX}.*.tmp"):
+            try:
+                pid = int(path.name.rsplit(".", 2)[-2])
+                if pid != os.getpid():
+                    os.kill(pid, 0)
+                    continue  # that writer is alive: its rename is coming
+            except ProcessLookupError:
+                pass
+            except (ValueError, PermissionError):
+                continue
+            path.unlink(missing_ok=True)
+
+    def _reject(self, path: Path, key: str | None, why: str) -> None:
+        logger.warning("kvflow: corrupt chunk file %s skipped and deleted: %s", path, why)
+        with self._cond:
+            self.counters.corrupt_skipped += 1
+        if key is not None:
+            self._forget(key)
+        path.unlink(missing_ok=True)
+
+    def _skip_foreign(self, path: Path, key: str | None, why: str) -> None:
+        logger.warning("kvflow: chunk file %s of another model skipped: %s", path, why)
+        with self._cond:
+            self.counters.foreign_skipped += 1
+        if key is not None:
+            self._forget(key)
+
+    def _forget(self, key: str) -> None:
+        with self._cond:
+            size = self._index.pop(key, None)
+            if size is not None:
+                self._bytes -= size
+
+    def stats(self) -> dict:
+        with self._cond:
+            return {"entries": len(self._index), "bytes": self._bytes,
+                    "capacity_bytes": self.capacity_bytes, "queued": len(self._pending),
+                    "queued_bytes": self._pending_bytes, **self.counters.__dict__}
