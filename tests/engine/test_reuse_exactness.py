@@ -1,78 +1,35 @@
 """The exact limits of chunk reuse, through the real engine on real weights."""
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 
-from vllm_kvflow.bench.dataset import generate as make_dataset
-from vllm_kvflow.rag import build_rag_prompt
+from exactness import assert_all_recomputed, assert_identical, make_items, run_pair, run_rag
 from vllm_kvflow.request import STATS_KEY
 
 pytestmark = pytest.mark.engine
 
-# float32 engine: recompute and full prefill differ by summation order only.
-LOGPROB_TOL = 2e-3
-
-
-def _items(n, seed, passages=3, words=40):
-    return make_dataset(n, num_passages=passages, passage_words=words, seed=seed)
-
-
-def _run_pair(generate, tokenizer, items, **settings):
-    """Full prefill and kvflow on the same prompts; returns (full_outs, kv_outs, prompts)."""
-    full = [build_rag_prompt(tokenizer, it["question"], it["passages"], method="full") for it in items]
-    reuse = [build_rag_prompt(tokenizer, it["question"], it["passages"], **settings) for it in items]
-    outs_full = generate([p.vllm_prompt() for p in full], [p.kv_transfer_params for p in full])
-    outs_kv = generate([p.vllm_prompt() for p in reuse], [p.kv_transfer_params for p in reuse])
-    return outs_full, outs_kv, reuse
-
-
-def _first_logprob(out):
-    lp = out.outputs[0].logprobs[0]
-    tok = out.outputs[0].token_ids[0]
-    return lp[tok].logprob
-
-
-def _assert_identical(outs_full, outs_kv):
-    for f, k in zip(outs_full, outs_kv):
-        assert k.outputs[0].token_ids == f.outputs[0].token_ids, (f.outputs[0].text, k.outputs[0].text)
-        assert math.isclose(_first_logprob(k), _first_logprob(f), abs_tol=LOGPROB_TOL)
-
 
 @pytest.mark.parametrize("method", ["random", "epic", "cacheblend", "infoflow", "infoflow-reorder"])
 def test_ratio_one_reproduces_full_prefill(generate, tokenizer, method):
-    items = _items(10 if method in ("random", "infoflow") else 3, seed=11)
-    outs_full, outs_kv, prompts = _run_pair(generate, tokenizer, items, method=method, ratio=1.0)
-    for out, prompt in zip(outs_full, prompts):
+    items = make_items(10 if method in ("random", "infoflow") else 3, seed=11)
+    outs_full, outs_kv, prompts = run_pair(generate, tokenizer, items, method=method, ratio=1.0)
+    for out in outs_full:
         assert out.kv_transfer_params[STATS_KEY]["method"] == "full"
-    for out, prompt in zip(outs_kv, prompts):
-        stats = out.kv_transfer_params[STATS_KEY]
-        chunk_tokens = sum(e - s for s, e in prompt.chunk_spans)
-        # Exact because of the recompute, not because of a fallback:
-        assert stats["fallback"] is None and "error" not in stats
-        assert stats["tokens_reused"] == chunk_tokens > 0
-        assert stats["tokens_recomputed"] == chunk_tokens - 0  # no chunk follows the sink
-        assert stats["chunks_hit"] + stats["chunks_missed"] == len(prompt.chunk_spans)
-    _assert_identical(outs_full, outs_kv)
+    assert_all_recomputed(outs_kv, prompts)
+    assert_identical(outs_full, outs_kv)
 
 
 def test_same_chunks_in_another_order_hit_the_store(generate, tokenizer):
-    items = _items(4, seed=12)
-    generate(*_prompts(tokenizer, items, method="none", ratio=0.0))  # warm the store
+    items = make_items(4, seed=12)
+    run_rag(generate, tokenizer, items, method="none", ratio=0.0)  # warm the store
     for it in items:
         it["passages"] = list(reversed(it["passages"]))
-    outs_full, outs_kv, prompts = _run_pair(generate, tokenizer, items, method="random", ratio=1.0)
+    outs_full, outs_kv, prompts = run_pair(generate, tokenizer, items, method="random", ratio=1.0)
     for out, prompt in zip(outs_kv, prompts):
         stats = out.kv_transfer_params[STATS_KEY]
         assert stats["chunks_hit"] == len(prompt.chunk_spans) and stats["chunks_missed"] == 0
-    _assert_identical(outs_full, outs_kv)
-
-
-def _prompts(tokenizer, items, **settings):
-    built = [build_rag_prompt(tokenizer, it["question"], it["passages"], **settings) for it in items]
-    return [p.vllm_prompt() for p in built], [p.kv_transfer_params for p in built]
+    assert_identical(outs_full, outs_kv)
 
 
 def test_chunk_right_after_sink_is_exact_without_recompute(generate, tokenizer):
@@ -91,7 +48,7 @@ def test_chunk_right_after_sink_is_exact_without_recompute(generate, tokenizer):
     assert "chunks_exact" in stats, repr(stats)[-300:]
     assert stats["chunks_exact"] == 1 and stats["tokens_recomputed"] == 0
     assert stats["tokens_reused"] == len(chunk)
-    _assert_identical([full], [reuse])
+    assert_identical([full], [reuse])
 
 
 def test_rerotated_layer0_keys_equal_keys_at_global_positions(worker, tokenizer):

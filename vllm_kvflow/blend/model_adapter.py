@@ -54,7 +54,8 @@ class DecoderAdapter:
             scale=float(first.impl.scale),
         )
         self.rotary = self.layers[0].self_attn.rotary_emb
-        if getattr(first, "sliding_window", None):
+        # Every layer: configs with layer_types can interleave full and sliding layers.
+        if any(getattr(m, "sliding_window", None) for m in self.attn_modules):
             raise NotImplementedError("kvflow: sliding-window attention is not supported")
 
     @property
