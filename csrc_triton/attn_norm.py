@@ -29,7 +29,6 @@ q_pos), since full prefill's softmax normalizes over them too.
 """
 from __future__ import annotations
 
-import math
 import os
 
 import torch

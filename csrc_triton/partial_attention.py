@@ -29,7 +29,6 @@ does a masked float32 softmax in torch; it is the CPU engine path and the test o
 """
 from __future__ import annotations
 
-import math
 import os
 
 import torch

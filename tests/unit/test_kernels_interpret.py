@@ -68,7 +68,6 @@ def make_cache(layout: str, num_blocks: int, block_size: int, heads: int, head_d
 def views(layout, kv, head_dim):
     if layout == "flash":
         return kv.split(head_dim, -1)
-    block_size = kv.shape[2] // 2
     return tuple(x.permute(0, 2, 1, 3) for x in kv.chunk(2, dim=2))
 
 

@@ -18,6 +18,7 @@ from vllm_kvflow.blend.attention import masked_attention
 from vllm_kvflow.blend.model_adapter import DecoderAdapter
 from vllm_kvflow.blend.paged import use_kernels
 
+
 class LayerwiseExecutor:
     def __init__(self, adapter: DecoderAdapter):
         self.adapter = adapter
