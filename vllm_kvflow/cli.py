@@ -1,7 +1,7 @@
-"""`kvflow` command line: make-model, demo, bench <name>.
+"""`kvflow` command line: make-model, demo, warm, query, bench <name>.
 
-Each subcommand lives in its own module with a `main(argv)`; this file only routes,
-so `kvflow --help` stays fast (nothing heavy is imported until a command runs).
+Each subcommand is a `main(argv)` in its own module (or a named `module:function`); this
+file only routes, so `kvflow --help` stays fast (nothing heavy is imported until a command runs).
 """
 from __future__ import annotations
 
@@ -10,6 +10,8 @@ import sys
 
 COMMANDS = {
     "make-model": ("vllm_kvflow.model", "build the embedded SmolLM2-135M-Instruct model"),
+    "warm": ("vllm_kvflow.serve_cli:warm_main", "precompute documents into a server's chunk store"),
+    "query": ("vllm_kvflow.serve_cli:query_main", "ask a server a question over documents"),
     "demo": ("vllm_kvflow.demo", "RAG demo: answers with chunk reuse, TTFT vs full prefill"),
 }
 BENCHES = {
@@ -18,6 +20,7 @@ BENCHES = {
     "dataset": ("vllm_kvflow.bench.dataset", "write fictional multi-passage QA as JSONL"),
     "kernels": ("vllm_kvflow.bench.kernels", "GPU kernels against the card's ceilings"),
     "hilbert": ("vllm_kvflow.bench.hilbert", "HilbertA sparse attention against dense"),
+    "load": ("vllm_kvflow.bench.load", "server load test: throughput and TTFT, Zipf document reuse"),
 }
 
 
@@ -42,8 +45,9 @@ def main(argv: list[str] | None = None) -> int:
     if name not in table:
         print(f"kvflow: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
         return 2
-    module = importlib.import_module(table[name][0])
-    return int(module.main(rest) or 0)
+    module_name, _, func = table[name][0].partition(":")
+    module = importlib.import_module(module_name)
+    return int(getattr(module, func or "main")(rest) or 0)
 
 
 if __name__ == "__main__":

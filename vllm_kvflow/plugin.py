@@ -15,3 +15,7 @@ def register() -> None:
     from vllm_kvflow.patches import model_hook
 
     model_hook.install()
+
+    from vllm_kvflow.patches import stream_stats
+
+    stream_stats.install()  # API-server process only

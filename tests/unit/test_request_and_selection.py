@@ -71,6 +71,14 @@ def test_ratio_one_selects_every_candidate(method):
     assert torch.equal(select(method, inp), inp.candidates)
 
 
+@pytest.mark.parametrize("method", ["infoflow", "cacheblend", "random", "epic"])
+def test_zero_budget_selects_nothing_without_a_signal(method):
+    # A prefix-cache hit can leave fewer than 1/ratio candidates: budget 0, no scoring
+    # ran (signal None). Seen under load through the server: infoflow raised TypeError.
+    inp = SelectionInput(torch.arange(10, 15), [(10, 15)], budget_for(5, 0.15))
+    assert inp.budget == 0 and select(method, inp).numel() == 0
+
+
 def test_budget_is_a_floor():
     assert budget_for(20, 0.15) == 3 and budget_for(7, 1.0) == 7 and budget_for(3, 0.0) == 0
 

@@ -97,6 +97,10 @@ def select_cacheblend(inp: SelectionInput) -> torch.Tensor:
 def select(method: str, inp: SelectionInput) -> torch.Tensor:
     if inp.budget >= inp.candidates.numel():
         return inp.candidates  # the exact limit: every candidate, whatever the method
+    if inp.budget <= 0:
+        # Nothing to pick (few candidates left after a prefix-cache hit): the pipeline
+        # computes no signal in this case, so signal-based selectors must not run.
+        return inp.candidates[:0]
     if method not in SELECTORS:
         raise ValueError(f"unknown selection method {method!r}; known: {sorted(SELECTORS)}")
     return SELECTORS[method].fn(inp)

@@ -21,7 +21,10 @@ class KVFlowConnector(KVConnectorBase_V1):
         if role == KVConnectorRole.SCHEDULER:
             from vllm_kvflow.connector.scheduler import KVFlowScheduler
 
-            self._scheduler = KVFlowScheduler(self.config, vllm_config.model_config.tokenizer)
+            # The store holds chunk KV on the model's device: host memory on CPU engines.
+            device = getattr(getattr(vllm_config, "device_config", None), "device_type", "cpu")
+            self._scheduler = KVFlowScheduler(self.config, vllm_config.model_config.tokenizer,
+                                              store_tier="host" if device == "cpu" else "device")
         else:
             from vllm_kvflow.connector.worker import KVFlowWorker
 
@@ -50,6 +53,10 @@ class KVFlowConnector(KVConnectorBase_V1):
     def get_block_ids_with_load_errors(self) -> set[int]:
         return self._worker.get_block_ids_with_load_errors()
 
+    def shutdown(self):
+        if self._worker is not None:
+            self._worker.shutdown()
+
     def build_connector_worker_meta(self):
         return self._worker.build_worker_meta()
 
@@ -70,3 +77,27 @@ class KVFlowConnector(KVConnectorBase_V1):
 
     def request_finished(self, request, block_ids):
         return self._scheduler.request_finished(request, block_ids)
+
+    # ==============================
+    # Metrics (vLLM's connector-stats path; see patches/connector_metrics.py)
+    # ==============================
+    def get_kv_connector_stats(self):
+        # Counted on the scheduler side, which sees every request's final stats; the
+        # worker side reports nothing of its own.
+        if self._scheduler is None:
+            return None
+        from vllm_kvflow.patches.connector_metrics import make_stats
+
+        return make_stats(self._scheduler.counters.drain())
+
+    @classmethod
+    def build_kv_connector_stats(cls, data=None):
+        from vllm_kvflow.patches.connector_metrics import make_stats
+
+        return make_stats(data)
+
+    @classmethod
+    def build_prom_metrics(cls, vllm_config, metric_types, labelnames, per_engine_labelvalues):
+        from vllm_kvflow.patches.connector_metrics import make_prom_metrics
+
+        return make_prom_metrics(vllm_config, metric_types, labelnames, per_engine_labelvalues)

@@ -11,6 +11,7 @@ from typing import Any
 
 from vllm_kvflow.blend.pipeline import LoadPlan
 from vllm_kvflow.config import KVFlowConfig
+from vllm_kvflow.connector.counters import ServingCounters
 from vllm_kvflow.connector.metadata import KVFlowConnectorMetadata, KVFlowWorkerMetadata
 from vllm_kvflow.patches.prefix_cache import blend_salt, isolate_blended_blocks, tenant_salt
 from vllm_kvflow.request import PARAMS_KEY, STATS_KEY, RequestError, RequestSpec, parse_request
@@ -19,8 +20,9 @@ logger = logging.getLogger("vllm_kvflow")
 
 
 class KVFlowScheduler:
-    def __init__(self, config: KVFlowConfig, tokenizer_path: str | None):
+    def __init__(self, config: KVFlowConfig, tokenizer_path: str | None, store_tier: str = "host"):
         self.config = config
+        self.counters = ServingCounters(store_tier)
         self._tokenizer_path = tokenizer_path
         self._tokenizer = None
         self._specs: dict[str, RequestSpec] = {}
@@ -109,6 +111,8 @@ class KVFlowScheduler:
                 continue
             stats.update(result)
             stats.setdefault("fallback", None)
+            if isinstance(result.get("store"), dict):
+                self.counters.observe_store(result["store"])
             if "error" in result:
                 stats["fallback"] = "worker-error"
             if req_id in self._finished:
@@ -134,5 +138,6 @@ class KVFlowScheduler:
 
     def _done(self, req_id: str) -> None:
         stats = self._stats.pop(req_id)
+        self.counters.observe_request(stats)
         if self.config.log_stats:
             logger.info("kvflow: request %s %s", req_id, stats)

@@ -1,0 +1,181 @@
+"""The client, the `kvflow warm` / `kvflow query` commands, tenant isolation, the
+/metrics counters and a smoke run of `kvflow bench load`, against one real server."""
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+import time
+
+import pytest
+
+import vllm_kvflow
+from vllm_kvflow.client import KVFlowClient, ServerError
+from vllm_kvflow.server import ServerProcess
+
+pytestmark = pytest.mark.engine
+
+DOCS = ["Zorbia\nThe capital of Zorbia is Quellport, a harbor city on the eastern coast.",
+        "Mirevale\nThe mayor of Mirevale is Ada Finch, elected in the spring of 1902.",
+        "Tolm\nTolm exports copper and salt through the port of Quellport."]
+
+
+@pytest.fixture(scope="module")
+def server(model_path, tmp_path_factory):
+    log = tmp_path_factory.mktemp("server") / "server.log"
+    with ServerProcess(model_path, log, vllm_kvflow.transfer_config(),
+                       ["--dtype", "float32", "--enforce-eager",  # no graph compile at each start
+                        "--kv-cache-memory-bytes", str(512 << 20),
+                        "--max-model-len", "1024"]) as srv:
+        yield srv.base_url
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return KVFlowClient(server)
+
+
+def _docs(tag: str) -> list[str]:
+    # Fresh documents per test: the store is shared by the module's tests.
+    return [f"{d} Record {tag}." for d in DOCS]
+
+
+def test_warm_then_query_hits_the_store(client):
+    docs = _docs("warm")
+    warmed = client.warm(docs, batch_size=2)
+    assert [s["chunks_missed"] for s in warmed] == [2, 1]
+    assert sum(s["chunks_hit"] for s in warmed) == 0
+
+    r = client.query("What is the capital of Zorbia?", docs, max_tokens=8)
+    # Streamed response: stats arrive in the last event (patches/stream_stats.py).
+    assert r.stats["fallback"] is None and r.stats["chunks_unlocatable"] == []
+    assert (r.stats["chunks_hit"], r.stats["chunks_missed"]) == (3, 0)
+    assert r.stats["tokens_reused"] == r.stats["chunk_tokens"] > 0
+    assert r.usage["completion_tokens"] >= 1 and r.text
+    assert 0 < r.ttft_s <= r.latency_s
+
+
+def test_streamed_answer_equals_non_streamed(client):
+    docs = _docs("stream")
+    body = client.chat_body(docs, "Who is the mayor of Mirevale?", method="full", max_tokens=8)
+    plain = client.post_json("/v1/chat/completions", body)
+    r = client.query("Who is the mayor of Mirevale?", docs, method="full", max_tokens=8)
+    assert r.text == plain["choices"][0]["message"]["content"]
+    assert r.stats["method"] == "full" == plain["kv_transfer_params"]["kvflow_stats"]["method"]
+
+
+def test_http_errors_carry_the_servers_message(client):
+    with pytest.raises(ServerError) as e:
+        client.query("Why?", ["word " * 2000], max_tokens=4)
+    msg = e.value.message.lower()
+    assert e.value.status == 400 and ("context length" in msg or "maximum" in msg), msg
+    with pytest.raises(ServerError) as e:
+        client.post_json("/v1/chat/completions", {"model": client.model, "messages": "not a list"})
+    assert 400 <= e.value.status < 500 and e.value.message
+
+
+def test_tenant_salt_isolates_the_chunk_store(client):
+    docs = _docs("tenant")
+    q = "What does Tolm export?"
+    client.warm(docs, cache_salt="tenant-a")
+    other = client.query(q, docs, cache_salt="tenant-b", max_tokens=4).stats
+    assert (other["chunks_hit"], other["chunks_missed"]) == (0, 3)  # computed afresh
+    same = client.query(q, docs, cache_salt="tenant-a", max_tokens=4).stats
+    assert (same["chunks_hit"], same["chunks_missed"]) == (3, 0)
+    # A namespace isolates the same way, within one tenant.
+    ns = client.query(q, docs, cache_salt="tenant-a", namespace="team-2", max_tokens=4).stats
+    assert (ns["chunks_hit"], ns["chunks_missed"]) == (0, 3)
+
+
+def _scrape(client) -> dict[str, float]:
+    """kvflow samples and the KV-usage gauge of /metrics: {name{labels}: value}."""
+    out = {}
+    for line in client.metrics_text().splitlines():
+        if line.startswith(("vllm:kvflow_", "vllm:kv_cache_usage_perc")):
+            name, value = line.rsplit(" ", 1)
+            name = re.sub(r'(model_name|engine)="[^"]*",?', "", name).replace("{}", "")
+            out[name] = out.get(name, 0.0) + float(value)
+    return out
+
+
+def _delta(after: dict, before: dict, name: str) -> float:
+    return after.get(name, 0.0) - before.get(name, 0.0)
+
+
+def test_metrics_count_what_the_stats_report(client):
+    before = _scrape(client)
+    assert "vllm:kvflow_chunk_hits_total" in before  # registered at startup
+    docs = _docs("metrics")
+    stats = [s for s in client.warm(docs)]
+    stats.append(client.query("Who is the mayor of Mirevale?", docs, max_tokens=4).stats)
+    # One chunk not in the prompt (unlocatable), then a malformed declaration.
+    body = client.chat_body(docs[:2], "Who?", max_tokens=2)
+    body["kv_transfer_params"]["kvflow"]["chunks"].append({"text": "Not in this prompt at all."})
+    stats.append(client.post_json("/v1/chat/completions", body)["kv_transfer_params"]["kvflow_stats"])
+    body["kv_transfer_params"]["kvflow"]["ratio"] = -1
+    stats.append(client.post_json("/v1/chat/completions", body)["kv_transfer_params"]["kvflow_stats"])
+    assert stats[-2]["chunks_unlocatable"] == [2] and stats[-1]["fallback"] == "bad-request"
+
+    expected = {
+        "vllm:kvflow_requests_total": len(stats),
+        "vllm:kvflow_chunk_hits_total": sum(s.get("chunks_hit", 0) for s in stats),
+        "vllm:kvflow_chunk_misses_total": sum(s.get("chunks_missed", 0) for s in stats),
+        "vllm:kvflow_chunks_unlocatable_total": 1,
+        "vllm:kvflow_tokens_reused_total": sum(s.get("tokens_reused", 0) for s in stats),
+        "vllm:kvflow_tokens_recomputed_total": sum(s.get("tokens_recomputed", 0) for s in stats),
+        'vllm:kvflow_fallbacks_total{reason="bad-request"}': 1,
+    }
+    assert expected["vllm:kvflow_chunk_hits_total"] >= 5 and expected["vllm:kvflow_chunk_misses_total"] == 3
+    # The API server records engine stats asynchronously: wait for the last request.
+    deadline = time.monotonic() + 20
+    while True:
+        after = _scrape(client)
+        got = {k: _delta(after, before, k) for k in expected}
+        if got == expected or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    assert got == expected
+    # Store gauges: what the worker's store reported with the last load, per tier.
+    store = stats[-2]["store"]
+    tiers = store.get("tiers") or {"host": store}
+    for tier, snap in tiers.items():
+        if "bytes" in snap:
+            assert after[f'vllm:kvflow_store_bytes{{tier="{tier}"}}'] == snap["bytes"]
+    assert after.get('vllm:kvflow_store_bytes{tier="host"}', 0) > 0
+
+
+def test_cli_warm_and_query(server, tmp_path):
+    docs = _docs("cli")
+    (tmp_path / "a.txt").write_text(docs[0] + "\n---\n" + docs[1])
+    (tmp_path / "b.md").write_text(docs[2])
+    cli = [sys.executable, "-m", "vllm_kvflow.cli"]
+    warm = subprocess.run(cli + ["warm", "--server", server, "--docs", str(tmp_path)],
+                          capture_output=True, text=True, timeout=300)
+    assert warm.returncode == 0, warm.stderr
+    assert "warmed 3 documents" in warm.stdout and "3 computed, 0 already stored" in warm.stdout
+    assert "3/3 documents" in warm.stderr  # progress bar
+    query = subprocess.run(cli + ["query", "--server", server, "--max-tokens", "4",
+                                  "--docs", str(tmp_path), "What does Tolm export?"],
+                           capture_output=True, text=True, timeout=300)
+    assert query.returncode == 0, query.stderr
+    assert re.search(r"ttft \d+\.\d+ s.*hit=3 missed=0 unlocatable=0", query.stdout), query.stdout
+    bad = subprocess.run(cli + ["query", "--server", server + "/nowhere", "--docs", str(tmp_path), "q"],
+                         capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 1 and "HTTP 404" in bad.stderr
+
+
+def test_bench_load_smoke(server, tmp_path):
+    from vllm_kvflow.bench import load
+
+    out = tmp_path / "load.json"
+    rc = load.main(["--server", server, "--requests", "8", "--docs", "6", "--docs-per-request", "3",
+                    "--doc-words", "30", "--concurrency", "4", "--max-seconds", "200",
+                    "--max-tokens", "2", "--out", str(out)])
+    result = json.loads(out.read_text())
+    assert rc == 0
+    full, reuse = result["summaries"]
+    assert (full["method"], reuse["method"]) == ("full", "infoflow")
+    assert full["completed"] == reuse["completed"] == 8 and full["errors"] == reuse["errors"] == 0
+    assert full["chunk_hit_rate"] is None and reuse["chunk_hit_rate"] > 0
+    assert 0 < reuse["ttft_p50_s"] <= reuse["ttft_p99_s"]
