@@ -27,7 +27,7 @@ def llm(model_path):
 
     import vllm_kvflow
 
-    engine = LLM(model_path, dtype="float32", gpu_memory_utilization=0.3, max_model_len=4096,
+    engine = LLM(model_path, dtype="float32", kv_cache_memory_bytes=1 << 30, max_model_len=4096,
                  enable_prefix_caching=False, distributed_executor_backend="uni", seed=0,
                  kv_transfer_config=vllm_kvflow.transfer_config(method="none",
                                                                 store_capacity_gb=0.5))

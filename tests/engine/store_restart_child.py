@@ -24,7 +24,7 @@ def main(disk_dir: str) -> None:
     from vllm_kvflow.request import STATS_KEY
 
     # As tests/engine/conftest.py, plus enforce_eager: no graph compile at each start.
-    llm = LLM(str(default_model_path()), dtype="float32", gpu_memory_utilization=0.3,
+    llm = LLM(str(default_model_path()), dtype="float32", kv_cache_memory_bytes=256 << 20,
               max_model_len=1024, enable_prefix_caching=False, enforce_eager=True,
               distributed_executor_backend="uni", seed=0,
               kv_transfer_config=vllm_kvflow.transfer_config(

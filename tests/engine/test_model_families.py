@@ -115,7 +115,7 @@ def llm(tmp_path_factory):
         # compiled path is covered by the SmolLM2 tests.
         engine = LLM(str(model_dir), load_format="dummy", dtype="float32", max_model_len=4096,
                      enable_prefix_caching=False, distributed_executor_backend="uni", seed=0,
-                     gpu_memory_utilization=0.15, enforce_eager=True,
+                     kv_cache_memory_bytes=256 << 20, enforce_eager=True,
                      kv_transfer_config=vllm_kvflow.transfer_config(method="none",
                                                                     store_capacity_gb=0.5))
     yield engine

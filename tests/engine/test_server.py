@@ -25,7 +25,7 @@ def server(model_path, tmp_path_factory):
     log = tmp_path_factory.mktemp("server") / "server.log"
     # Prefix caching on, as `vllm serve` defaults.
     with ServerProcess(model_path, log, config,
-                       ["--dtype", "float32", "--gpu-memory-utilization", "0.2", "--max-model-len", "2048",
+                       ["--dtype", "float32", "--kv-cache-memory-bytes", str(512 << 20), "--max-model-len", "2048",
                         "--enforce-eager"]) as srv:  # no graph compile at each start
         yield srv.base_url
 
