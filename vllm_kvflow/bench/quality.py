@@ -15,6 +15,7 @@ against `none` and against `cacheblend`.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import sys
@@ -164,7 +165,10 @@ def _save_checkpoint(args, items, per) -> None:
 
 
 def _checkpoint_key(args, items) -> list:
-    return [args.dataset, [it.get("id") for it in items], args.max_tokens, args.model, args.dtype]
+    # The dataset by content (not path), so a checkpoint moves with the repository.
+    with open(args.dataset, "rb") as f:
+        digest = hashlib.sha256(f.read()).hexdigest()
+    return [digest, [it.get("id") for it in items], args.max_tokens, args.model, args.dtype]
 
 
 def _summarize(per, items, args) -> dict:
