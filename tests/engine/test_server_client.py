@@ -12,7 +12,7 @@ import pytest
 
 import vllm_kvflow
 from vllm_kvflow.client import KVFlowClient, ServerError
-from vllm_kvflow.server import ServerProcess
+from vllm_kvflow.server import ServerProcess, cpu_server_args
 
 pytestmark = pytest.mark.engine
 
@@ -25,9 +25,7 @@ DOCS = ["Zorbia\nThe capital of Zorbia is Quellport, a harbor city on the easter
 def server(model_path, tmp_path_factory):
     log = tmp_path_factory.mktemp("server") / "server.log"
     with ServerProcess(model_path, log, vllm_kvflow.transfer_config(),
-                       ["--dtype", "float32", "--enforce-eager",  # no graph compile at each start
-                        "--kv-cache-memory-bytes", str(512 << 20),
-                        "--max-model-len", "1024"]) as srv:
+                       cpu_server_args(1024, 512 << 20)) as srv:
         yield srv.base_url
 
 

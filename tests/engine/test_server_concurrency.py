@@ -11,7 +11,7 @@ import pytest
 
 import vllm_kvflow
 from vllm_kvflow.client import KVFlowClient
-from vllm_kvflow.server import ServerProcess
+from vllm_kvflow.server import ServerProcess, cpu_server_args
 
 pytestmark = pytest.mark.engine
 
@@ -39,9 +39,7 @@ REQUESTS = [([DOCS[(r + 3 * k) % N_DOCS] for k in range(DOCS_PER_REQUEST)],
 def server(model_path, tmp_path_factory):
     log = tmp_path_factory.mktemp("server") / "server.log"
     with ServerProcess(model_path, log, vllm_kvflow.transfer_config(log_stats=False),
-                       ["--dtype", "float32", "--enforce-eager",  # no graph compile at each start
-                        "--kv-cache-memory-bytes", str(1536 << 20),
-                        "--max-model-len", "1024"]) as srv:
+                       cpu_server_args(1024, 1536 << 20)) as srv:
         yield srv.base_url
 
 

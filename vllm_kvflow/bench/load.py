@@ -178,15 +178,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.spawn:
         import vllm_kvflow
         from vllm_kvflow.model import default_model_path
-        from vllm_kvflow.server import ServerProcess
+        from vllm_kvflow.server import ServerProcess, cpu_server_args
 
         model = args.model or str(default_model_path())
         log = Path(tempfile.mkdtemp(prefix="kvflow-load-")) / "server.log"
         print(f"starting server (log {log})", file=sys.stderr)
         with ServerProcess(model, log, vllm_kvflow.transfer_config(log_stats=False),
-                           ["--dtype", "float32", "--max-model-len", str(args.max_model_len),
-                            "--kv-cache-memory-bytes", str(int(args.kv_cache_gb * (1 << 30))),
-                            *([] if args.compile else ["--enforce-eager"])]) as srv:
+                           cpu_server_args(args.max_model_len, int(args.kv_cache_gb * (1 << 30)),
+                                           eager=not args.compile)) as srv:
             result = run(args, srv.base_url)
     else:
         result = run(args, args.server)
