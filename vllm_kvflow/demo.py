@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  full prefill      TTFT {t_full:6.3f} s   {a_full!r}")
         print(f"  {a.method:<8} rho={a.ratio:<4} TTFT {t_kv:6.3f} s   {a_kv!r}")
         print(f"  chunks hit {st.get('chunks_hit')}/{st.get('chunks')}, "
-              f"recomputed {st.get('tokens_recomputed')} of {st.get('chunk_tokens')} chunk tokens, "
+              f"recomputed {st.get('tokens_recomputed')} of {st.get('candidate_tokens')} reused tokens, "
               f"speedup {t_full / t_kv:.2f}x")
     med_full = statistics.median(r[0] for r in rows)
     med_kv = statistics.median(r[1] for r in rows)

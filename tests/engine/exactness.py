@@ -43,6 +43,11 @@ def assert_identical(outs_full, outs_kv):
         assert math.isclose(first_logprob(k), first_logprob(f), abs_tol=LOGPROB_TOL)
 
 
+def candidate_tokens(prompt) -> int:
+    """Tokens from the first chunk's start to the last chunk's end: chunks + separators."""
+    return prompt.chunk_spans[-1][1] - prompt.chunk_spans[0][0]
+
+
 def assert_all_recomputed(outs_kv, prompts):
     """Every chunk token came from the store and was recomputed (ratio 1.0): exactness
     then comes from the executor, not from a fallback to full prefill."""
@@ -51,5 +56,8 @@ def assert_all_recomputed(outs_kv, prompts):
         chunk_tokens = sum(e - s for s, e in prompt.chunk_spans)
         assert stats["fallback"] is None and "error" not in stats, stats
         assert stats["tokens_reused"] == chunk_tokens > 0
-        assert stats["tokens_recomputed"] == chunk_tokens  # no chunk follows the sink
+        # Candidates: the chunks and the separators between them (the chat header before
+        # the first chunk is glue at the prompt's start: exact, not a candidate).
+        assert stats["candidate_tokens"] == candidate_tokens(prompt)
+        assert stats["tokens_recomputed"] == stats["candidate_tokens"]
         assert stats["chunks_hit"] + stats["chunks_missed"] == len(prompt.chunk_spans)

@@ -19,8 +19,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from exactness import (LOGPROB_TOL, assert_all_recomputed, assert_identical, first_logprob,
-                       make_items, run_pair, run_rag)
+from exactness import (LOGPROB_TOL, assert_all_recomputed, assert_identical, candidate_tokens,
+                       first_logprob, make_items, run_pair, run_rag)
 from vllm_kvflow.request import STATS_KEY
 
 pytestmark = pytest.mark.engine
@@ -151,8 +151,9 @@ def test_child_common_infoflow_at_015_recomputes_15_percent(generate, tokenizer)
         chunk_tokens = sum(e - s for s, e in prompt.chunk_spans)
         assert stats["fallback"] is None and "error" not in stats, stats
         assert stats["method"] == "infoflow" and stats["tokens_reused"] == chunk_tokens
-        # No chunk follows the sink, so every chunk token is a candidate: floor(0.15 T).
-        assert stats["tokens_recomputed"] == int(0.15 * chunk_tokens + 1e-9) > 0
+        # No chunk follows the sink: every chunk and separator token is a candidate.
+        assert stats["candidate_tokens"] == candidate_tokens(prompt)
+        assert stats["tokens_recomputed"] == int(0.15 * candidate_tokens(prompt) + 1e-9) > 0
 
 
 @in_child

@@ -81,9 +81,11 @@ def test_each_method_runs_with_its_budget(generate, tokenizer, method):
     for out, p in zip(outs, prompts):
         stats = out.kv_transfer_params[STATS_KEY]
         chunk_tokens = sum(e - s for s, e in p.chunk_spans)
-        expected = 0 if method == "none" else int(0.15 * chunk_tokens)
-        if method == "epic":  # per-chunk floors may round below the total budget
-            assert expected - len(p.chunk_spans) <= stats["tokens_recomputed"] <= expected
+        # Candidates: chunks and the separators between them (the header is exact).
+        assert stats["candidate_tokens"] == p.chunk_spans[-1][1] - p.chunk_spans[0][0]
+        expected = 0 if method == "none" else int(0.15 * stats["candidate_tokens"])
+        if method == "epic":  # per-segment floors may round below the total budget
+            assert expected - 2 * len(p.chunk_spans) <= stats["tokens_recomputed"] <= expected
         else:
             assert stats["tokens_recomputed"] == expected
         assert out.outputs[0].token_ids, "no output"

@@ -127,7 +127,7 @@ def run(args) -> dict:
             "fidelity": [M.token_f1(t, f) for t, f in zip(texts, full_texts)],
             "nll": nll,
             "echo_rate": [M.is_echo(t) for t in texts],
-            "recompute_ratio": [s.get("tokens_recomputed", 0) / max(s.get("chunk_tokens", 1), 1)
+            "recompute_ratio": [s.get("tokens_recomputed", 0) / max(s.get("candidate_tokens", 1), 1)
                                 if method != "full" else 1.0 for s in stats],
             "ttft_s": ttft,
             "answers": texts,
@@ -138,6 +138,11 @@ def run(args) -> dict:
     _progress(total, total, "done")
     print(file=sys.stderr)
     return _summarize(per, items, args)
+
+
+# Bump when the reuse path's results change (2: glue KV reused and selectable); runs of
+# an older version are recomputed on resume. Full prefill does not depend on it.
+REUSE_VERSION = 2
 
 
 def _checkpoint_path(args) -> str:
@@ -155,11 +160,15 @@ def _load_checkpoint(args, items) -> dict:
         print(f"ignoring {path}: it was made with other settings", file=sys.stderr)
         return {}
     print(f"resuming from {path}: {len(saved['runs'])} runs done", file=sys.stderr)
-    return {(r["method"], r["ratio"]): r["data"] for r in saved["runs"]}
+    runs = {(r["method"], r["ratio"]): r["data"] for r in saved["runs"]
+            if r["method"] == "full" or r.get("version") == REUSE_VERSION}
+    if len(runs) < len(saved["runs"]):
+        print(f"{len(saved['runs']) - len(runs)} runs of an older reuse path are redone", file=sys.stderr)
+    return runs
 
 
 def _save_checkpoint(args, items, per) -> None:
-    runs = [{"method": m, "ratio": r, "data": d} for (m, r), d in per.items()]
+    runs = [{"method": m, "ratio": r, "version": REUSE_VERSION, "data": d} for (m, r), d in per.items()]
     with open(_checkpoint_path(args), "w") as f:
         json.dump({"key": _checkpoint_key(args, items), "runs": runs}, f)
 

@@ -1,12 +1,12 @@
 """The worker's job for one request: fill its paged KV for [load_start, context_end).
 
 1. chunk KV from the store (a miss computes the chunk in isolation behind the sink and
-   stores it), written into the request's blocks with keys re-rotated to the global
-   positions (DESIGN §2 steps 1-2);
-2. for selectors that need a signal: prefill the glue tokens (prompt tokens outside
-   chunks), then score;
-3. select ratio * T chunk tokens and prefill them together with the glue tokens after
-   the first selected one, layer by layer over the mixed cache (steps 4-5).
+   stores it) and glue KV (the tokens around the chunks) from the glue cache, written
+   into the request's blocks with keys re-rotated to the global positions (DESIGN §2
+   steps 1-2);
+2. for selectors that need a signal: score;
+3. select ratio * T of the candidate tokens (every reused token whose KV is not exact
+   already) and prefill them layer by layer over the mixed cache (steps 4-5).
 The prompt's remaining tokens are then prefilled by vLLM itself over this cache.
 """
 from __future__ import annotations
@@ -14,9 +14,11 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field, replace
 
+import numpy as np
 import torch
 
 from vllm_kvflow.blend.executor import LayerwiseExecutor
+from vllm_kvflow.blend.glue import GlueCache
 from vllm_kvflow.blend.paged import DenseKV, PagedKV
 from vllm_kvflow.blend.selection import SELECTORS, SelectionInput, budget_for, select
 from vllm_kvflow.config import KVFlowConfig, resolve_layers
@@ -49,8 +51,9 @@ class LoadResult:
     chunks_missed: int = 0
     chunks_exact: int = 0
     tokens_reused: int = 0  # chunk tokens whose KV came from the store
-    tokens_recomputed: int = 0  # chunk tokens recomputed over the mixed cache
-    tokens_glue: int = 0  # prompt tokens outside chunks, prefilled by the executor
+    tokens_glue: int = 0  # context tokens outside chunks, KV from the glue cache
+    candidate_tokens: int = 0  # reused tokens whose KV is not exact (selection's T)
+    tokens_recomputed: int = 0  # candidates recomputed over the mixed cache
     reorder: list[int] | None = None  # infoflow-reorder: chunk order used
     timings_s: dict[str, float] = field(default_factory=dict)
 
@@ -74,6 +77,26 @@ def reordered_layout(token_ids: list[int], chunks: list[tuple[int, int]], order:
         cursor = c1
     ids += token_ids[cursor:]
     return ids, spans
+
+
+def context_segments(chunks: list[tuple[int, int]]) -> list[tuple[int, int, bool]]:
+    """[0, end of the last chunk) cut into (start, end, is_chunk) segments: the chunks
+    and the glue runs before and between them."""
+    segments, cursor = [], 0
+    for c0, c1 in chunks:
+        if cursor < c0:
+            segments.append((cursor, c0, False))
+        segments.append((c0, c1, True))
+        cursor = c1
+    return segments
+
+
+def _positions(spans: list[tuple[int, int]], device) -> torch.Tensor:
+    """The positions of sorted spans, concatenated: one host-built tensor, one copy."""
+    if not spans:
+        return torch.zeros(0, dtype=torch.long, device=device)
+    ranges = np.concatenate([np.arange(a, b) for a, b in spans])
+    return torch.from_numpy(ranges).to(device, non_blocking=True)
 
 
 class _Timer:
@@ -110,6 +133,7 @@ class BlendPipeline:
         self.config = config
         self.model_id = model_id
         self.sink_ids = tuple(sink_ids)
+        self.glue = GlueCache()
         self.scoring_layers = resolve_layers(config.scoring_layers, self.adapter.num_layers)
         cache, self.rotary_dim, self.is_neox = self.adapter.rope_cache()
         self.cos_sin = cache.float()
@@ -126,10 +150,21 @@ class BlendPipeline:
         self.store.put(key, entry)
         return entry
 
-    def compute_isolated(self, token_ids: list[int]) -> ChunkKV:
+    def glue_kv(self, token_ids: list[int], at_start: bool) -> ChunkKV:
+        """Glue KV: at the prompt's start computed with nothing before it (exact),
+        elsewhere behind the sink like a chunk."""
+        key = (at_start, tuple(token_ids))
+        entry = self.glue.get(key)
+        if entry is None:
+            entry = self.compute_isolated(token_ids, sink=() if at_start else None)
+            self.glue.put(key, entry)
+        return entry
+
+    def compute_isolated(self, token_ids: list[int], sink: tuple[int, ...] | None = None) -> ChunkKV:
         """KV of [sink][chunk] at positions 0.., keeping the chunk's part."""
-        ids = torch.tensor(self.sink_ids + tuple(token_ids), device=self.adapter.device)
-        n, s = ids.numel(), len(self.sink_ids)
+        sink = self.sink_ids if sink is None else sink
+        ids = torch.tensor(sink + tuple(token_ids), device=self.adapter.device)
+        n, s = ids.numel(), len(sink)
         shape = self.adapter.shape
         dtype = next(self.adapter.model.parameters()).dtype
         buf = DenseKV.empty(self.adapter.num_layers, n, shape.num_kv_heads, shape.head_dim,
@@ -144,64 +179,54 @@ class BlendPipeline:
         timer = _Timer(result.timings_s, self.adapter.device)
         if plan.method == "infoflow-reorder":
             plan = self._reorder(plan, kv, result, timer)
-        chosen, glue, glue_done = self._select(plan, kv, result, timer)
+        chosen = self._select(plan, kv, result, timer)
         with timer("recompute"):
-            if chosen.numel():
-                # Glue tokens after the first recomputed token saw stale KV: redo them.
-                later_glue = glue[glue > chosen[0]] if glue_done else glue
-                todo = torch.sort(torch.cat([chosen, later_glue])).values
-                self._prefill(plan.token_ids, todo, kv)
-            elif not glue_done:
-                self._prefill(plan.token_ids, glue, kv)
+            self._prefill(plan.token_ids, chosen, kv)
         result.tokens_recomputed = int(chosen.numel())
-        result.tokens_glue = int(glue.numel())
         return result
 
-    def _select(self, plan: LoadPlan, kv: PagedKV, result: LoadResult, timer):
-        """Load the chunks, and (for signal-based selectors) prefill glue and score.
-        Returns (chosen positions, glue positions, whether the glue is prefilled)."""
+    def _select(self, plan: LoadPlan, kv: PagedKV, result: LoadResult, timer) -> torch.Tensor:
+        """Load chunks and glue, score if the selector needs a signal, and return the
+        positions to recompute (sorted)."""
         device = self.adapter.device
         prompt = plan.token_ids
-        start, ctx_end = plan.load_start, plan.context_end
+        start = plan.load_start
         s = len(self.sink_ids)
         exact_prefix = tuple(prompt[:s]) == self.sink_ids
 
-        candidates, cand_chunks, loads = [], [], []
+        candidates, cand_spans, loads = [], [], []
         with timer("load"):
-            for c0, c1 in plan.chunks:
+            for c0, c1, is_chunk in context_segments(plan.chunks):
                 if c1 <= start:
                     continue  # wholly inside the local prefix-cache hit
-                entry = self.chunk_kv(prompt[c0:c1], plan.namespace, result)
-                first = max(c0, start)
-                positions = torch.arange(first, c1, device=device)
-                loads.append((entry, first - c0, c0, positions))
-                result.tokens_reused += c1 - first
-                if exact_prefix and c0 == s:
+                if is_chunk:
+                    entry = self.chunk_kv(prompt[c0:c1], plan.namespace, result)
                     # Same tokens before it as in isolation, same positions: exact KV.
-                    result.chunks_exact += 1
-                    continue
-                candidates.append(positions)
-                cand_chunks.append((first, c1))
+                    exact = exact_prefix and c0 == s
+                    result.chunks_exact += exact
+                else:
+                    entry = self.glue_kv(prompt[c0:c1], at_start=c0 == 0)
+                    exact = c0 == 0
+                first = max(c0, start)
+                loads.append((entry, first - c0, c0, first, c1))
+                if is_chunk:
+                    result.tokens_reused += c1 - first
+                else:
+                    result.tokens_glue += c1 - first
+                if not exact:
+                    candidates.append((first, c1))
             self._write_chunks(loads, kv)
 
-        in_chunk = torch.zeros(ctx_end, dtype=torch.bool, device=device)
-        for c0, c1 in plan.chunks:
-            in_chunk[c0:c1] = True
-        glue = torch.nonzero(~in_chunk[start:ctx_end]).flatten() + start
-        cand = torch.cat(candidates) if candidates else glue[:0]
+        cand = _positions(candidates, device)
+        result.candidate_tokens = int(cand.numel())
         ratio = 0.0 if plan.method == "none" else plan.ratio
-        inp = SelectionInput(cand, cand_chunks, budget_for(cand.numel(), ratio),
+        inp = SelectionInput(cand, candidates, budget_for(cand.numel(), ratio),
                              seed=self.config.seed)
-
         selector = SELECTORS.get(plan.method)
-        glue_done = False
         if 0 < inp.budget < cand.numel() and selector is not None and selector.needs_signal:
-            with timer("glue"):
-                self._prefill(prompt, glue, kv)
-            glue_done = True
             with timer("score"):
                 inp.signal = self._signal(selector.needs_signal, plan, kv)
-        return select(plan.method, inp), glue, glue_done
+        return select(plan.method, inp)
 
     def _reorder(self, plan: LoadPlan, kv: PagedKV, result: LoadResult, timer) -> LoadPlan:
         """Information-flow chunk reordering (DESIGN §2 step 6): score once in the given
@@ -210,27 +235,29 @@ class BlendPipeline:
         context's token ids, so the request then runs on the reordered layout."""
         if plan.ratio >= 1.0 or plan.load_start > 0 or len(plan.chunks) < 2:
             return replace(plan, method="infoflow")  # exact limit / prefix hit: keep order
-        chosen, _, _ = self._select(replace(plan, method="infoflow"), kv, result, timer)
+        chosen = self._select(replace(plan, method="infoflow"), kv, result, timer)
         fractions = [int(((chosen >= c0) & (chosen < c1)).sum()) / (c1 - c0) for c0, c1 in plan.chunks]
         order = sorted(range(len(plan.chunks)), key=lambda i: (fractions[i], i))
         ids, spans = reordered_layout(plan.token_ids, plan.chunks, order)
         result.reorder = order
         # Counts restart for the final layout; store traffic keeps both passes' counts.
-        result.tokens_reused = result.chunks_exact = 0
+        result.tokens_reused = result.tokens_glue = result.chunks_exact = 0
         return replace(plan, token_ids=ids, chunks=spans, method="infoflow")
 
     # -- steps ----------------------------------------------------------------------------
     def _write_chunks(self, loads, kv: PagedKV) -> None:
-        """Write every chunk's K (re-rotated) and V, one fused kernel per layer for all
-        chunks of the request. The chunks are gathered for a group of layers at once
-        (one copy per chunk, not per chunk and layer: long contexts have hundreds)."""
+        """Write every segment's K (re-rotated) and V, one fused kernel per layer for all
+        segments of the request. The segments are gathered for a group of layers at once
+        (one copy per segment, not per segment and layer: long contexts have hundreds)."""
         if not loads:
             return
-        device = loads[0][3].device
-        positions = torch.cat([p for *_, p in loads])
-        # A chunk's tokens all move by the same distance: its start minus its local start.
-        delta = torch.cat([torch.full((p.numel(),), c0 - e.local_start, device=device)
-                           for e, _, c0, p in loads])
+        device = self.adapter.device
+        positions = _positions([(first, c1) for *_, first, c1 in loads], device)
+        # A segment's tokens all move by the same distance: its start minus its local
+        # start. Built on the host and copied once (not a kernel per segment).
+        delta = torch.tensor(np.repeat([c0 - e.local_start for e, _, c0, _, _ in loads],
+                                       [c1 - first for *_, first, c1 in loads]),
+                             dtype=torch.long).to(device, non_blocking=True)
         cos_sin = self.cos_sin.to(device)
         first = loads[0][0].keys
         per_layer = 2 * positions.numel() * first[0, :1].numel() * first.element_size()
