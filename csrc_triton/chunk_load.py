@@ -53,7 +53,9 @@ except ImportError:  # pragma: no cover - exercised only where triton is absent
 
 __all__ = [
     "HAS_TRITON",
+    "layer_offsets",
     "load_chunk_kv",
+    "load_chunk_kv_layers",
     "load_chunk_kv_reference",
     "rotate_keys_reference",
 ]
@@ -72,7 +74,9 @@ if HAS_TRITON:
     @triton.jit
     def _load_chunk_kv_kernel(
         k_src, v_src, k_cache, v_cache, slot_ptr, delta_ptr, cos_sin_ptr,
+        k_layer_off, v_layer_off,  # per-layer element offsets from k_cache / v_cache
         T, block_size,
+        s_kl, s_vl,  # k_src / v_src layer strides
         s_kt, s_kh, s_kd,  # k_src strides (token, head, dim)
         s_vt, s_vh, s_vd,  # v_src strides
         c_kb, c_ks, c_kh, c_kd,  # key_cache strides (block, slot-in-block, head, dim)
@@ -89,6 +93,14 @@ if HAS_TRITON:
         HALF: tl.constexpr = ROT_DIM // 2
         pid_t = tl.program_id(0)
         h = tl.program_id(1)
+        # Layer axis: one launch for all layers (each layer's cache is its own tensor,
+        # reached by an element offset from the first; small launches would each pay
+        # the ramp-up and drain of a kernel).
+        layer = tl.program_id(2)
+        k_src += layer * s_kl
+        v_src += layer * s_vl
+        k_cache += tl.load(k_layer_off + layer)
+        v_cache += tl.load(v_layer_off + layer)
 
         t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
         t_ok = t < T
@@ -198,23 +210,61 @@ def load_chunk_kv(k_src, v_src, key_cache, value_cache, slot_mapping, delta_pos,
     Writes in place, in one launch. ``check_positions`` verifies |delta| < max_pos
     (one device-to-host sync; off by default so the call stays graph-capturable).
     """
+    load_chunk_kv_layers(k_src[None], v_src[None], [key_cache], [value_cache], slot_mapping,
+                         delta_pos, cos_sin_cache, rotary_dim, is_neox, block_t=block_t,
+                         num_warps=num_warps, check_positions=check_positions)
+
+
+def layer_offsets(caches: list[torch.Tensor]) -> torch.Tensor:
+    """Element offsets of each layer's cache view from the first one's (int64, on their
+    device): how one launch reaches every layer. All views must share dtype, shape and
+    strides, as vLLM's per-layer caches do."""
+    first = caches[0]
+    size = first.element_size()
+    offsets = []
+    for c in caches:
+        if c.dtype != first.dtype or c.shape != first.shape or c.stride() != first.stride():
+            raise ValueError("every layer's cache view must share dtype, shape and strides")
+        diff = c.data_ptr() - first.data_ptr()
+        if diff % size:
+            raise ValueError("layer caches are not aligned to their element size")
+        offsets.append(diff // size)
+    return torch.tensor(offsets, dtype=torch.int64).to(first.device)
+
+
+def load_chunk_kv_layers(k_src, v_src, key_caches, value_caches, slot_mapping, delta_pos,
+                         cos_sin_cache, rotary_dim, is_neox, *, offsets=None,
+                         block_t: int = 16, num_warps: int = 4,
+                         check_positions: bool = False) -> None:
+    """load_chunk_kv for L layers in one launch: k_src, v_src [L, T, Hkv, D] (layer
+    stride free, the rest any strides); key_caches, value_caches: the L layers' 4-D
+    views. ``offsets``: (key, value) from layer_offsets(), to skip rebuilding them."""
     if not HAS_TRITON:
         raise RuntimeError("load_chunk_kv needs triton; use load_chunk_kv_reference")
-    _check_inputs(k_src, v_src, key_cache, value_cache, slot_mapping, delta_pos,
+    if k_src.dim() != 4 or k_src.shape[0] != len(key_caches) or len(value_caches) != len(key_caches):
+        raise ValueError(f"k_src must be [L, T, Hkv, D] with one cache per layer; got "
+                         f"{tuple(k_src.shape)}, {len(key_caches)} key and "
+                         f"{len(value_caches)} value caches")
+    _check_inputs(k_src[0], v_src[0], key_caches[0], value_caches[0], slot_mapping, delta_pos,
                   cos_sin_cache, rotary_dim)
     if not (k_src.is_cuda or _interpreting()):
         raise ValueError("load_chunk_kv runs on CUDA tensors (or under TRITON_INTERPRET=1)")
-    T, H, D = k_src.shape
+    L, T, H, D = k_src.shape
     if T == 0:
         return
     if check_positions and int(delta_pos.abs().max()) >= cos_sin_cache.shape[0]:
         raise ValueError("|delta_pos| exceeds the cos_sin_cache length")
+    k_off, v_off = offsets if offsets is not None else (layer_offsets(key_caches),
+                                                         layer_offsets(value_caches))
+    key_cache, value_cache = key_caches[0], value_caches[0]
     half = rotary_dim // 2
-    grid = (triton.cdiv(T, block_t), H)
+    grid = (triton.cdiv(T, block_t), H, L)
     _load_chunk_kv_kernel[grid](
         k_src, v_src, key_cache, value_cache, slot_mapping, delta_pos, cos_sin_cache,
+        k_off, v_off,
         T, key_cache.shape[1],
-        *k_src.stride(), *v_src.stride(),
+        k_src.stride(0), v_src.stride(0),
+        *k_src.stride()[1:], *v_src.stride()[1:],
         *key_cache.stride(), *value_cache.stride(),
         *cos_sin_cache.stride(),
         HEAD_DIM=D, ROT_DIM=rotary_dim, IS_NEOX=bool(is_neox),

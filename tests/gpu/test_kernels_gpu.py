@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from vllm_kvflow.kernels.attn_norm import attn_norm, attn_norm_reference
-from vllm_kvflow.kernels.chunk_load import load_chunk_kv, load_chunk_kv_reference
+from vllm_kvflow.kernels.chunk_load import load_chunk_kv, load_chunk_kv_layers, load_chunk_kv_reference
 from vllm_kvflow.kernels.partial_attention import partial_attention, partial_attention_reference
 
 pytestmark = [
@@ -96,6 +96,34 @@ def test_load_chunk_kv(D, rot, neox, dtype, layout, bs):
     w = ~kc_ref.isnan()
     assert torch.equal(vc[~vc_ref.isnan()], vc_ref[~vc_ref.isnan()])
     assert _rel(kc[w], kc_ref[w]) < LOAD_TOL[dtype]
+
+
+@pytest.mark.parametrize("layout", ["flash", "cpu"])
+def test_load_chunk_kv_all_layers_in_one_launch(layout):
+    """Separate per-layer cache allocations reached from the first by element offsets."""
+    torch.manual_seed(11)
+    L, T, H, D, bs = 4, 777, 8, 128, 16
+    nb = T // bs + 3
+    dtype = torch.bfloat16
+    layers = [_cache(layout, nb, bs, H, D, dtype) for _ in range(L)]
+    for kv, _, _ in layers:
+        kv.fill_(float("nan"))
+    refs = [kv.clone() for kv, _, _ in layers]
+    k_src = torch.randn(L, T, H, D, device=DEV).to(dtype)
+    v_src = torch.randn(L, T, H, D, device=DEV).to(dtype)
+    slots = torch.randperm(nb * bs, device=DEV)[:T]
+    delta = torch.randint(-3000, 3000, (T,), device=DEV)
+    cs = _cos_sin(4096, D, torch.bfloat16)
+    load_chunk_kv_layers(k_src, v_src, [c[1] for c in layers], [c[2] for c in layers],
+                         slots, delta, cs, D, True)
+    for i, (kv, kc, vc) in enumerate(layers):
+        kc_ref, vc_ref = _views(layout, refs[i], D)
+        load_chunk_kv_reference(k_src[i], v_src[i], kc_ref, vc_ref, slots, delta, cs, D, True)
+        torch.cuda.synchronize()
+        assert torch.equal(kv.isnan(), refs[i].isnan())
+        w = ~kc_ref.isnan()
+        assert torch.equal(vc[~vc_ref.isnan()], vc_ref[~vc_ref.isnan()])
+        assert _rel(kc[w], kc_ref[w]) < LOAD_TOL[dtype]
 
 
 # (Hq, Hkv, D, dtype, layout, block_size, config)

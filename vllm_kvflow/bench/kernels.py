@@ -68,12 +68,14 @@ def _sdpa_flash(torch, triton, n: int, heads: int = 32, d: int = 128):
 
 
 def _bench_load(torch, n: int, layers: int, hkv: int, d: int, log: list):
-    from vllm_kvflow.kernels.chunk_load import load_chunk_kv
+    from vllm_kvflow.kernels.chunk_load import layer_offsets, load_chunk_kv, load_chunk_kv_layers
 
     dt, bs, chunk = torch.bfloat16, 16, 512
     n_blocks = n // bs + 1
-    k_src = [torch.randn(n, hkv, d, device="cuda", dtype=dt) for _ in range(layers)]
-    v_src = [torch.randn(n, hkv, d, device="cuda", dtype=dt) for _ in range(layers)]
+    # The engine's gathered source: [layers, tokens, heads, dim], one tensor.
+    k_all = torch.randn(layers, n, hkv, d, device="cuda", dtype=dt)
+    v_all = torch.randn(layers, n, hkv, d, device="cuda", dtype=dt)
+    k_src, v_src = list(k_all), list(v_all)
     caches = [torch.randn(n_blocks, bs, hkv, 2 * d, device="cuda", dtype=dt) for _ in range(layers)]
     kvs = [c.split(d, -1) for c in caches]
     blocks = torch.randperm(n_blocks, device="cuda")[: -(-n // bs)]
@@ -85,16 +87,24 @@ def _bench_load(torch, n: int, layers: int, hkv: int, d: int, log: list):
     cos_sin = torch.cat([ang.cos(), ang.sin()], -1).to(dt)  # vLLM keeps it in model dtype
     nbytes = layers * 2 * 2 * n * hkv * d * 2  # K and V, read + written
     best = None
-    for block_t, warps in ((16, 4), (32, 4), (64, 8), (8, 2)):
-        def fn():
-            for i in range(layers):
-                load_chunk_kv(k_src[i], v_src[i], kvs[i][0], kvs[i][1], slots, delta, cos_sin,
-                              d, True, block_t=block_t, num_warps=warps)
-        ms = _graph_time_ms(fn)
-        gbps = nbytes / (ms * 1e-3) / 1e9
-        log.append(f"load n={n} BLOCK_T={block_t} warps={warps}: {ms:.3f} ms {gbps:.0f} GB/s")
-        if best is None or ms < best[0]:
-            best = (ms, gbps, dict(BLOCK_T=block_t, num_warps=warps))
+    offsets = (layer_offsets([kv[0] for kv in kvs]), layer_offsets([kv[1] for kv in kvs]))
+    for launch in ("all layers", "per layer"):
+        for block_t, warps in ((16, 4), (32, 4), (64, 8), (8, 2)):
+            if launch == "per layer":
+                def fn():
+                    for i in range(layers):
+                        load_chunk_kv(k_src[i], v_src[i], kvs[i][0], kvs[i][1], slots, delta,
+                                      cos_sin, d, True, block_t=block_t, num_warps=warps)
+            else:
+                def fn():
+                    load_chunk_kv_layers(k_all, v_all, [kv[0] for kv in kvs], [kv[1] for kv in kvs],
+                                         slots, delta, cos_sin, d, True, offsets=offsets,
+                                         block_t=block_t, num_warps=warps)
+            ms = _graph_time_ms(fn)
+            gbps = nbytes / (ms * 1e-3) / 1e9
+            log.append(f"load n={n} {launch} BLOCK_T={block_t} warps={warps}: {ms:.3f} ms {gbps:.0f} GB/s")
+            if best is None or ms < best[0]:
+                best = (ms, gbps, dict(launch=launch, BLOCK_T=block_t, num_warps=warps))
     # Same bytes as plain copies, one per layer and the same launch count: the ceiling at
     # this per-launch size (small launches pay the ramp-up/drain of each kernel).
     flat_src = [torch.cat([k.flatten(), v.flatten()]) for k, v in zip(k_src[:1], v_src[:1])]
@@ -107,7 +117,7 @@ def _bench_load(torch, n: int, layers: int, hkv: int, d: int, log: list):
     same_size_gbps = nbytes / (ms_copy * 1e-3) / 1e9
     log.append(f"copy of the same bytes as {layers} launches: {ms_copy:.3f} ms "
                f"{same_size_gbps:.0f} GB/s")
-    del k_src, v_src, caches, kvs, flat_src, flat_dst
+    del k_src, v_src, k_all, v_all, caches, kvs, flat_src, flat_dst
     torch.cuda.empty_cache()
     return best + (same_size_gbps,)
 
@@ -120,7 +130,7 @@ def _paged(torch, n, hkv, d, dt, bs=16):
     return kv, kc, vc, bt
 
 
-def _bench_partial(torch, triton, n, hq, hkv, d, frac, log):
+def _bench_partial(torch, triton, n, hq, hkv, d, frac, log, sweep=False):
     from vllm_kvflow.kernels.partial_attention import partial_attention
 
     dt = torch.bfloat16
@@ -135,12 +145,23 @@ def _bench_partial(torch, triton, n, hq, hkv, d, frac, log):
     best = None
     # None = the wrapper's defaults (128x128 tiles, 8 warps, 2 stages, automatic key
     # splits); the others are variations of it.
-    for cfg in (None, dict(splits=1), dict(splits=4),
-                dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3),
-                dict(BLOCK_M=64, BLOCK_N=128, num_warps=4, num_stages=2)):
+    configs = [None, dict(splits=1), dict(splits=4),
+               dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3),
+               dict(BLOCK_M=64, BLOCK_N=128, num_warps=4, num_stages=2)]
+    if sweep:  # a wider grid, for tuning the defaults on a new card
+        configs += [dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=st, splits=sp)
+                    for bm, bn, w in ((128, 128, 8), (128, 64, 4), (128, 64, 8), (256, 64, 8),
+                                      (64, 64, 4), (128, 128, 4))
+                    for st in (2, 3, 4) for sp in (1, 2, 3, 4, 6)]
+    for cfg in configs:
         fn = lambda: partial_attention(q, kc, vc, bt[None], seq_lens, cu, q_pos,  # noqa: E731
                                        d ** -0.5, config=cfg)
-        ms = triton.testing.do_bench(fn, warmup=50, rep=300, return_mode="median")
+        try:
+            ms = triton.testing.do_bench(fn, warmup=20 if sweep else 50, rep=100 if sweep else 300,
+                                         return_mode="median")
+        except Exception as e:  # noqa: BLE001 - a sweep config may not fit shared memory
+            log.append(f"partial n={n} cfg={cfg}: failed ({type(e).__name__})")
+            continue
         tf = flop / (ms * 1e-3) / 1e12
         log.append(f"partial n={n} nq={nq} cfg={cfg}: {ms:.3f} ms {tf:.1f} TFLOP/s")
         if best is None or ms < best[0]:
@@ -169,6 +190,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--layers", type=int, default=32)
     ap.add_argument("--questions", type=int, default=64)
     ap.add_argument("--fraction", type=float, default=0.15, help="selected fraction")
+    ap.add_argument("--sweep", action="store_true",
+                    help="try a wide grid of partial-attention tile configs (slow)")
     args = ap.parse_args(argv)
 
     import torch
@@ -194,7 +217,8 @@ def main(argv: list[str] | None = None) -> int:
             copy_gbps_same_launch_size=same_size),
             time_ms=ms, achieved=gbps, ceiling=copy_gbps, fraction=gbps / copy_gbps))
     for n in contexts:
-        (ms, tf, cfg), nq, pairs = _bench_partial(torch, triton, n, hq, hkv, d, args.fraction, log)
+        (ms, tf, cfg), nq, pairs = _bench_partial(torch, triton, n, hq, hkv, d, args.fraction, log,
+                                                   sweep=args.sweep)
         ceil = sdpa[n][1]
         results.append(dict(kernel="partial_attention", shape=dict(
             context=n, queries=nq, q_heads=hq, kv_heads=hkv, head_dim=d, dtype="bf16",

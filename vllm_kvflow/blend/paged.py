@@ -65,6 +65,24 @@ def use_kernels(t: torch.Tensor) -> bool:
     return t.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
 
 
+class _PassIndex:
+    """Per-pass index tensors of PagedKV (see PagedKV._pass_index)."""
+
+    def __init__(self, positions: torch.Tensor, slots: torch.Tensor):
+        dev = positions.device
+        self.positions = positions
+        self.slots = slots
+        self.positions_i32 = positions.to(torch.int32)
+        self.cu_seqlens_q = torch.tensor([0, positions.numel()], dtype=torch.int32).to(dev)
+        self._seq_lens: dict[int, torch.Tensor] = {}
+
+    def seq_lens(self, length: int) -> torch.Tensor:
+        if length not in self._seq_lens:
+            self._seq_lens[length] = torch.full((1,), length, dtype=torch.int32,
+                                                device=self.positions.device)
+        return self._seq_lens[length]
+
+
 @dataclass
 class PagedKV:
     """One request's KV across layers: block table over per-layer paged views."""
@@ -77,8 +95,11 @@ class PagedKV:
 
     @property
     def block_table(self) -> torch.Tensor:
-        """[1, num_request_blocks] int32, the kernels' block-table form."""
-        return self.block_ids.to(torch.int32)[None]
+        """[1, num_request_blocks] int32, the kernels' block-table form (built once)."""
+        table = self.__dict__.get("_block_table")
+        if table is None:
+            table = self.__dict__["_block_table"] = self.block_ids.to(torch.int32)[None]
+        return table
 
     def slots(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(block, offset) of each position."""
@@ -89,10 +110,25 @@ class PagedKV:
         block, offset = self.slots(positions)
         return block * self.block_size + offset
 
+    def _pass_index(self, positions: torch.Tensor) -> "_PassIndex":
+        """Index tensors of one layer-wise pass, built once and reused by every layer:
+        the executor hands each layer the same positions tensor, so identity is the
+        key (rebuilding them per layer costs launches and host-to-device syncs)."""
+        memo = self.__dict__.get("_memo")
+        if memo is None or memo.positions is not positions:
+            memo = self.__dict__["_memo"] = _PassIndex(positions, self.slot_mapping(positions))
+        return memo
+
     def write(self, layer: int, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
-        block, offset = self.slots(positions)
-        self.keys[layer][block, offset] = k.to(self.keys[layer].dtype)
-        self.values[layer][block, offset] = v.to(self.values[layer].dtype)
+        slots = self._pass_index(positions).slots
+        for cache, x in ((self.keys[layer], k), (self.values[layer], v)):
+            try:  # [num_blocks, block_size] merge into one slot axis in strided layouts
+                flat = cache.view(-1, *cache.shape[2:])
+            except RuntimeError:
+                block, offset = self.slots(positions)
+                cache[block, offset] = x.to(cache.dtype)
+                continue
+            flat.index_copy_(0, slots, x.to(cache.dtype))
 
     def read(self, layer: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
         """K, V of positions [0, length): [length, H, D] each."""
@@ -110,12 +146,9 @@ class PagedKV:
             return masked_attention(q, k, v, positions, torch.arange(length, device=q.device), scale)
         from vllm_kvflow.kernels.partial_attention import partial_attention
 
-        dev = q.device
-        return partial_attention(
-            q, self.keys[layer], self.values[layer], self.block_table,
-            torch.tensor([length], dtype=torch.int32, device=dev),
-            torch.tensor([0, q.shape[0]], dtype=torch.int32, device=dev),
-            positions.to(torch.int32), scale)
+        idx = self._pass_index(positions)
+        return partial_attention(q, self.keys[layer], self.values[layer], self.block_table,
+                                 idx.seq_lens(length), idx.cu_seqlens_q, idx.positions_i32, scale)
 
     def load_rotated(self, layer: int, positions, k_src, v_src, delta, cos_sin, rotary_dim,
                      is_neox) -> None:
@@ -125,6 +158,27 @@ class PagedKV:
         fused = chunk_load.load_chunk_kv if use_kernels(k_src) else chunk_load.load_chunk_kv_reference
         fused(k_src, v_src, self.keys[layer], self.values[layer], self.slot_mapping(positions),
               delta, cos_sin, rotary_dim, is_neox)
+
+    def load_rotated_layers(self, layers: range, positions, k_src, v_src, delta, cos_sin,
+                            rotary_dim, is_neox) -> None:
+        """load_rotated for consecutive layers, k_src/v_src [len(layers), T, H, D]: one
+        kernel launch for all of them on the kernel path."""
+        if not (self.strided and use_kernels(k_src)):
+            for i, layer in enumerate(layers):
+                self.load_rotated(layer, positions, k_src[i], v_src[i], delta, cos_sin,
+                                  rotary_dim, is_neox)
+            return
+        from vllm_kvflow.kernels import chunk_load
+
+        offsets = self.__dict__.get("_layer_offsets")
+        if offsets is None:
+            offsets = self.__dict__["_layer_offsets"] = (
+                chunk_load.layer_offsets(self.keys), chunk_load.layer_offsets(self.values))
+        l0, l1 = layers.start, layers.stop
+        k_off, v_off = (o[l0:l1] - o[l0] for o in offsets)  # relative to layer l0's view
+        chunk_load.load_chunk_kv_layers(
+            k_src, v_src, self.keys[l0:l1], self.values[l0:l1], self.slot_mapping(positions),
+            delta, cos_sin, rotary_dim, is_neox, offsets=(k_off, v_off))
 
 
 @dataclass

@@ -246,8 +246,8 @@ class BlendPipeline:
 
     # -- steps ----------------------------------------------------------------------------
     def _write_chunks(self, loads, kv: PagedKV) -> None:
-        """Write every segment's K (re-rotated) and V, one fused kernel per layer for all
-        segments of the request. The segments are gathered for a group of layers at once
+        """Write every segment's K (re-rotated) and V, one fused kernel per layer group
+        for all segments of the request. The segments are gathered for a group of layers at once
         (one copy per segment, not per segment and layer: long contexts have hundreds)."""
         if not loads:
             return
@@ -266,9 +266,8 @@ class BlendPipeline:
             l1 = min(l0 + group, self.adapter.num_layers)
             keys = torch.cat([e.keys[l0:l1, skip:].to(device, non_blocking=True) for e, skip, *_ in loads], 1)
             values = torch.cat([e.values[l0:l1, skip:].to(device, non_blocking=True) for e, skip, *_ in loads], 1)
-            for i, layer in enumerate(range(l0, l1)):
-                kv.load_rotated(layer, positions, keys[i], values[i], delta, cos_sin,
-                                self.rotary_dim, self.is_neox)
+            kv.load_rotated_layers(range(l0, l1), positions, keys, values, delta, cos_sin,
+                                   self.rotary_dim, self.is_neox)
 
     def _prefill(self, prompt: list[int], positions: torch.Tensor, kv) -> None:
         if positions.numel() == 0:

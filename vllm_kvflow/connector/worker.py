@@ -7,6 +7,7 @@ than decoding from half-written KV.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -111,7 +112,8 @@ class KVFlowWorker:
             try:
                 pipeline = self._ready()
                 kv = self._paged_kv(plan.block_ids, pipeline.adapter.device)
-                result = pipeline.run(plan, kv).as_dict()
+                with _maybe_profiled(plan.req_id):
+                    result = pipeline.run(plan, kv).as_dict()
             except Exception as e:  # noqa: BLE001 - any failure must degrade, not crash
                 logger.error("kvflow: load for %s failed, recomputing: %s\n%s", plan.req_id, e,
                              traceback.format_exc())
@@ -156,3 +158,27 @@ def store_identity(vllm_config) -> str:
     return (f"model={mc.model}@{mc.revision or ''}#{weights.hexdigest()[:16]}|dtype={mc.dtype}"
             f"|layers={mc.get_num_layers(pc)}|kv_heads={mc.get_num_kv_heads(pc)}"
             f"|head_size={mc.get_head_size()}|{rank}")
+
+
+@contextlib.contextmanager
+def _maybe_profiled(req_id: str):
+    """KVFLOW_PROFILE_DIR=dir: profile each load with torch.profiler and write its top
+    operators (by host time and by device time) to dir/<request id>.txt. For finding
+    where a load's time goes on a new card or backend; off by default."""
+    out_dir = os.environ.get("KVFLOW_PROFILE_DIR")
+    if not out_dir:
+        yield
+        return
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    with profile(activities=activities) as prof:
+        yield
+    table = prof.key_averages()
+    os.makedirs(out_dir, exist_ok=True)
+    safe = "".join(c if c.isalnum() or c in "-_" else "_" for c in req_id)[:80]
+    with open(os.path.join(out_dir, f"{safe}.txt"), "w") as f:
+        f.write(table.table(sort_by="self_cpu_time_total", row_limit=40))
+        if torch.cuda.is_available():
+            f.write("\n")
+            f.write(table.table(sort_by="self_cuda_time_total", row_limit=25))

@@ -63,8 +63,17 @@ class ChunkKV:
         """This entry with tensors on device (itself if None or already there)."""
         if device is None or self.keys.device == torch.device(device):
             return self
-        return ChunkKV(self.token_ids, self.keys.to(device), self.values.to(device),
+        return ChunkKV(self.token_ids, _moved(self.keys, device), _moved(self.values, device),
                        self.local_start)
+
+
+def _moved(t: torch.Tensor, device) -> torch.Tensor:
+    """t on device; GPU -> host lands in pinned memory, so loading it back is an
+    asynchronous DMA at full PCIe speed instead of a pageable, synchronous copy."""
+    if t.is_cuda and torch.device(device).type == "cpu":
+        pinned = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+        return pinned.copy_(t)
+    return t.to(device)
 
 
 @dataclass
