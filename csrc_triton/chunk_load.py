@@ -210,9 +210,10 @@ def load_chunk_kv(k_src, v_src, key_cache, value_cache, slot_mapping, delta_pos,
     Writes in place, in one launch. ``check_positions`` verifies |delta| < max_pos
     (one device-to-host sync; off by default so the call stays graph-capturable).
     """
+    zero = torch.zeros(1, dtype=torch.int64, device=k_src.device)  # one layer, no offset
     load_chunk_kv_layers(k_src[None], v_src[None], [key_cache], [value_cache], slot_mapping,
-                         delta_pos, cos_sin_cache, rotary_dim, is_neox, block_t=block_t,
-                         num_warps=num_warps, check_positions=check_positions)
+                         delta_pos, cos_sin_cache, rotary_dim, is_neox, offsets=(zero, zero),
+                         block_t=block_t, num_warps=num_warps, check_positions=check_positions)
 
 
 def layer_offsets(caches: list[torch.Tensor]) -> torch.Tensor:

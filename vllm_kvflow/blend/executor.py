@@ -127,9 +127,11 @@ class LayerwiseExecutor:
     def _run(self, token_ids, positions, attend, num_layers):
         adapter = self.adapter
         n_layers = adapter.num_layers if num_layers is None else num_layers
+        from vllm_kvflow.patches.eager_ops import fast_eager_ops
+
         hidden = adapter.embed(token_ids)
         residual = None
-        with self._attention_hook(attend):
+        with self._attention_hook(attend), fast_eager_ops(getattr(adapter, "model", None), token_ids.device):
             for idx in range(n_layers):
                 hidden, residual = adapter.layer_forward(idx, positions, hidden, residual)
         return hidden, residual

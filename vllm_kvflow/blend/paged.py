@@ -251,5 +251,15 @@ class DenseKV:
 
     def attend(self, layer: int, q: torch.Tensor, positions: torch.Tensor, length: int,
                scale: float) -> torch.Tensor:
-        k, v = self.read(layer, length)
-        return masked_attention(q, k, v, positions, torch.arange(length, device=q.device), scale)
+        if not use_kernels(q):
+            k, v = self.read(layer, length)
+            return masked_attention(q, k, v, positions, torch.arange(length, device=q.device), scale)
+        from vllm_kvflow.kernels.partial_attention import partial_attention
+
+        # The buffer is one page: [1, capacity, H, D] with block table [[0]].
+        memo = self.__dict__.get("_memo")
+        if memo is None or memo.positions is not positions:
+            memo = self.__dict__["_memo"] = _PassIndex(positions, positions)
+            memo.table = torch.zeros(1, 1, dtype=torch.int32, device=q.device)
+        return partial_attention(q, self.keys[layer][None], self.values[layer][None], memo.table,
+                                 memo.seq_lens(length), memo.cu_seqlens_q, memo.positions_i32, scale)
