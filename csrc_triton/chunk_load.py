@@ -99,8 +99,10 @@ if HAS_TRITON:
         layer = tl.program_id(2)
         k_src += layer * s_kl
         v_src += layer * s_vl
-        k_cache += tl.load(k_layer_off + layer)
-        v_cache += tl.load(v_layer_off + layer)
+        # Offsets come in units of 16 elements: multiplying by the constant keeps the
+        # compiler's alignment facts about the base pointer, so accesses stay vectorized.
+        k_cache += tl.load(k_layer_off + layer) * 16
+        v_cache += tl.load(v_layer_off + layer) * 16
 
         t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
         t_ok = t < T
@@ -217,19 +219,20 @@ def load_chunk_kv(k_src, v_src, key_cache, value_cache, slot_mapping, delta_pos,
 
 
 def layer_offsets(caches: list[torch.Tensor]) -> torch.Tensor:
-    """Element offsets of each layer's cache view from the first one's (int64, on their
-    device): how one launch reaches every layer. All views must share dtype, shape and
-    strides, as vLLM's per-layer caches do."""
+    """Offsets of each layer's cache view from the first one's, in units of 16 elements
+    (int64, on their device): how one launch reaches every layer. All views must share
+    dtype, shape and strides, as vLLM's per-layer caches do, and lie a multiple of 16
+    elements apart (vLLM's page-sized allocations do); ValueError otherwise."""
     first = caches[0]
-    size = first.element_size()
+    unit = 16 * first.element_size()
     offsets = []
     for c in caches:
         if c.dtype != first.dtype or c.shape != first.shape or c.stride() != first.stride():
             raise ValueError("every layer's cache view must share dtype, shape and strides")
         diff = c.data_ptr() - first.data_ptr()
-        if diff % size:
-            raise ValueError("layer caches are not aligned to their element size")
-        offsets.append(diff // size)
+        if diff % unit:
+            raise ValueError("layer caches are not 16 elements apart; load layer by layer")
+        offsets.append(diff // unit)
     return torch.tensor(offsets, dtype=torch.int64).to(first.device)
 
 

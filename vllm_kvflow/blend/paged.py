@@ -159,21 +159,31 @@ class PagedKV:
         fused(k_src, v_src, self.keys[layer], self.values[layer], self.slot_mapping(positions),
               delta, cos_sin, rotary_dim, is_neox)
 
+    def _offsets(self):
+        """Per-layer cache offsets for one-launch loads (built once), or None where the
+        layers' caches cannot be reached from the first one's."""
+        if "_layer_offsets" not in self.__dict__:
+            from vllm_kvflow.kernels import chunk_load
+
+            try:
+                self.__dict__["_layer_offsets"] = (chunk_load.layer_offsets(self.keys),
+                                                   chunk_load.layer_offsets(self.values))
+            except ValueError:
+                self.__dict__["_layer_offsets"] = None
+        return self.__dict__["_layer_offsets"]
+
     def load_rotated_layers(self, layers: range, positions, k_src, v_src, delta, cos_sin,
                             rotary_dim, is_neox) -> None:
         """load_rotated for consecutive layers, k_src/v_src [len(layers), T, H, D]: one
         kernel launch for all of them on the kernel path."""
-        if not (self.strided and use_kernels(k_src)):
+        if not (self.strided and use_kernels(k_src) and self._offsets() is not None):
             for i, layer in enumerate(layers):
                 self.load_rotated(layer, positions, k_src[i], v_src[i], delta, cos_sin,
                                   rotary_dim, is_neox)
             return
         from vllm_kvflow.kernels import chunk_load
 
-        offsets = self.__dict__.get("_layer_offsets")
-        if offsets is None:
-            offsets = self.__dict__["_layer_offsets"] = (
-                chunk_load.layer_offsets(self.keys), chunk_load.layer_offsets(self.values))
+        offsets = self._offsets()
         l0, l1 = layers.start, layers.stop
         k_off, v_off = (o[l0:l1] - o[l0] for o in offsets)  # relative to layer l0's view
         chunk_load.load_chunk_kv_layers(
