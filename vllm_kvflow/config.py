@@ -9,7 +9,8 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-METHODS = ("full", "none", "random", "epic", "cacheblend", "infoflow", "infoflow-reorder")
+METHODS = ("full", "none", "random", "epic", "cacheblend", "infoflow", "infoflow-reorder",
+           "infoflow-kdev")
 
 
 @dataclass(frozen=True)

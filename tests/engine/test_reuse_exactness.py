@@ -10,7 +10,8 @@ from vllm_kvflow.request import STATS_KEY
 pytestmark = pytest.mark.engine
 
 
-@pytest.mark.parametrize("method", ["random", "epic", "cacheblend", "infoflow", "infoflow-reorder"])
+@pytest.mark.parametrize("method", ["random", "epic", "cacheblend", "infoflow", "infoflow-reorder",
+                                    "infoflow-kdev"])
 def test_ratio_one_reproduces_full_prefill(generate, tokenizer, method):
     items = make_items(10 if method in ("random", "infoflow") else 3, seed=11)
     outs_full, outs_kv, prompts = run_pair(generate, tokenizer, items, method=method, ratio=1.0)

@@ -91,6 +91,16 @@ def test_infoflow_takes_top_scores_sorted_by_position_with_deterministic_ties():
     assert tie.tolist() == [0, 1]
 
 
+def test_infoflow_kdev_ranks_both_signals_among_candidates():
+    attn, kdev = torch.zeros(40), torch.zeros(40)
+    attn[[11, 12, 33]] = torch.tensor([5.0, 4.0, 9.0])  # attention alone: 33, 11, 12
+    kdev[[12, 31, 33]] = torch.tensor([7.0, 9.0, 1.0])  # deviation alone: 31, 12, 33
+    attn[0] = 1e9  # not a candidate: must not shift the candidates' ranks
+    # Rank sums (of 20 candidates, 0 = smallest): 12 -> 17+18, 33 -> 19+17, 11 -> 18+...
+    assert select("infoflow-kdev", _inp(2, (attn, kdev))).tolist() == [12, 33]
+    assert select("infoflow-kdev", _inp(20, (attn, kdev))).numel() == 20  # exact limit
+
+
 def test_random_and_epic_respect_budget_and_candidates():
     r = select("random", _inp(5))
     assert r.numel() == 5 and set(r.tolist()) <= set(_inp(5).candidates.tolist())

@@ -80,8 +80,9 @@ def run(args) -> dict:
     runs += [(m, r) for r in ratios for m in methods if m not in RATIO_FREE]
     # The store must hold every chunk of the dataset: each run after the first then hits
     # it, instead of recomputing evicted chunks in isolation.
+    extra = {"scoring_layers": _layers_arg(args.scoring_layers)} if args.scoring_layers else {}
     llm = make_llm(args.model, dtype=args.dtype, max_model_len=args.max_model_len,
-                   method="none", log_stats=False, store_capacity_gb=args.store_gb)
+                   method="none", log_stats=False, store_capacity_gb=args.store_gb, **extra)
     tok = llm.get_tokenizer()
     prompts = [build_rag_prompt(tok, it["question"], it["passages"]) for it in items]
 
@@ -145,6 +146,11 @@ def run(args) -> dict:
 REUSE_VERSION = 2
 
 
+def _layers_arg(text: str) -> list:
+    """"18,19,20,21" (layer indices) or "0.6,0.65" (depth fractions)."""
+    return [float(x) if "." in x else int(x) for x in text.split(",") if x]
+
+
 def _checkpoint_path(args) -> str:
     return args.out.rsplit(".", 1)[0] + ".partial.json"
 
@@ -177,7 +183,8 @@ def _checkpoint_key(args, items) -> list:
     # The dataset by content (not path), so a checkpoint moves with the repository.
     with open(args.dataset, "rb") as f:
         digest = hashlib.sha256(f.read()).hexdigest()
-    return [digest, [it.get("id") for it in items], args.max_tokens, args.model, args.dtype]
+    key = [digest, [it.get("id") for it in items], args.max_tokens, args.model, args.dtype]
+    return key + ([args.scoring_layers] if args.scoring_layers else [])
 
 
 def _summarize(per, items, args) -> dict:
@@ -262,6 +269,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", default=None)
     p.add_argument("--dtype", default=None, help="default: float32 on CPU, auto on GPU")
     p.add_argument("--max-model-len", type=int, default=8192)
+    p.add_argument("--scoring-layers", default=None,
+                   help="infoflow scoring layers: indices (18,19,20,21) or depth fractions "
+                        "(0.6,0.65); default: the engine's (4 layers from 60%% depth)")
     p.add_argument("--store-gb", type=float, default=6.0,
                    help="chunk store capacity; size it to hold the dataset's chunks")
     p.add_argument("--out", required=True, help="JSON file; a PNG plot is written beside it. Finished "

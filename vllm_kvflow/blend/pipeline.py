@@ -275,7 +275,13 @@ class BlendPipeline:
         ids = torch.tensor(prompt, device=positions.device)[positions]
         self.executor.prefill(ids, positions, kv)
 
-    def _signal(self, kind: str, plan: LoadPlan, kv: PagedKV) -> torch.Tensor:
+    def _signal(self, kind: str, plan: LoadPlan, kv: PagedKV):
+        if "+" in kind:
+            # k_deviation first when both: it rewrites layers 0-1, which scoring then reads.
+            kinds = kind.split("+")
+            order = sorted(kinds, key=lambda k: k != "k_deviation")
+            got = {k: self._signal(k, plan, kv) for k in order}
+            return tuple(got[k] for k in kinds)
         if kind == "k_deviation":
             # Layers 0 and 1 of every token from load_start on are recomputed here
             # (CacheBlend's first layers); the deviation is read at layer 1.

@@ -19,14 +19,15 @@ class SelectionInput:
     chunks: list[tuple[int, int]]  # candidate chunk spans, sorted
     budget: int
     seed: int = 0
-    # Per-position score over [0, context_end), for selectors with needs_signal.
-    signal: torch.Tensor | None = None
+    # Per-position score over [0, context_end), for selectors with needs_signal (a
+    # tuple of them, in the order named, for "a+b" signals).
+    signal: torch.Tensor | tuple[torch.Tensor, ...] | None = None
 
 
 @dataclass(frozen=True)
 class Selector:
     fn: Callable[[SelectionInput], torch.Tensor]
-    needs_signal: str | None = None  # "attn_norm" | "k_deviation" | None
+    needs_signal: str | None = None  # "attn_norm" | "k_deviation" | "a+b" | None
 
 
 SELECTORS: dict[str, Selector] = {}
@@ -86,6 +87,25 @@ def select_infoflow(inp: SelectionInput) -> torch.Tensor:
 
 
 register("infoflow-reorder", needs_signal="attn_norm")(select_infoflow)  # after reordering
+
+
+def candidate_ranks(values: torch.Tensor) -> torch.Tensor:
+    """Rank of each value among its tensor, 0 = smallest, ties by position (stable)."""
+    order = torch.sort(values.double(), stable=True).indices
+    ranks = torch.empty_like(order)
+    ranks[order] = torch.arange(order.numel(), device=order.device)
+    return ranks
+
+
+@register("infoflow-kdev", needs_signal="attn_norm+k_deviation")
+def select_infoflow_kdev(inp: SelectionInput) -> torch.Tensor:
+    """Top-k by the mean of two ranks: the question's attention norm (which tokens the
+    answer reads) and CacheBlend's layer-1 key deviation (which cached tokens are most
+    wrong). A variant of this package, not the paper's method."""
+    attn, kdev = inp.signal
+    c = inp.candidates
+    score = candidate_ranks(attn[c]) + candidate_ranks(kdev[c])
+    return top_k_positions(c, score, inp.budget)
 
 
 @register("cacheblend", needs_signal="k_deviation")
