@@ -166,15 +166,25 @@ def _load_checkpoint(args, items) -> dict:
         print(f"ignoring {path}: it was made with other settings", file=sys.stderr)
         return {}
     print(f"resuming from {path}: {len(saved['runs'])} runs done", file=sys.stderr)
-    runs = {(r["method"], r["ratio"]): r["data"] for r in saved["runs"]
-            if r["method"] == "full" or r.get("version") == REUSE_VERSION}
+    runs = {(r["method"], r["ratio"]): r["data"] for r in saved["runs"] if _still_valid(r, args)}
     if len(runs) < len(saved["runs"]):
-        print(f"{len(saved['runs']) - len(runs)} runs of an older reuse path are redone", file=sys.stderr)
+        print(f"{len(saved['runs']) - len(runs)} runs of an older reuse path or other scoring "
+              "layers are redone", file=sys.stderr)
     return runs
 
 
+def _still_valid(run: dict, args) -> bool:
+    if run["method"] == "full":
+        return True  # plain prefill: depends on neither
+    if run.get("version") != REUSE_VERSION:
+        return False
+    scored = "infoflow" in run["method"]
+    return not scored or run.get("scoring_layers") == args.scoring_layers
+
+
 def _save_checkpoint(args, items, per) -> None:
-    runs = [{"method": m, "ratio": r, "version": REUSE_VERSION, "data": d} for (m, r), d in per.items()]
+    runs = [{"method": m, "ratio": r, "version": REUSE_VERSION, "scoring_layers": args.scoring_layers,
+             "data": d} for (m, r), d in per.items()]
     with open(_checkpoint_path(args), "w") as f:
         json.dump({"key": _checkpoint_key(args, items), "runs": runs}, f)
 
@@ -183,8 +193,7 @@ def _checkpoint_key(args, items) -> list:
     # The dataset by content (not path), so a checkpoint moves with the repository.
     with open(args.dataset, "rb") as f:
         digest = hashlib.sha256(f.read()).hexdigest()
-    key = [digest, [it.get("id") for it in items], args.max_tokens, args.model, args.dtype]
-    return key + ([args.scoring_layers] if args.scoring_layers else [])
+    return [digest, [it.get("id") for it in items], args.max_tokens, args.model, args.dtype]
 
 
 def _summarize(per, items, args) -> dict:
@@ -275,7 +284,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--store-gb", type=float, default=6.0,
                    help="chunk store capacity; size it to hold the dataset's chunks")
     p.add_argument("--out", required=True, help="JSON file; a PNG plot is written beside it. Finished "
-                   "runs are checkpointed beside it, and a rerun with the same settings resumes")
+                   "runs are kept beside it (.partial.json): a rerun with the same dataset "
+                   "and settings reuses them and computes only what is new")
     args = p.parse_args(argv)
     report = run(args)
     print_table(report)
@@ -283,6 +293,7 @@ def main(argv: list[str] | None = None) -> int:
         json.dump(report, f, indent=1)
     png = args.out.rsplit(".", 1)[0] + ".png"
     plot(report, png)
-    print(f"wrote {args.out} and {png}")
-    os.remove(_checkpoint_path(args))  # complete: the report holds everything
+    # The checkpoint stays: its per-question data lets a later run add methods or ratios
+    # and still pair them with the runs made here.
+    print(f"wrote {args.out} and {png} (per-question runs: {_checkpoint_path(args)})")
     return 0
