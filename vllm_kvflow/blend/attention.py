@@ -6,8 +6,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-# Queries attended per SDPA call: bounds the [H, q, k] score memory on long contexts.
-_QUERY_BLOCK = 1024
+# Queries attended per SDPA call. Each block attends only to the keys up to its last
+# query's position, so small blocks skip most of the masked-out columns (a block of
+# late queries still sees the whole context); 64 was fastest on the 2-core CPU (4K
+# context, 15% of the queries: 3.7x faster than one block over every key).
+_QUERY_BLOCK = 64
 
 
 def masked_attention(q, k, v, q_pos, k_pos, scale):
@@ -33,10 +36,13 @@ def masked_attention(q, k, v, q_pos, k_pos, scale):
         kt = kt.repeat_interleave(group, dim=0)
         vt = vt.repeat_interleave(group, dim=0)
     out = torch.empty_like(q)
+    sorted_keys = bool((k_pos[1:] >= k_pos[:-1]).all()) if k_pos.numel() > 1 else True
     for s in range(0, n, _QUERY_BLOCK):
         e = min(s + _QUERY_BLOCK, n)
-        mask = k_pos[None, :] <= q_pos[s:e, None]  # [b, N]
+        # Keys visible to some query of the block: positions <= its largest position.
+        hi = int(torch.searchsorted(k_pos, q_pos[s:e].max(), right=True)) if sorted_keys else k_pos.numel()
+        mask = k_pos[None, :hi] <= q_pos[s:e, None]  # [b, hi]
         qb = q[s:e].to(kt.dtype).transpose(0, 1)  # [Hq, b, D]
-        ob = F.scaled_dot_product_attention(qb, kt, vt, attn_mask=mask, scale=scale)
+        ob = F.scaled_dot_product_attention(qb, kt[:, :hi], vt[:, :hi], attn_mask=mask, scale=scale)
         out[s:e] = ob.transpose(0, 1).to(q.dtype)
     return out
