@@ -150,10 +150,11 @@ class BlendPipeline:
         self.store.put(key, entry)
         return entry
 
-    def glue_kv(self, token_ids: list[int], at_start: bool) -> ChunkKV:
+    def glue_kv(self, token_ids: list[int], namespace: str, at_start: bool) -> ChunkKV:
         """Glue KV: at the prompt's start computed with nothing before it (exact),
-        elsewhere behind the sink like a chunk."""
-        key = (at_start, tuple(token_ids))
+        elsewhere behind the sink like a chunk. Per namespace, like chunks, so one
+        tenant's cache hits (timing) say nothing about another's system prompt."""
+        key = (namespace, at_start, tuple(token_ids))
         entry = self.glue.get(key)
         if entry is None:
             entry = self.compute_isolated(token_ids, sink=() if at_start else None)
@@ -194,7 +195,7 @@ class BlendPipeline:
         s = len(self.sink_ids)
         exact_prefix = tuple(prompt[:s]) == self.sink_ids
 
-        candidates, cand_spans, loads = [], [], []
+        candidates, loads = [], []  # candidate spans; (entry, skip, c0, first, c1)
         with timer("load"):
             for c0, c1, is_chunk in context_segments(plan.chunks):
                 if c1 <= start:
@@ -205,7 +206,7 @@ class BlendPipeline:
                     exact = exact_prefix and c0 == s
                     result.chunks_exact += exact
                 else:
-                    entry = self.glue_kv(prompt[c0:c1], at_start=c0 == 0)
+                    entry = self.glue_kv(prompt[c0:c1], plan.namespace, at_start=c0 == 0)
                     exact = c0 == 0
                 first = max(c0, start)
                 loads.append((entry, first - c0, c0, first, c1))
