@@ -47,6 +47,14 @@ def _chat_frame(tokenizer, instruction: str) -> tuple[str, str]:
     return before, after
 
 
+def header_sink_ids(tokenizer, instruction: str = DEFAULT_INSTRUCTION) -> tuple[int, ...]:
+    """Token ids of the chat header that build_rag_prompt puts before the first passage:
+    as `sink_token_ids`, chunks are computed behind the real system prompt and user-turn
+    opening instead of a bare BOS, and the first chunk of every prompt is exact."""
+    before, _ = _chat_frame(tokenizer, instruction)
+    return tuple(tokenizer.encode(before, add_special_tokens=False))
+
+
 def passage_text(passage: Any) -> str:
     if isinstance(passage, str):
         return passage
