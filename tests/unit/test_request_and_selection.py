@@ -54,7 +54,8 @@ def test_config_rejects_unknown_and_invalid_settings():
 
 
 def test_scoring_layers_default_and_fractions():
-    assert resolve_layers(None, 30) == [18, 19, 20, 21]
+    assert resolve_layers(None, 30) == [21, 22, 23, 24]
+    assert resolve_layers(None, 32) == [22, 23, 24, 25]  # the paper's default
     assert resolve_layers((0.5, 10), 30) == [10, 15]
     with pytest.raises(ValueError):
         resolve_layers((30,), 30)

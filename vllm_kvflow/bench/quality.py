@@ -291,7 +291,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-model-len", type=int, default=8192)
     p.add_argument("--scoring-layers", default=None,
                    help="infoflow scoring layers: indices (18,19,20,21) or depth fractions "
-                        "(0.6,0.65); default: the engine's (4 layers from 60%% depth)")
+                        "(0.6,0.65); default: the engine's (4 layers from 69%% depth)")
     p.add_argument("--sink", choices=("bos", "header"), default="bos",
                    help="what chunks are computed behind: the BOS token (engine default) or "
                         "the prompts' chat header (system prompt + user-turn opening)")
