@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import Any
 
 METHODS = ("full", "none", "random", "epic", "cacheblend", "infoflow", "infoflow-reorder",
-           "infoflow-kdev")
+           "infoflow-kdev", "oracle-kv")
 
 
 @dataclass(frozen=True)

@@ -72,7 +72,7 @@ def test_chunk_texts_are_located_and_unlocatable_ones_reported(generate, tokeniz
 
 
 @pytest.mark.parametrize("method", ["none", "random", "epic", "cacheblend", "infoflow",
-                                    "infoflow-reorder", "infoflow-kdev"])
+                                    "infoflow-reorder", "infoflow-kdev", "oracle-kv"])
 def test_each_method_runs_with_its_budget(generate, tokenizer, method):
     items = make_dataset(2, num_passages=4, passage_words=40, seed=31)
     prompts = [build_rag_prompt(tokenizer, it["question"], it["passages"], method=method, ratio=0.15)

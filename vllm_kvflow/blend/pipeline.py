@@ -292,6 +292,8 @@ class BlendPipeline:
             signal = torch.zeros(plan.context_end, device=positions.device)
             signal[positions] = dev.square()  # squares sum over tensor-parallel ranks
             return sum_over_tp(signal).sqrt()
+        if kind == "exact_kv_deviation":
+            return self._exact_kv_deviation(plan, kv)
         if kind == "attn_norm":
             q0, q1 = plan.question
             positions = torch.arange(q0, q1, device=self.adapter.device)
@@ -299,3 +301,22 @@ class BlendPipeline:
             return sum_over_tp(self.executor.score(ids, positions, kv, plan.context_end,
                                                    self.scoring_layers))
         raise NotImplementedError(f"signal {kind!r}")
+
+    def _exact_kv_deviation(self, plan: LoadPlan, kv: PagedKV) -> torch.Tensor:
+        """Per position: sum over layers of ||K - K_exact||^2 + ||V - V_exact||^2, the
+        reused cache against a full prefill of the context (the oracle-kv diagnostic)."""
+        end = plan.context_end
+        device = self.adapter.device
+        positions = torch.arange(end, device=device)
+        shape = self.adapter.shape
+        dtype = next(self.adapter.model.parameters()).dtype
+        exact = DenseKV.empty(self.adapter.num_layers, end, shape.num_kv_heads, shape.head_dim,
+                              dtype, device)
+        self.executor.prefill(torch.tensor(plan.token_ids[:end], device=device), positions, exact)
+        dev = torch.zeros(end, dtype=torch.float32, device=device)
+        for layer in range(self.adapter.num_layers):
+            k, v = kv.read(layer, end)
+            dev += (k.float() - exact.keys[layer].float()).flatten(1).square().sum(1)
+            dev += (v.float() - exact.values[layer].float()).flatten(1).square().sum(1)
+        return sum_over_tp(dev)
+

@@ -108,6 +108,14 @@ def select_infoflow_kdev(inp: SelectionInput) -> torch.Tensor:
     return top_k_positions(c, score, inp.budget)
 
 
+@register("oracle-kv", needs_signal="exact_kv_deviation")
+def select_oracle_kv(inp: SelectionInput) -> torch.Tensor:
+    """Diagnostic, not a method: top-k by how far each reused token's K/V (all layers)
+    are from full prefill's, which it computes first (so it costs a full prefill). Shows
+    how much of the gap any selector of that budget could close on given data."""
+    return top_k_positions(inp.candidates, inp.signal[inp.candidates], inp.budget)
+
+
 @register("cacheblend", needs_signal="k_deviation")
 def select_cacheblend(inp: SelectionInput) -> torch.Tensor:
     """Top-k by the deviation of cached from recomputed keys at layer 1 (CacheBlend)."""
