@@ -18,7 +18,7 @@ def default_dtype() -> str:
 def make_llm(model: str | None = None, *, connector: bool = True, prefix_caching: bool = False,
              max_model_len: int = 8192, dtype: str | None = None, load_format: str = "auto",
              gpu_memory_utilization: float = 0.6, tensor_parallel_size: int = 1,
-             **kvflow_settings: Any):
+             kv_cache_gb: float | None = None, **kvflow_settings: Any):
     """An LLM on the CPU or GPU platform; kvflow settings go to transfer_config().
 
     On GPU, vLLM's share of memory is capped (default 0.6) so a chunk store kept in
@@ -38,6 +38,8 @@ def make_llm(model: str | None = None, *, connector: bool = True, prefix_caching
 
     if not torch.cuda.is_available():
         kwargs.update(gpu_memory_utilization=0.3, distributed_executor_backend="uni")
+        if kv_cache_gb is not None:  # a fixed size, whatever else holds memory
+            kwargs["kv_cache_memory_bytes"] = int(kv_cache_gb * (1 << 30))
     else:
         kwargs.update(gpu_memory_utilization=gpu_memory_utilization,
                       tensor_parallel_size=tensor_parallel_size)
