@@ -68,13 +68,24 @@ def use_kernels(t: torch.Tensor) -> bool:
 class _PassIndex:
     """Per-pass index tensors of PagedKV (see PagedKV._pass_index)."""
 
-    def __init__(self, positions: torch.Tensor, slots: torch.Tensor):
+    def __init__(self, positions: torch.Tensor, slots: torch.Tensor,
+                 table: torch.Tensor | None = None):
         dev = positions.device
         self.positions = positions
         self.slots = slots
+        self.table = table  # block table, where the holder does not have its own
         self.positions_i32 = positions.to(torch.int32)
         self.cu_seqlens_q = torch.tensor([0, positions.numel()], dtype=torch.int32).to(dev)
         self._seq_lens: dict[int, torch.Tensor] = {}
+
+    @staticmethod
+    def of(holder, positions: torch.Tensor, make) -> "_PassIndex":
+        """holder's index for this pass: built by make() once, then reused by every layer
+        (the executor hands each layer the same positions tensor, so identity is the key)."""
+        memo = holder.__dict__.get("_memo")
+        if memo is None or memo.positions is not positions:
+            memo = holder.__dict__["_memo"] = make()
+        return memo
 
     def seq_lens(self, length: int) -> torch.Tensor:
         if length not in self._seq_lens:
@@ -111,13 +122,9 @@ class PagedKV:
         return block * self.block_size + offset
 
     def _pass_index(self, positions: torch.Tensor) -> "_PassIndex":
-        """Index tensors of one layer-wise pass, built once and reused by every layer:
-        the executor hands each layer the same positions tensor, so identity is the
-        key (rebuilding them per layer costs launches and host-to-device syncs)."""
-        memo = self.__dict__.get("_memo")
-        if memo is None or memo.positions is not positions:
-            memo = self.__dict__["_memo"] = _PassIndex(positions, self.slot_mapping(positions))
-        return memo
+        """Index tensors of one layer-wise pass, built once (rebuilding them per layer
+        costs launches and host-to-device syncs)."""
+        return _PassIndex.of(self, positions, lambda: _PassIndex(positions, self.slot_mapping(positions)))
 
     def write(self, layer: int, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
         slots = self._pass_index(positions).slots
@@ -176,14 +183,14 @@ class PagedKV:
                             rotary_dim, is_neox) -> None:
         """load_rotated for consecutive layers, k_src/v_src [len(layers), T, H, D]: one
         kernel launch for all of them on the kernel path."""
-        if not (self.strided and use_kernels(k_src) and self._offsets() is not None):
+        offsets = self._offsets() if self.strided and use_kernels(k_src) else None
+        if offsets is None:
             for i, layer in enumerate(layers):
                 self.load_rotated(layer, positions, k_src[i], v_src[i], delta, cos_sin,
                                   rotary_dim, is_neox)
             return
         from vllm_kvflow.kernels import chunk_load
 
-        offsets = self._offsets()
         l0, l1 = layers.start, layers.stop
         k_off, v_off = (o[l0:l1] - o[l0] for o in offsets)  # relative to layer l0's view
         chunk_load.load_chunk_kv_layers(
@@ -267,9 +274,7 @@ class DenseKV:
         from vllm_kvflow.kernels.partial_attention import partial_attention
 
         # The buffer is one page: [1, capacity, H, D] with block table [[0]].
-        memo = self.__dict__.get("_memo")
-        if memo is None or memo.positions is not positions:
-            memo = self.__dict__["_memo"] = _PassIndex(positions, positions)
-            memo.table = torch.zeros(1, 1, dtype=torch.int32, device=q.device)
+        memo = _PassIndex.of(self, positions, lambda: _PassIndex(
+            positions, positions, table=torch.zeros(1, 1, dtype=torch.int32, device=q.device)))
         return partial_attention(q, self.keys[layer][None], self.values[layer][None], memo.table,
                                  memo.seq_lens(length), memo.cu_seqlens_q, memo.positions_i32, scale)
