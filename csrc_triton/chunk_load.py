@@ -57,6 +57,7 @@ __all__ = [
     "load_chunk_kv",
     "load_chunk_kv_layers",
     "load_chunk_kv_reference",
+    "load_chunk_kv_segments",
     "rotate_keys_reference",
 ]
 
@@ -75,6 +76,7 @@ if HAS_TRITON:
     def _load_chunk_kv_kernel(
         k_src, v_src, k_cache, v_cache, slot_ptr, delta_ptr, cos_sin_ptr,
         k_layer_off, v_layer_off,  # per-layer element offsets from k_cache / v_cache
+        src_rows,  # SOURCE_TABLE: [3, T] per-token (K row, V row, layer stride) / 16
         T, block_size,
         s_kl, s_vl,  # k_src / v_src layer strides
         s_kt, s_kh, s_kd,  # k_src strides (token, head, dim)
@@ -89,6 +91,7 @@ if HAS_TRITON:
         BLOCK_HALF: tl.constexpr,  # >= ROT_DIM // 2, power of two
         BLOCK_TAIL: tl.constexpr,  # >= HEAD_DIM - ROT_DIM, power of two
         BLOCK_D: tl.constexpr,  # >= HEAD_DIM, power of two
+        SOURCE_TABLE: tl.constexpr,  # sources scattered over many tensors (see above)
     ):
         HALF: tl.constexpr = ROT_DIM // 2
         pid_t = tl.program_id(0)
@@ -97,8 +100,6 @@ if HAS_TRITON:
         # reached by an element offset from the first; small launches would each pay
         # the ramp-up and drain of a kernel).
         layer = tl.program_id(2)
-        k_src += layer * s_kl
-        v_src += layer * s_vl
         # Offsets come in units of 16 elements: multiplying by the constant keeps the
         # compiler's alignment facts about the base pointer, so accesses stay vectorized.
         k_cache += tl.load(k_layer_off + layer) * 16
@@ -112,8 +113,17 @@ if HAS_TRITON:
         off = slot % block_size
         t64 = t.to(tl.int64)
 
-        src_k = k_src + t64[:, None] * s_kt + h * s_kh
-        src_v = v_src + t64[:, None] * s_vt + h * s_vh
+        if SOURCE_TABLE:
+            # Each token's rows live in its own chunk's tensor: element offsets from
+            # k_src, in units of 16 (alignment kept, as for the layer offsets above).
+            k_row = tl.load(src_rows + t, mask=ok, other=0)
+            v_row = tl.load(src_rows + T + t, mask=ok, other=0)
+            l_stride = tl.load(src_rows + 2 * T + t, mask=ok, other=0)
+            src_k = k_src + ((k_row + layer * l_stride) * 16)[:, None] + h * s_kh
+            src_v = k_src + ((v_row + layer * l_stride) * 16)[:, None] + h * s_vh
+        else:
+            src_k = k_src + layer * s_kl + t64[:, None] * s_kt + h * s_kh
+            src_v = v_src + layer * s_vl + t64[:, None] * s_vt + h * s_vh
         dst_k = k_cache + blk[:, None] * c_kb + off[:, None] * c_ks + h * c_kh
         dst_v = v_cache + blk[:, None] * c_vb + off[:, None] * c_vs + h * c_vh
 
@@ -260,15 +270,89 @@ def load_chunk_kv_layers(k_src, v_src, key_caches, value_caches, slot_mapping, d
         raise ValueError("|delta_pos| exceeds the cos_sin_cache length")
     k_off, v_off = offsets if offsets is not None else (layer_offsets(key_caches),
                                                          layer_offsets(value_caches))
-    key_cache, value_cache = key_caches[0], value_caches[0]
+    _launch(k_src, v_src, None, (k_src.stride(0), v_src.stride(0), *k_src.stride()[1:],
+                                 *v_src.stride()[1:]),
+            key_caches[0], value_caches[0], k_off, v_off, slot_mapping, delta_pos, T, H, L,
+            cos_sin_cache, rotary_dim, is_neox, block_t, num_warps)
+
+
+def load_chunk_kv_segments(segments, key_caches, value_caches, slot_mapping, delta_pos,
+                           cos_sin_cache, rotary_dim, is_neox, *, offsets=None,
+                           block_t: int = 16, num_warps: int = 4) -> None:
+    """load_chunk_kv_layers from many source tensors at once, without gathering them.
+
+    segments: (keys, values, first, count) per source: tokens first .. first+count-1 of
+    one chunk's contiguous [L, T_chunk, Hkv, D] K and V (the store's layout); the
+    request's tokens are the segments' tokens in order (slot_mapping and delta_pos have
+    one entry per token). The kernel reaches each token's rows through a small table of
+    element offsets from the first segment's keys, built here on the host and copied
+    once: one launch for all layers and all segments, and no gathered copy of the
+    request's KV. ValueError where the sources do not allow it (not on the caches'
+    device, not contiguous, mixed shapes, rows not 16 elements apart): gather instead.
+    """
+    import numpy as np
+
+    if not HAS_TRITON:
+        raise RuntimeError("load_chunk_kv needs triton; use load_chunk_kv_reference")
+    if not segments:
+        return
+    base = segments[0][0]
+    L, _, H, D = base.shape
+    row = H * D  # elements per token row of one layer
+    if row % 16 or len(key_caches) != L:
+        raise ValueError("token rows not 16 elements apart, or layer count mismatch")
+    if not (base.is_cuda or _interpreting()):
+        raise ValueError("load_chunk_kv runs on CUDA tensors (or under TRITON_INTERPRET=1)")
+    unit = 16 * base.element_size()
+    # Per segment: (K row, V row, layer stride) of its first token, in units of 16.
+    starts = np.empty((3, len(segments)), dtype=np.int64)
+    counts = np.empty(len(segments), dtype=np.int64)
+    for i, (keys, values, first, count) in enumerate(segments):
+        if (keys.dtype != base.dtype or keys.device != key_caches[0].device or keys.dim() != 4
+                or tuple(keys.shape[::2]) != (L, H) or keys.shape[3] != D
+                or values.shape != keys.shape or values.dtype != base.dtype
+                or not (keys.is_contiguous() and values.is_contiguous())):
+            raise ValueError("segments must be contiguous [L, T, Hkv, D] tensors of one "
+                             "dtype on the caches' device")
+        k_at, v_at = keys.data_ptr() - base.data_ptr(), values.data_ptr() - base.data_ptr()
+        if k_at % unit or v_at % unit:
+            raise ValueError("segment tensors are not 16-element aligned")
+        starts[:, i] = (k_at // unit + first * row // 16, v_at // unit + first * row // 16,
+                        keys.shape[1] * row // 16)
+        counts[i] = count
+    T = int(counts.sum())
+    shape_of_source = base.new_empty(()).expand(T, H, D)  # the checks' view of the sources
+    _check_inputs(shape_of_source, shape_of_source, key_caches[0], value_caches[0],
+                  slot_mapping, delta_pos, cos_sin_cache, rotary_dim)
+    if T == 0:
+        return
+    seg = np.repeat(np.arange(len(segments)), counts)
+    within = np.arange(T, dtype=np.int64) - np.repeat(np.cumsum(counts) - counts, counts)
+    table = np.ascontiguousarray(starts[:, seg])  # [3, T] row-major, as the kernel reads it
+    table[:2] += within * (row // 16)
+    src_rows = torch.from_numpy(table)
+    if base.is_cuda:
+        src_rows = src_rows.pin_memory().to(base.device, non_blocking=True)
+    k_off, v_off = offsets if offsets is not None else (layer_offsets(key_caches),
+                                                         layer_offsets(value_caches))
+    # Strides of one contiguous [L, T, H, D] entry: (layer, token) come from the table.
+    strides = (0, 0, row, D, 1, row, D, 1)
+    _launch(base, base, src_rows, strides, key_caches[0], value_caches[0], k_off, v_off,
+            slot_mapping, delta_pos, T, H, L, cos_sin_cache, rotary_dim, is_neox, block_t,
+            num_warps)
+
+
+def _launch(k_src, v_src, src_rows, src_strides, key_cache, value_cache, k_off, v_off,
+            slot_mapping, delta_pos, T, H, L, cos_sin_cache, rotary_dim, is_neox, block_t,
+            num_warps):
+    """One launch of the load kernel: grid (token tiles, KV heads, layers)."""
+    D = key_cache.shape[3]
     half = rotary_dim // 2
-    grid = (triton.cdiv(T, block_t), H, L)
-    _load_chunk_kv_kernel[grid](
+    _load_chunk_kv_kernel[(triton.cdiv(T, block_t), H, L)](
         k_src, v_src, key_cache, value_cache, slot_mapping, delta_pos, cos_sin_cache,
-        k_off, v_off,
+        k_off, v_off, src_rows if src_rows is not None else slot_mapping,
         T, key_cache.shape[1],
-        k_src.stride(0), v_src.stride(0),
-        *k_src.stride()[1:], *v_src.stride()[1:],
+        *src_strides,
         *key_cache.stride(), *value_cache.stride(),
         *cos_sin_cache.stride(),
         HEAD_DIM=D, ROT_DIM=rotary_dim, IS_NEOX=bool(is_neox),
@@ -276,6 +360,7 @@ def load_chunk_kv_layers(k_src, v_src, key_caches, value_caches, slot_mapping, d
         BLOCK_HALF=triton.next_power_of_2(half),
         BLOCK_TAIL=triton.next_power_of_2(max(D - rotary_dim, 1)),
         BLOCK_D=triton.next_power_of_2(D),
+        SOURCE_TABLE=src_rows is not None,
         num_warps=num_warps,
     )
 

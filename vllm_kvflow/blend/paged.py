@@ -197,6 +197,21 @@ class PagedKV:
             k_src, v_src, self.keys[l0:l1], self.values[l0:l1], self.slot_mapping(positions),
             delta, cos_sin, rotary_dim, is_neox, offsets=(k_off, v_off))
 
+    def load_rotated_segments(self, segments, positions, delta, cos_sin, rotary_dim,
+                              is_neox) -> None:
+        """load_rotated for every layer from many chunks' own tensors, read in place (no
+        gathered copy): segments are (keys, values, first, count), see
+        chunk_load.load_chunk_kv_segments. ValueError where this cache or the sources
+        do not allow it; the caller then gathers and uses load_rotated_layers."""
+        offsets = self._offsets() if self.strided and use_kernels(positions) else None
+        if offsets is None:
+            raise ValueError("segment loads need the kernel path and layer offsets")
+        from vllm_kvflow.kernels import chunk_load
+
+        chunk_load.load_chunk_kv_segments(
+            segments, self.keys, self.values, self.slot_mapping(positions), delta, cos_sin,
+            rotary_dim, is_neox, offsets=offsets)
+
 
 @dataclass
 class PackedPagedKV(PagedKV):

@@ -11,6 +11,7 @@ The prompt's remaining tokens are then prefilled by vLLM itself over this cache.
 """
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass, field, replace
 
@@ -19,7 +20,7 @@ import torch
 
 from vllm_kvflow.blend.executor import LayerwiseExecutor
 from vllm_kvflow.blend.glue import GlueCache
-from vllm_kvflow.blend.paged import DenseKV, PagedKV
+from vllm_kvflow.blend.paged import DenseKV, PagedKV, use_kernels
 from vllm_kvflow.blend.selection import SELECTORS, SelectionInput, budget_for, select
 from vllm_kvflow.config import KVFlowConfig, resolve_layers
 from vllm_kvflow.patches.parallel import sum_over_tp
@@ -118,8 +119,12 @@ class _Timer:
         return _Span()
 
 
-# Bytes of chunk K/V gathered at once when writing a request's chunks.
+# Bytes of chunk K/V gathered at once when writing a request's chunks (torch path), and
+# of host-tier entries staged on the device at once (kernel path).
 _GATHER_BYTES = 1 << 30
+_STAGE_BYTES = 1 << 30
+
+logger = logging.getLogger("vllm_kvflow")
 
 
 class BlendPipeline:
@@ -247,9 +252,12 @@ class BlendPipeline:
 
     # -- steps ----------------------------------------------------------------------------
     def _write_chunks(self, loads, kv: PagedKV) -> None:
-        """Write every segment's K (re-rotated) and V, one fused kernel per layer group
-        for all segments of the request. The segments are gathered for a group of layers at once
-        (one copy per segment, not per segment and layer: long contexts have hundreds)."""
+        """Write every segment's K (re-rotated) and V into the request's blocks.
+
+        On the kernel path the kernel reads each segment where it lies (one launch for
+        all layers and segments; host-tier entries are first copied to the device, at
+        most _STAGE_BYTES at a time). Elsewhere the segments are gathered for a group of
+        layers at once and written by one fused call per group."""
         if not loads:
             return
         device = self.adapter.device
@@ -260,6 +268,34 @@ class BlendPipeline:
                                        [c1 - first for *_, first, c1 in loads]),
                              dtype=torch.long).to(device, non_blocking=True)
         cos_sin = self.cos_sin.to(device)
+        if kv.strided and use_kernels(positions):
+            try:
+                self._write_in_place(loads, kv, positions, delta, cos_sin)
+                return
+            except ValueError as e:  # e.g. a non-contiguous entry: gather instead
+                logger.debug("kvflow: segment load not possible (%s); gathering", e)
+        self._write_gathered(loads, kv, positions, delta, cos_sin)
+
+    def _write_in_place(self, loads, kv: PagedKV, positions, delta, cos_sin) -> None:
+        device = positions.device
+        segments, staged, t0, t1 = [], 0, 0, 0
+        for entry, skip, _, first, c1 in loads:
+            keys, values = entry.keys, entry.values
+            if keys.device != device:  # host tier: one copy per entry, asynchronous
+                keys, values = keys.to(device, non_blocking=True), values.to(device, non_blocking=True)
+                staged += entry.nbytes
+            segments.append((keys, values, skip, c1 - first))
+            t1 += c1 - first
+            if staged >= _STAGE_BYTES:
+                kv.load_rotated_segments(segments, positions[t0:t1], delta[t0:t1], cos_sin,
+                                         self.rotary_dim, self.is_neox)
+                segments, staged, t0 = [], 0, t1
+        if segments:
+            kv.load_rotated_segments(segments, positions[t0:t1], delta[t0:t1], cos_sin,
+                                     self.rotary_dim, self.is_neox)
+
+    def _write_gathered(self, loads, kv: PagedKV, positions, delta, cos_sin) -> None:
+        device = positions.device
         first = loads[0][0].keys
         per_layer = 2 * positions.numel() * first[0, :1].numel() * first.element_size()
         group = max(1, min(self.adapter.num_layers, _GATHER_BYTES // max(per_layer, 1)))
