@@ -120,17 +120,25 @@ if HAS_TRITON:
     @triton.jit
     def _column_norm_kernel(
         q_ptr, qpos_ptr, k_cache, bt, lse_ptr, out_ptr,
-        Nq, num_context, qk_scale, inv_heads, block_size,
+        Nq, num_context, out_len, qk_scale, inv_heads, block_size,
         s_qt, s_qh, s_qd, c_kb, c_ks, c_kh, c_kd, s_lt, s_lh,
         HKV: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
         BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-        DOT_PRECISION: tl.constexpr,
+        DOT_PRECISION: tl.constexpr, CONTEXT_ON_DEVICE: tl.constexpr,
     ):
-        """s[n] = sqrt(sum_i (mean_h A[i, h, n])^2) for BLOCK_N context columns n."""
+        """s[n] = sqrt(sum_i (mean_h A[i, h, n])^2) for BLOCK_N context columns n.
+
+        CONTEXT_ON_DEVICE: num_context is a pointer to the count (a CUDA graph replays
+        one launch for any context length up to out_len); columns from it up to out_len
+        get 0."""
         n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        if CONTEXT_ON_DEVICE:
+            num_context = tl.load(num_context)
         n_ok = n < num_context
         col_sq = tl.zeros([BLOCK_N], tl.float32)
-        for r0 in range(0, Nq, BLOCK_R):
+        # No context column in this program: skip the row loop, store zeros.
+        rows = tl.where(tl.program_id(0) * BLOCK_N < num_context, Nq, 0)
+        for r0 in range(0, rows, BLOCK_R):
             head_sum = tl.zeros([BLOCK_R, BLOCK_N], tl.float32)  # sum_h A[i, h, n]
             for kvh in range(HKV):
                 q, qi, head, row_ok, pos = _question_tile(
@@ -147,7 +155,7 @@ if HAS_TRITON:
                 head_sum += tl.sum(tl.reshape(p, (BLOCK_R, G_PAD, BLOCK_N)), 1)
             a = head_sum * inv_heads
             col_sq += tl.sum(a * a, 0)
-        tl.store(out_ptr + n, tl.sqrt(col_sq), mask=n_ok)
+        tl.store(out_ptr + n, tl.sqrt(col_sq), mask=n < out_len)
 
 
 def _interpreting() -> bool:
@@ -192,19 +200,33 @@ def _default_config(head_dim: int, dtype: torch.dtype, G_PAD: int) -> dict:
                 num_warps=4, num_stages=2)
 
 
-def attn_norm(q, key_cache, block_table, seq_len: int, q_pos, num_context: int,
+def attn_norm(q, key_cache, block_table, seq_len: int, q_pos, num_context,
               scale: float, out: torch.Tensor | None = None,
-              config: dict | None = None) -> torch.Tensor:
+              config: dict | None = None, max_context: int | None = None) -> torch.Tensor:
     """Attention-norm score s [num_context] (float32) of one sequence's context tokens.
 
     q [Nq, Hq, D] question rows at positions q_pos [Nq]; key_cache a 4-D view
     [num_blocks, block_size, Hkv, D]; block_table [max_blocks] the sequence's pages;
-    seq_len keys in the cache (context + question); scale the softmax scale; ``out``
-    an optional float32 [num_context] destination. Two launches (row lse, column norms) and a small torch merge; no host sync.
+    seq_len keys in the cache (context + question), or an upper bound; scale the
+    softmax scale; ``out`` an optional float32 [num_context] destination. Two launches
+    (row lse, column norms) and a small torch merge; no host sync.
+
+    For CUDA graphs, num_context may be a one-element int32 tensor on q's device, read
+    by the kernel, with ``max_context`` (int) its largest value: the result then has
+    max_context entries, zero from num_context on. A row at position -1 sees no key and
+    adds nothing (how a graph pads its question rows).
     """
     if not HAS_TRITON:
         raise RuntimeError("attn_norm needs triton; use attn_norm_reference")
+    context_on_device = isinstance(num_context, torch.Tensor)
+    if context_on_device:
+        if max_context is None or num_context.numel() != 1 or num_context.dtype != torch.int32:
+            raise ValueError("a device num_context must be a one-element int32 tensor, "
+                             "with max_context given")
+        context_arg, num_context = num_context, int(max_context)
     seq_len, num_context = int(seq_len), int(num_context)
+    if not context_on_device:
+        context_arg = num_context
     _check_inputs(q, key_cache, block_table, seq_len, q_pos, num_context)
     if not (q.is_cuda or _interpreting()):
         raise ValueError("attn_norm runs on CUDA tensors (or under TRITON_INTERPRET=1)")
@@ -246,8 +268,9 @@ def attn_norm(q, key_cache, block_table, seq_len: int, q_pos, num_context: int,
     # Pass 2: column sums of head-averaged probabilities, squared and summed over rows.
     _column_norm_kernel[(triton.cdiv(num_context, block_n),)](
         q, q_pos, key_cache, block_table, lse2, out,
-        Nq, num_context, qk_scale, 1.0 / Hq, key_cache.shape[1],
-        *q.stride(), *key_cache.stride(), *lse2.stride(), HKV=Hkv, **common)
+        Nq, context_arg, num_context, qk_scale, 1.0 / Hq, key_cache.shape[1],
+        *q.stride(), *key_cache.stride(), *lse2.stride(), HKV=Hkv,
+        CONTEXT_ON_DEVICE=context_on_device, **common)
     return out
 
 

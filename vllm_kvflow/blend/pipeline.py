@@ -20,7 +20,9 @@ import torch
 
 from vllm_kvflow.blend.executor import LayerwiseExecutor
 from vllm_kvflow.blend.glue import GlueCache
+from vllm_kvflow.blend import score_graph
 from vllm_kvflow.blend.paged import DenseKV, PagedKV, use_kernels
+from vllm_kvflow.blend.score_graph import ScoreGraphs
 from vllm_kvflow.blend.selection import SELECTORS, SelectionInput, budget_for, select
 from vllm_kvflow.config import KVFlowConfig, resolve_layers
 from vllm_kvflow.patches.parallel import sum_over_tp
@@ -139,6 +141,7 @@ class BlendPipeline:
         self.model_id = model_id
         self.sink_ids = tuple(sink_ids)
         self.glue = GlueCache()
+        self._graphs: tuple[int, ScoreGraphs] | None = None
         self.scoring_layers = resolve_layers(config.scoring_layers, self.adapter.num_layers)
         cache, self.rotary_dim, self.is_neox = self.adapter.rope_cache()
         self.cos_sin = cache.float()
@@ -332,11 +335,27 @@ class BlendPipeline:
             return self._exact_kv_deviation(plan, kv)
         if kind == "attn_norm":
             q0, q1 = plan.question
+            graphs = self._score_graphs(kv)
+            scores = None if graphs is None else graphs.score(
+                plan.token_ids[q0:q1], q0, plan.context_end, plan.block_ids)
+            if scores is not None:
+                return sum_over_tp(scores)
             positions = torch.arange(q0, q1, device=self.adapter.device)
             ids = torch.tensor(plan.token_ids[q0:q1], device=positions.device)
             return sum_over_tp(self.executor.score(ids, positions, kv, plan.context_end,
                                                    self.scoring_layers))
         raise NotImplementedError(f"signal {kind!r}")
+
+    def _score_graphs(self, kv) -> ScoreGraphs | None:
+        """The scoring pass's CUDA graphs over this worker's paged cache (built once per
+        cache), where the kernels run in place on it."""
+        if not (getattr(kv, "strided", False) and use_kernels(kv.keys[0]) and score_graph.enabled()):
+            return None
+        cache_id = kv.keys[0].data_ptr()
+        if self._graphs is None or self._graphs[0] != cache_id:
+            self._graphs = (cache_id, ScoreGraphs(self.executor, kv.keys, kv.values, kv.block_size,
+                                                  self.scoring_layers))
+        return self._graphs[1]
 
     def _exact_kv_deviation(self, plan: LoadPlan, kv: PagedKV) -> torch.Tensor:
         """Per position: sum over layers of ||K - K_exact||^2 + ||V - V_exact||^2, the

@@ -1,0 +1,88 @@
+"""The scoring pass captured in a CUDA graph (blend/score_graph.py) equals the eager
+score on the GPU (no vLLM: a toy model stands in for the decoder layers;
+tests/unit/test_score_graph_interpret.py has the padding checks on CPU)."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "unit"))
+from test_score_graph_interpret import Toy  # noqa: E402
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+]
+
+
+def _to(toy, device, dtype):
+    # Smaller weights than on CPU: 32 heads x 128 would otherwise saturate every softmax.
+    toy.proj, toy.mix = (0.3 * toy.proj).to(device, dtype), (0.3 * toy.mix).to(device, dtype)
+
+    embed = toy.embed
+    toy.embed = lambda ids: embed(ids).to(dtype)
+    return toy
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_captured_score_equals_eager_score(dtype):
+    from vllm_kvflow.blend.executor import LayerwiseExecutor
+    from vllm_kvflow.blend.paged import PagedKV, split_kv_cache
+    from vllm_kvflow.blend.score_graph import ScoreGraphs
+
+    torch.manual_seed(0)
+    Hq, Hkv, D, BS, NB = 32, 8, 128, 16, 700
+    ex = LayerwiseExecutor(_to(Toy(Hq, Hkv, D, hidden=64), "cuda", dtype))
+    raw = torch.randn(NB, BS, Hkv, 2 * D, device="cuda", dtype=dtype).transpose(1, 2)
+    k, v = split_kv_cache(raw, "flash", D)
+    keys = [k] + [k.clone() for _ in range(2)]
+    values = [v] + [v.clone() for _ in range(2)]
+    block_ids = (torch.randperm(NB - 1) + 1)[:600].tolist()
+    graphs = ScoreGraphs(ex, [x.clone() for x in keys], [x.clone() for x in values], BS, [1, 2])
+    for context, n in ((5000, 23), (3100, 9), (9000, 40)):
+        q0 = context + 4
+        ids = list(range(100, 100 + n))
+        kv = PagedKV([x.clone() for x in keys], [x.clone() for x in values],
+                     torch.tensor(block_ids, device="cuda"), BS)
+        eager = ex.score(torch.tensor(ids, device="cuda"), torch.arange(q0, q0 + n, device="cuda"),
+                         kv, context, [1, 2])
+        got = graphs.score(ids, q0, context, block_ids)
+        assert got.shape == (context,)
+        torch.testing.assert_close(got, eager, rtol=2e-2, atol=1e-4)
+    assert all(graph is not None for _, graph in graphs._entries.values()), "capture failed"
+
+
+def test_segment_load_equals_gathered_load():
+    """The in-place segment load (the engine's GPU write path) against the gathered
+    multi-layer load, bf16, FLASH_ATTN layout, 32 layers, chunks of uneven length."""
+    from vllm_kvflow.kernels.chunk_load import (layer_offsets, load_chunk_kv_layers,
+                                                load_chunk_kv_segments)
+
+    torch.manual_seed(1)
+    L, H, D, BS, NB, dt = 32, 8, 128, 16, 400, torch.bfloat16
+    freqs = 1.0 / (500000.0 ** (torch.arange(0, D, 2, dtype=torch.float64) / D))
+    ang = torch.outer(torch.arange(8192, dtype=torch.float64), freqs)
+    rope = torch.cat([ang.cos(), ang.sin()], -1).float().cuda()
+    chunks = [(torch.randn(L, n, H, D, device="cuda", dtype=dt),
+               torch.randn(L, n, H, D, device="cuda", dtype=dt)) for n in (97, 130, 5, 260)]
+    segments = [(k, v, skip, k.shape[1] - skip) for (k, v), skip in zip(chunks, (0, 17, 0, 1))]
+    T = sum(s[3] for s in segments)
+    slots = torch.randperm(NB * BS, device="cuda")[:T]
+    delta = torch.randint(-4000, 4000, (T,), device="cuda")
+    out = []
+    for in_place in (True, False):
+        caches = [torch.full((NB, BS, H, 2 * D), float("nan"), device="cuda", dtype=dt) for _ in range(L)]
+        keys, values = [c[..., :D] for c in caches], [c[..., D:] for c in caches]
+        if in_place:
+            load_chunk_kv_segments(segments, keys, values, slots, delta, rope, D, True)
+        else:
+            k_src = torch.cat([k[:, s:] for k, _, s, _ in segments], 1)
+            v_src = torch.cat([v[:, s:] for _, v, s, _ in segments], 1)
+            load_chunk_kv_layers(k_src, v_src, keys, values, slots, delta, rope, D, True,
+                                 offsets=(layer_offsets(keys), layer_offsets(values)))
+        out.append(torch.stack(caches))
+    assert torch.equal(out[0].isnan(), out[1].isnan())
+    assert torch.equal(out[0].nan_to_num(0), out[1].nan_to_num(0))  # same kernel math

@@ -1,0 +1,118 @@
+"""The scoring pass on the padded static buffers of its CUDA graphs (blend/score_graph.py)
+against the executor's own eager scoring, under TRITON_INTERPRET=1.
+
+On CPU nothing is captured: the same pass runs eagerly on the same buffers, so this
+checks what the graphs add to the eager pass (padding rows at position -1 writing into
+the null block, a block table padded to the context bucket, context lengths read on
+the device by the kernels). The capture itself is checked on the GPU
+(tests/gpu/test_score_graph_gpu.py).
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from interpreter_child import IN_CHILD, run_interpreter_child
+
+
+def test_score_graph_under_triton_interpreter():
+    run_interpreter_child(__file__)
+
+
+@pytest.fixture(scope="module")
+def interp():
+    if not IN_CHILD:
+        pytest.skip("runs in the TRITON_INTERPRET=1 child of test_score_graph_under_triton_interpreter")
+    pytest.importorskip("triton")
+
+
+class Toy:
+    """The adapter surface the executor uses: 3 'layers' that are attention plus a mix."""
+
+    def __init__(self, Hq, Hkv, D, hidden=16, seed=0):
+        from vllm_kvflow.blend.model_adapter import AttentionShape
+
+        gen = torch.Generator().manual_seed(seed)
+        self.shape = AttentionShape(Hq, Hkv, D, D ** -0.5)
+        self.num_layers = 3
+        self.attn_modules = [torch.nn.Module() for _ in range(3)]
+        self.proj = torch.randn(3, hidden, (Hq + 2 * Hkv) * D, generator=gen) * 0.3
+        self.mix = torch.randn(3, Hq * D, hidden, generator=gen) * 0.1
+        self.split = [Hq * D, Hkv * D, Hkv * D]
+        self.hidden = hidden
+
+    def embed(self, ids):
+        return torch.nn.functional.one_hot(ids % self.hidden, self.hidden).float()
+
+    def layer_forward(self, idx, positions, hidden, residual):
+        # Positions enter like RoPE would: the graphs must hand the right ones over.
+        rope_like = 1 + 0.1 * torch.sin(0.37 * positions[:, None].to(hidden.dtype))
+        q, k, v = (hidden @ self.proj[idx] * rope_like).split(self.split, -1)
+        out = self.attn_modules[idx](q, k, v)
+        return hidden + out @ self.mix[idx], residual
+
+
+def _cache(NB, BS, Hkv, D, seed):
+    from vllm_kvflow.blend.paged import split_kv_cache
+
+    gen = torch.Generator().manual_seed(seed)
+    raw = torch.randn(NB, BS, Hkv, 2 * D, generator=gen).transpose(1, 2)  # FLASH_ATTN
+    return raw, split_kv_cache(raw, "flash", D)
+
+
+@pytest.mark.parametrize("Hq,Hkv,n_question,context", [(4, 2, 6, 50), (8, 2, 17, 70)])
+def test_interp_padded_graph_pass_equals_eager_score(interp, Hq, Hkv, n_question, context):
+    from vllm_kvflow.blend.executor import LayerwiseExecutor
+    from vllm_kvflow.blend.paged import PagedKV
+    from vllm_kvflow.blend.score_graph import MIN_ROWS, ScoreGraphs
+
+    D, BS, NB = 32, 16, 10
+    toy = Toy(Hq, Hkv, D)
+    ex = LayerwiseExecutor(toy)
+    block_ids = [6, 2, 7, 9, 4, 3, 8]  # never block 0: the null block takes the padding
+    ids = list(range(40, 40 + n_question))
+    q0 = context + 3  # "Question: " tokens sit between context and question
+    layers = [1, 2]
+
+    raw_a, (k_a, v_a) = _cache(NB, BS, Hkv, D, seed=1)
+    layer_views = lambda k, v: ([k, k.clone(), k.clone()], [v, v.clone(), v.clone()])  # noqa: E731
+    keys_a, values_a = layer_views(k_a, v_a)
+    keys_b, values_b = [x.clone() for x in keys_a], [x.clone() for x in values_a]
+    original = [x.clone() for x in keys_a + values_a]
+
+    kv = PagedKV(keys_a, values_a, torch.tensor(block_ids), BS)
+    eager = ex.score(torch.tensor(ids), torch.arange(q0, q0 + n_question), kv, context, layers)
+
+    graphs = ScoreGraphs(ex, keys_b, values_b, BS, layers)
+    assert not graphs.capture  # CPU: the pass runs eagerly on the graph's buffers
+    got = graphs.score(ids, q0, context, block_ids)
+    assert got.shape == (context,)
+    torch.testing.assert_close(got, eager, rtol=1e-5, atol=1e-7)
+    # The same question K/V in the request's blocks (up to summation order: padding
+    # changes the matmul shapes); every other slot untouched but the null block's.
+    question = torch.zeros(NB, BS, dtype=torch.bool)
+    for p in range(context, context + n_question):
+        question[block_ids[p // BS], p % BS] = True
+    for a, b, before in zip(keys_a + values_a, keys_b + values_b, original):
+        torch.testing.assert_close(a[question], b[question], rtol=1e-5, atol=1e-6)
+        assert not torch.equal(b[question], before[question])
+        keep = ~question
+        keep[0] = False
+        assert torch.equal(b[keep], before[keep]) and torch.equal(a[keep], before[keep])
+    # A second request, shorter: in the same buckets it reuses the buffers.
+    got2 = graphs.score(ids[:3], q0, context - 5, block_ids)
+    assert len(graphs._entries) == (1 if n_question <= MIN_ROWS else 2)
+    assert got2.shape == (context - 5,)
+    kv2 = PagedKV([x.clone() for x in keys_b], [x.clone() for x in values_b], torch.tensor(block_ids), BS)
+    eager2 = ex.score(torch.tensor(ids[:3]), torch.arange(q0, q0 + 3), kv2, context - 5, layers)
+    torch.testing.assert_close(got2, eager2, rtol=1e-5, atol=1e-7)
+
+
+def test_interp_long_question_is_left_to_the_eager_pass(interp):
+    from vllm_kvflow.blend.executor import LayerwiseExecutor
+    from vllm_kvflow.blend.score_graph import MAX_ROWS, ScoreGraphs
+
+    raw, (k, v) = _cache(4, 16, 2, 32, seed=2)
+    graphs = ScoreGraphs(LayerwiseExecutor(Toy(4, 2, 32)), [k], [v], 16, [0])
+    assert graphs.score(list(range(MAX_ROWS + 1)), 10, 5, [1, 2]) is None
+    assert graphs.score([], 10, 5, [1, 2]) is None
