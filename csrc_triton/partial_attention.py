@@ -18,11 +18,20 @@ those queries, M = BLOCK_Q * G_PAD rows, so every K/V tile loaded from the cache
 all heads of the group. Online softmax in the log2 domain (exp2 with scale*log2(e)),
 float32 accumulators, dot operands in the input dtype. Keys below the smallest position
 of the tile are visible to every row and are processed without a mask; only the band
-between the smallest and the largest position pays for the causal mask. Programs are
-issued longest-first (high positions first) to shorten the tail. When there are too few
-query blocks to fill the GPU (short contexts), each block's keys are also split into
-ranges handled by separate programs that write unnormalized float32 partials
-(acc, m, l); a second launch merges them: out = sum_s 2^(m_s-M) acc_s / sum_s 2^(m_s-M) l_s.
+between the smallest and the largest position pays for the causal mask. Each key
+tile's cache pages are read one iteration ahead of its K/V, so that the software
+pipeliner (num_stages) can fetch K/V tiles ahead of the dots.
+
+Schedule. A program's work grows with its queries' positions, so the order in which
+programs start decides the tail. The grid is flat and issued longest-first across all
+KV heads: the last query block (highest positions) of every KV head, then the one
+before, and so on (for sorted positions this is the longest-processing-time order;
+an x/y grid of blocks per head would start each head's short blocks before the next
+head's long ones). Each program finds its sequence from cu_seqlens_q in-kernel, so
+the call is one launch. When there are fewer programs than two waves on the GPU
+(short contexts), each block's keys are also split into ranges handled by separate
+programs that write unnormalized float32 partials (acc, m, l); a second launch merges
+them: out = sum_s 2^(m_s-M) acc_s / sum_s 2^(m_s-M) l_s.
 
 ``partial_attention_reference`` gathers each sequence's keys through the block table and
 does a masked float32 softmax in torch; it is the CPU engine path and the test oracle.
@@ -54,39 +63,42 @@ LOG2E = 1.4426950408889634
 if HAS_TRITON:
 
     @triton.jit
-    def _paged_slots(bt_row, n, n_ok, block_size):
-        """(page, offset in page) of key positions n through one block-table row."""
-        page = tl.load(bt_row + n // block_size, mask=n_ok, other=0).to(tl.int64)
-        return page, (n % block_size).to(tl.int64)
+    def _tile_pages(bt_row, start, seq_len, block_size, BLOCK_N: tl.constexpr):
+        """Cache page of each key start .. start+BLOCK_N-1, from one block-table row."""
+        n = start + tl.arange(0, BLOCK_N)
+        return tl.load(bt_row + n // block_size, mask=n < seq_len, other=0).to(tl.int64)
 
     @triton.jit
-    def _attend_block(acc, m_i, l_i, q, row_pos, k_base, v_base, bt_row, start, seq_len,
+    def _attend_block(acc, m_i, l_i, q, row_pos, k_base, v_base, page, start, seq_len,
                       block_size, c_kb, c_ks, c_kd, c_vb, c_vs, c_vd, qk_scale,
                       MASKED: tl.constexpr, HEAD_DIM: tl.constexpr,
                       BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                       DOT_PRECISION: tl.constexpr):
-        """One BLOCK_N slice of keys: s = q k^T, online-softmax update of (acc, m, l).
+        """One BLOCK_N slice of keys (in cache pages `page`): s = q k^T, online-softmax
+        update of (acc, m, l).
 
-        m_i is the running row max of s (log2 units), l_i the running sum of
-        exp2(s - m_i), acc the running sum of exp2(s - m_i) v.
+        m_i is the running row max of s * qk_scale (log2 units), l_i the running sum of
+        exp2(s * qk_scale - m_i), acc the running sum of exp2(s * qk_scale - m_i) v.
         """
         n = start + tl.arange(0, BLOCK_N)
         d = tl.arange(0, BLOCK_D)
         d_ok = d < HEAD_DIM
         n_ok = n < seq_len
-        page, slot = _paged_slots(bt_row, n, n_ok, block_size)
+        slot = (n % block_size).to(tl.int64)
         kv_k = page * c_kb + slot * c_ks
         kv_v = page * c_vb + slot * c_vs
-        kt = tl.load(k_base + kv_k[None, :] + d[:, None] * c_kd,
-                     mask=n_ok[None, :] & d_ok[:, None], other=0.0)  # [D, N]
-        s = tl.dot(q, kt, input_precision=DOT_PRECISION) * qk_scale  # [M, N], log2 units
+        # K rows as the cache stores them, [N, D], transposed for the dot (1-2% faster
+        # than loading [D, N] directly on an H200).
+        k = tl.load(k_base + kv_k[:, None] + d[None, :] * c_kd,
+                    mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)  # [M, N]
         if MASKED:
             visible = (n[None, :] <= row_pos[:, None]) & n_ok[None, :]
             s = tl.where(visible, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with no key yet
         alpha = tl.exp2(m_i - m_safe)
-        p = tl.exp2(s - m_safe[:, None])
+        p = tl.exp2(s * qk_scale - m_safe[:, None])  # one FMA per score (qk_scale > 0)
         l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(v_base + kv_v[:, None] + d[None, :] * c_vd,
                     mask=n_ok[:, None] & d_ok[None, :], other=0.0)  # [N, D]
@@ -95,9 +107,9 @@ if HAS_TRITON:
 
     @triton.jit
     def _partial_attention_kernel(
-        q_ptr, k_cache, v_cache, out_ptr, block_table, seq_lens, cu_q, q_pos, blk_cum,
+        q_ptr, k_cache, v_cache, out_ptr, block_table, seq_lens, cu_q, q_pos,
         part_acc, part_m, part_l,
-        num_seqs, qk_scale, block_size, keys_per_split,
+        num_seqs, num_kv_heads, max_q_blocks, num_splits, qk_scale, block_size, keys_per_split,
         s_qt, s_qh, s_qd,
         s_ot, s_oh, s_od,
         c_kb, c_ks, c_kh, c_kd,
@@ -110,20 +122,28 @@ if HAS_TRITON:
         BLOCK_B: tl.constexpr, DOT_PRECISION: tl.constexpr, SPLIT: tl.constexpr,
     ):
         BLOCK_M: tl.constexpr = BLOCK_Q * G_PAD
-        # Longest work first: the last query blocks (highest positions) start first.
-        pid = tl.num_programs(0) - 1 - tl.program_id(0)
-        kvh = tl.program_id(1)
-        split = tl.program_id(2)
+        # Flat grid, longest work first: query blocks from the last (highest positions)
+        # down; the key splits of a block, then its KV heads, are next to each other.
+        pid = tl.program_id(0)
+        kvh = pid % num_kv_heads
+        split = (pid // num_kv_heads) % num_splits
+        blk = max_q_blocks - 1 - pid // (num_kv_heads * num_splits)
 
-        # Which sequence owns query block `pid`: blk_cum[b] = query blocks before b.
+        # Which sequence owns query block `blk`: the number of sequences whose query
+        # blocks all come before it (blk_end[b] = query blocks of sequences 0..b).
         b_idx = tl.arange(0, BLOCK_B)
-        cum = tl.load(blk_cum + b_idx, mask=b_idx <= num_seqs, other=2147483647)
-        b = tl.sum((cum <= pid).to(tl.int32), 0) - 1
+        b_ok = b_idx < num_seqs
+        n_q = (tl.load(cu_q + b_idx + 1, mask=b_ok, other=0)
+               - tl.load(cu_q + b_idx, mask=b_ok, other=0))
+        n_blk = (n_q + BLOCK_Q - 1) // BLOCK_Q
+        blk_end = tl.cumsum(n_blk, 0)
+        b = tl.sum((blk_end <= blk).to(tl.int32), 0)
         if b >= num_seqs:
-            return  # grid is an upper bound on the number of query blocks
+            return  # max_q_blocks is an upper bound on the number of query blocks
+        blk_start = tl.sum(tl.where(b_idx == b, blk_end - n_blk, 0), 0)
         q_lo = tl.load(cu_q + b)
         q_hi = tl.load(cu_q + b + 1)
-        q_start = q_lo + (pid - tl.load(blk_cum + b)) * BLOCK_Q
+        q_start = q_lo + (blk - blk_start) * BLOCK_Q
         seq_len = tl.load(seq_lens + b)
         bt_row = block_table + b.to(tl.int64) * s_bt
 
@@ -161,15 +181,25 @@ if HAS_TRITON:
         else:
             lo = 0
             band_lo = full_end
+        # Each tile's cache pages are read one iteration ahead. With the page load in
+        # the same iteration the K/V loads sit behind another load, and Triton's
+        # pipeliner then gave them no lead (3 stages ran slower than 2); with the pages
+        # carried in from the previous iteration, 3 stages fetch K/V ahead (+10-12%).
+        page_next = _tile_pages(bt_row, lo, seq_len, block_size, BLOCK_N)
         for start in range(lo, full_end, BLOCK_N):
+            page = page_next
+            page_next = _tile_pages(bt_row, start + BLOCK_N, seq_len, block_size, BLOCK_N)
             acc, m_i, l_i = _attend_block(
-                acc, m_i, l_i, q, row_pos, k_base, v_base, bt_row, start, seq_len,
+                acc, m_i, l_i, q, row_pos, k_base, v_base, page, start, seq_len,
                 block_size, c_kb, c_ks, c_kd, c_vb, c_vs, c_vd, qk_scale,
                 False, HEAD_DIM, BLOCK_N, BLOCK_D, DOT_PRECISION)
         # The causal band: keys between the smallest and the largest query position.
+        page_next = _tile_pages(bt_row, band_lo, seq_len, block_size, BLOCK_N)
         for start in range(band_lo, kv_end, BLOCK_N):
+            page = page_next
+            page_next = _tile_pages(bt_row, start + BLOCK_N, seq_len, block_size, BLOCK_N)
             acc, m_i, l_i = _attend_block(
-                acc, m_i, l_i, q, row_pos, k_base, v_base, bt_row, start, seq_len,
+                acc, m_i, l_i, q, row_pos, k_base, v_base, page, start, seq_len,
                 block_size, c_kb, c_ks, c_kd, c_vb, c_vs, c_vd, qk_scale,
                 True, HEAD_DIM, BLOCK_N, BLOCK_D, DOT_PRECISION)
 
@@ -251,19 +281,20 @@ def _default_config(head_dim: int, dtype: torch.dtype) -> dict:
     """Tile sizes by head_dim (register/shared-memory budget of one program)."""
     if dtype == torch.float32:
         return dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=1)
-    if head_dim <= 128:  # best of 4 configs on an H200 at 8K and 32K (KERNEL_NOTES.md)
-        return dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=2)
+    if head_dim <= 128:  # best of the configs timed on an H200 at 8K and 32K (KERNEL_NOTES.md)
+        return dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3)
     return dict(BLOCK_M=64, BLOCK_N=64, num_warps=8, num_stages=2)
 
 
 def _num_splits(programs: int, max_keys: int, block_n: int, n_sm: int) -> int:
     """Key splits per query block so that a small problem still fills the GPU.
 
-    Below 4 programs per multiprocessor the last wave dominates; splitting each query
-    block's keys (flash-decoding style) multiplies the programs, at the price of one
-    float32 partial output per split and a merge launch. Splits stay >= 8 key tiles.
+    With the longest-first order, two waves of programs already balance well (8K: 312
+    programs on 132 SMs, no split); below that, splitting each query block's keys
+    (flash-decoding style) multiplies the programs, at the price of one float32 partial
+    output per split and a merge launch. Splits stay >= 8 key tiles.
     """
-    if programs >= 4 * n_sm:
+    if programs >= 2 * n_sm:
         return 1
     return max(1, min(-(-4 * n_sm // max(programs, 1)), max_keys // (8 * block_n)))
 
@@ -300,11 +331,7 @@ def partial_attention(q, key_cache, value_cache, block_table, seq_lens, cu_seqle
     block_q = block_m // G_PAD
     block_n = cfg["BLOCK_N"]
     block_d = max(triton.next_power_of_2(D), 16)
-    # Query blocks per sequence, prefix-summed on the device (no sync).
-    n_q = (cu_seqlens_q[1:] - cu_seqlens_q[:-1]).to(torch.int32)
-    blk_cum = torch.zeros(B + 1, dtype=torch.int32, device=q.device)
-    torch.cumsum((n_q + block_q - 1) // block_q, 0, out=blk_cum[1:])
-    q_blocks = triton.cdiv(Nq, block_q) + B  # upper bound, known without a sync
+    q_blocks = triton.cdiv(Nq, block_q) + B - 1  # upper bound, known without a sync
     max_keys = block_table.shape[1] * key_cache.shape[1]
     n_sm = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 4
     splits = cfg.get("splits") or _num_splits(triton.cdiv(Nq, block_q) * Hkv, max_keys,
@@ -317,10 +344,10 @@ def partial_attention(q, key_cache, value_cache, block_table, seq_lens, cu_seqle
         part_l = torch.empty_like(part_m)
     else:  # unused placeholders
         part_acc = part_m = part_l = out
-    _partial_attention_kernel[(q_blocks, Hkv, splits)](
-        q, key_cache, value_cache, out, block_table, seq_lens, cu_seqlens_q, q_pos, blk_cum,
+    _partial_attention_kernel[(q_blocks * splits * Hkv,)](
+        q, key_cache, value_cache, out, block_table, seq_lens, cu_seqlens_q, q_pos,
         part_acc, part_m, part_l,
-        B, scale * LOG2E, key_cache.shape[1], keys_per_split,
+        B, Hkv, q_blocks, splits, scale * LOG2E, key_cache.shape[1], keys_per_split,
         *q.stride(), *out.stride(), *key_cache.stride(), *value_cache.stride(),
         block_table.stride(0), *part_acc.stride()[:3], *part_m.stride()[:3],
         G=G, G_PAD=G_PAD, HEAD_DIM=D,

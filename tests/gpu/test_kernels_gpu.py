@@ -141,6 +141,9 @@ ATTN_CASES = [
     (32, 8, 128, torch.bfloat16, "flash", 16, dict(BLOCK_M=128, BLOCK_N=64, num_stages=3)),
     (32, 8, 128, torch.bfloat16, "flash", 16, dict(splits=1)),  # no key split
     (16, 4, 256, torch.float16, "cpu", 128, dict(splits=5)),  # splits past short sequences
+    (32, 8, 128, torch.bfloat16, "flash", 16, dict(num_stages=2)),
+    (16, 4, 256, torch.bfloat16, "cpu", 16, dict(BLOCK_N=32, num_stages=3)),
+    (32, 8, 128, torch.bfloat16, "flash", 16, dict(splits=3)),  # 3 stages and split keys
 ]
 
 
@@ -187,6 +190,34 @@ def test_partial_attention_clustered_queries():
     partial_attention(q, *args, out=out)
     ref = partial_attention_reference(q, *args, out=torch.empty_like(q, dtype=torch.float32))
     assert _rel(out, ref) < ATTN_TOL[torch.bfloat16]
+
+
+def test_partial_attention_in_cuda_graph():
+    """The call is capturable (no host sync, no host-to-device copy): capture once, then
+    new queries and positions written into the same tensors are picked up on replay."""
+    torch.manual_seed(12)
+    Hq, Hkv, D, bs, L, nq = 32, 8, 128, 16, 3000, 450
+    kv, kc, vc = _cache("flash", L // bs + 2, bs, Hkv, D, torch.bfloat16)
+    block_table = torch.randperm(L // bs + 2, device=DEV)[None].int()
+    seq_lens = torch.tensor([L], device=DEV, dtype=torch.int32)
+    cu = torch.tensor([0, nq], device=DEV, dtype=torch.int32)
+    q = torch.randn(nq, Hq, D, device=DEV, dtype=torch.bfloat16)
+    q_pos = torch.randperm(L, device=DEV)[:nq].sort().values
+    out = torch.empty_like(q)
+    args = (q, kc, vc, block_table, seq_lens, cu, q_pos, D ** -0.5)
+    partial_attention(*args, out=out)  # compile outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        partial_attention(*args, out=out)
+    for _ in range(2):
+        q.copy_(torch.randn_like(q))
+        q_pos.copy_(torch.randperm(L, device=DEV)[:nq].sort().values)
+        out.fill_(float("nan"))
+        graph.replay()
+        ref = partial_attention_reference(*args, out=torch.empty_like(q, dtype=torch.float32))
+        assert not out.isnan().any()
+        assert _rel(out, ref) < ATTN_TOL[torch.bfloat16]
 
 
 # (Hq, Hkv, D, dtype, layout, block_size, n_question, n_context)

@@ -297,6 +297,28 @@ def test_interp_partial_attention_matches_reference(interp, Hq, Hkv, D, dtype, l
     assert rel_err(out, ref) < (1e-5 if dtype == torch.float32 else 1e-2)
 
 
+@pytest.mark.parametrize("config", [dict(splits=1), dict(splits=2), dict(splits=3, BLOCK_N=32)])
+def test_interp_partial_attention_flat_grid_batch(interp, config):
+    """The flat longest-first grid finds each block's sequence in-kernel: empty
+    sequences first, in the middle and last, several query blocks per sequence, and an
+    unsorted sequence (any order must stay correct)."""
+    torch.manual_seed(8)
+    Hq, Hkv, D, BS, NB = 8, 2, 32, 16, 48
+    lens, nq = [0, 90, 50, 0, 120, 7], [0, 13, 0, 0, 11, 7]
+    kv, kc, vc = make_cache("flash", NB, BS, Hkv, D)
+    bt = torch.randperm(NB).view(6, 8).int()
+    q_pos = torch.cat([torch.randperm(L)[:n] for L, n in zip(lens, nq)])  # unsorted
+    q_pos[:13] = q_pos[:13].sort().values  # sequence 1 sorted, sequence 4 not
+    cu = torch.tensor([0] + torch.tensor(nq).cumsum(0).tolist(), dtype=torch.int32)
+    q = torch.randn(sum(nq), Hq, D)
+    out = torch.full_like(q, float("nan"))
+    args = (kc, vc, bt, torch.tensor(lens, dtype=torch.int32), cu, q_pos, D ** -0.5)
+    interp.pa.partial_attention(q, *args, out=out, config=dict(BLOCK_M=16, BLOCK_N=16) | config)
+    ref = interp.pa.partial_attention_reference(q, *args)
+    assert not out.isnan().any()
+    assert rel_err(out, ref) < 1e-5
+
+
 @pytest.mark.parametrize("Hq,Hkv,D,layout", [(4, 4, 64, "flash"), (8, 2, 80, "cpu"),
                                              (6, 2, 32, "flash")])
 def test_interp_attn_norm_matches_reference(interp, Hq, Hkv, D, layout):
