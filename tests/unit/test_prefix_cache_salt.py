@@ -38,3 +38,27 @@ def test_isolation_rehashes_once_and_keeps_the_tenant_salt():
     assert isolate_blended_blocks(req, salt) and req.calls == 1  # idempotent on retry
     assert tenant_salt(req) == "tenant-a" and tenant_salt(_request()) is None
     assert not isolate_blended_blocks(SimpleNamespace(cache_salt=None, block_hashes=[]), salt)
+
+
+def test_byte_hashes_are_derived_not_recomputed():
+    """vLLM's hashes are bytes digests that chain the prefix: the salted ones are derived
+    from them (no token rehash), differ per salt, and blocks hashed later chain on."""
+    exact = [bytes([i]) * 32 for i in range(3)]
+
+    def request():
+        req = SimpleNamespace(cache_salt=None, block_hashes=list(exact), calls=0)
+
+        def hasher(r):
+            r.calls += 1
+            return []
+        req._block_hasher = hasher
+        return req
+
+    a, b, c = request(), request(), request()
+    assert isolate_blended_blocks(a, "s1") and isolate_blended_blocks(b, "s1")
+    assert isolate_blended_blocks(c, "s2")
+    assert a.calls == b.calls == c.calls == 0
+    assert a.block_hashes == b.block_hashes  # the same blend shares blocks
+    assert len(set(a.block_hashes) | set(c.block_hashes) | set(exact)) == 9
+    assert all(isinstance(h, bytes) and len(h) == 32 for h in a.block_hashes)
+    assert a.cache_salt == "s1"

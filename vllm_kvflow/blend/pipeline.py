@@ -204,6 +204,7 @@ class BlendPipeline:
         exact_prefix = tuple(prompt[:s]) == self.sink_ids
 
         candidates, loads = [], []  # candidate spans; (entry, skip, c0, first, c1)
+        glue: dict[tuple, ChunkKV] = {}  # this request's glue lookups (one separator, many times)
         with timer("load"):
             for c0, c1, is_chunk in context_segments(plan.chunks):
                 if c1 <= start:
@@ -214,7 +215,10 @@ class BlendPipeline:
                     exact = exact_prefix and c0 == s
                     result.chunks_exact += exact
                 else:
-                    entry = self.glue_kv(prompt[c0:c1], plan.namespace, at_start=c0 == 0)
+                    key = (tuple(prompt[c0:c1]), c0 == 0)
+                    entry = glue.get(key)
+                    if entry is None:
+                        entry = glue[key] = self.glue_kv(prompt[c0:c1], plan.namespace, at_start=c0 == 0)
                     exact = c0 == 0
                 first = max(c0, start)
                 loads.append((entry, first - c0, c0, first, c1))
@@ -226,11 +230,13 @@ class BlendPipeline:
                     candidates.append((first, c1))
             self._write_chunks(loads, kv)
 
-        cand = _positions(candidates, device)
-        result.candidate_tokens = int(cand.numel())
+        num_candidates = sum(c1 - c0 for c0, c1 in candidates)
+        result.candidate_tokens = num_candidates
         ratio = 0.0 if plan.method == "none" else plan.ratio
-        inp = SelectionInput(cand, candidates, budget_for(cand.numel(), ratio),
-                             seed=self.config.seed)
+        budget = budget_for(num_candidates, ratio)
+        # Pure reuse selects nothing: no candidate tensor to build (32K positions).
+        cand = _positions(candidates if budget else [], device)
+        inp = SelectionInput(cand, candidates, budget, seed=self.config.seed)
         selector = SELECTORS.get(plan.method)
         if 0 < inp.budget < cand.numel() and selector is not None and selector.needs_signal:
             with timer("score"):

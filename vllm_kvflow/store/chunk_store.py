@@ -132,7 +132,7 @@ class ChunkStore:
     def get(self, key: str, token_ids) -> ChunkKV | None:
         """The entry for key if its token ids match exactly, promoted to the first tier
         that fits it; refreshes its LRU rank."""
-        tokens = tuple(int(t) for t in token_ids)
+        tokens = tuple(map(int, token_ids))
         for level, tier in enumerate(self.tiers):
             entry = tier.get(key)
             if entry is not None:
