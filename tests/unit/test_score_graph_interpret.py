@@ -116,3 +116,26 @@ def test_interp_long_question_is_left_to_the_eager_pass(interp):
     graphs = ScoreGraphs(LayerwiseExecutor(Toy(4, 2, 32)), [k], [v], 16, [0])
     assert graphs.score(list(range(MAX_ROWS + 1)), 10, 5, [1, 2]) is None
     assert graphs.score([], 10, 5, [1, 2]) is None
+
+
+def test_interp_graphs_only_without_tensor_parallelism(interp, monkeypatch):
+    """Under tensor parallelism the layers' all-reduce cannot be captured outside vLLM's
+    own graph_capture(): the pipeline then scores eagerly."""
+    import types
+
+    import vllm_kvflow.blend.pipeline as pipeline
+    from vllm_kvflow.blend.executor import LayerwiseExecutor
+    from vllm_kvflow.blend.paged import PagedKV
+    from vllm_kvflow.blend.score_graph import ScoreGraphs
+
+    raw, (k, v) = _cache(4, 16, 2, 32, seed=3)
+    kv = PagedKV([k], [v], torch.tensor([1, 2]), 16)
+    stub = types.SimpleNamespace(_graphs=None, executor=LayerwiseExecutor(Toy(4, 2, 32)),
+                                 scoring_layers=[0])
+    monkeypatch.setattr(pipeline, "tp_world_size", lambda: 2)
+    assert pipeline.BlendPipeline._score_graphs(stub, kv) is None
+    monkeypatch.setattr(pipeline, "tp_world_size", lambda: 1)
+    assert isinstance(pipeline.BlendPipeline._score_graphs(stub, kv), ScoreGraphs)
+    monkeypatch.setenv("KVFLOW_SCORE_GRAPHS", "0")
+    stub._graphs = None
+    assert pipeline.BlendPipeline._score_graphs(stub, kv) is None

@@ -25,7 +25,7 @@ from vllm_kvflow.blend.paged import DenseKV, PagedKV, use_kernels
 from vllm_kvflow.blend.score_graph import ScoreGraphs
 from vllm_kvflow.blend.selection import SELECTORS, SelectionInput, budget_for, select
 from vllm_kvflow.config import KVFlowConfig, resolve_layers
-from vllm_kvflow.patches.parallel import sum_over_tp
+from vllm_kvflow.patches.parallel import sum_over_tp, tp_world_size
 from vllm_kvflow.store import ChunkKV, ChunkStore, chunk_key
 
 
@@ -356,6 +356,11 @@ class BlendPipeline:
         """The scoring pass's CUDA graphs over this worker's paged cache (built once per
         cache), where the kernels run in place on it."""
         if not (getattr(kv, "strided", False) and use_kernels(kv.keys[0]) and score_graph.enabled()):
+            return None
+        if tp_world_size() > 1:
+            # The layers' all-reduce (vLLM's custom all-reduce) may only be captured
+            # inside vLLM's own graph_capture(), which registers its buffers; captured
+            # here it read unregistered memory (illegal access, TP 2 on an H200).
             return None
         cache_id = kv.keys[0].data_ptr()
         if self._graphs is None or self._graphs[0] != cache_id:

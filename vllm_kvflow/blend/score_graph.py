@@ -84,17 +84,18 @@ class _Buffers:
         ids[:n] = token_ids
         rope = np.full(rows, q0, dtype=np.int64)
         rope[:n] = q0 + np.arange(n)
-        # Two host buffers (int64, int32), pinned on the GPU, one copy per tensor.
+        # Two host buffers (int64, int32), one copy each to the device, then sliced into
+        # the static tensors on the device (not pinned: pinning a fresh buffer per
+        # request costs more than copying a few KB).
         wide = torch.from_numpy(np.concatenate([ids, rope, slots]))
         narrow = torch.from_numpy(np.concatenate([att, table, [context_len + n, context_len]])
                                   .astype(np.int32))
-        if self.ids.is_cuda:
-            wide, narrow = wide.pin_memory(), narrow.pin_memory()
         for host, parts in ((wide, (self.ids, self.rope_pos, self.slots)),
                             (narrow, (self.att_pos, self.table, self.seq_len, self.num_context))):
+            staged = host.to(self.ids.device)
             t = 0
             for dst in parts:
-                dst.view(-1).copy_(host[t:t + dst.numel()], non_blocking=True)
+                dst.view(-1).copy_(staged[t:t + dst.numel()])
                 t += dst.numel()
 
 
