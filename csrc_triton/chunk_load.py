@@ -32,6 +32,12 @@ to ``slot = block * block_size + offset`` (slot -1 = skip). Cache views are 4-D
 kernel serves FLASH_ATTN (K and V interleaved per token row) and CPU_ATTN (per
 (block, head) page of keys then values); see VLLM_COMPAT.md.
 
+The sources are either one gathered tensor [L, T, Hkv, D] with any strides
+(``load_chunk_kv_layers``) or, in the engine's GPU path, each chunk's own store tensors
+read where they lie (``load_chunk_kv_segments``): a per-token table gives the element
+offset of the token's K and V rows from a base pointer, so one launch serves every layer
+and every chunk of a request without a gathered copy.
+
 ``load_chunk_kv_reference`` is the vectorized torch equivalent that the CPU engine path
 uses; it imports no Triton.
 """
@@ -309,13 +315,15 @@ def load_chunk_kv_segments(segments, key_caches, value_caches, slot_mapping, del
     counts = np.empty(len(segments), dtype=np.int64)
     checked: set[int] = set()  # a tensor used by many segments (a separator) is checked once
     for i, (keys, values, first, count) in enumerate(segments):
-        if id(keys) not in checked and (keys.dtype != base.dtype or keys.device != key_caches[0].device or keys.dim() != 4
-                or tuple(keys.shape[::2]) != (L, H) or keys.shape[3] != D
-                or values.shape != keys.shape or values.dtype != base.dtype
-                or not (keys.is_contiguous() and values.is_contiguous())):
-            raise ValueError("segments must be contiguous [L, T, Hkv, D] tensors of one "
-                             "dtype on the caches' device")
-        checked.add(id(keys))
+        if id(keys) not in checked:
+            if (keys.dtype != base.dtype or values.dtype != base.dtype
+                    or keys.device != key_caches[0].device or keys.dim() != 4
+                    or tuple(keys.shape[::2]) != (L, H) or keys.shape[3] != D
+                    or values.shape != keys.shape
+                    or not (keys.is_contiguous() and values.is_contiguous())):
+                raise ValueError("segments must be contiguous [L, T, Hkv, D] tensors of one "
+                                 "dtype on the caches' device")
+            checked.add(id(keys))
         k_at, v_at = keys.data_ptr() - base.data_ptr(), values.data_ptr() - base.data_ptr()
         if k_at % unit or v_at % unit:
             raise ValueError("segment tensors are not 16-element aligned")
