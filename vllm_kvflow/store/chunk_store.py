@@ -12,6 +12,7 @@ whether or not it was ever evicted; demotion to disk is then a no-op.
 from __future__ import annotations
 
 import hashlib
+import struct
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -30,10 +31,18 @@ def chunk_key(model_id: str, namespace: str, sink_ids, token_ids) -> str:
     for part in (model_id, namespace):
         h.update(part.encode())
         h.update(b"\0")
-    h.update(np.asarray(sink_ids, dtype=np.int64).tobytes())
+    h.update(_int64_bytes(sink_ids))
     h.update(b"\0")
-    h.update(np.asarray(token_ids, dtype=np.int64).tobytes())
+    h.update(_int64_bytes(token_ids))
     return h.hexdigest()
+
+
+def _int64_bytes(ids) -> bytes:
+    """Little-endian int64 bytes of the ids (struct is ~3x faster than numpy for the
+    ~100-token lists a request looks up hundreds of; same bytes either way)."""
+    if isinstance(ids, (list, tuple)):
+        return struct.pack(f"<{len(ids)}q", *ids)
+    return np.asarray(ids, dtype="<i8").tobytes()
 
 
 @dataclass
@@ -132,7 +141,7 @@ class ChunkStore:
     def get(self, key: str, token_ids) -> ChunkKV | None:
         """The entry for key if its token ids match exactly, promoted to the first tier
         that fits it; refreshes its LRU rank."""
-        tokens = tuple(map(int, token_ids))
+        tokens = tuple(token_ids)  # numpy ints compare equal to ints: no conversion
         for level, tier in enumerate(self.tiers):
             entry = tier.get(key)
             if entry is not None:
