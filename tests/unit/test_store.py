@@ -19,6 +19,31 @@ def test_key_is_position_independent_and_scoped():
     assert a != chunk_key("m", "", [1], [5, 6, 8])
 
 
+def test_key_is_stable_across_input_types_and_releases():
+    """Keys name files in the disk tier, so they must not change with the input type or
+    with how the bytes are produced: pinned to a digest computed once."""
+    import numpy as np
+
+    key = chunk_key("m", "ns", [1], [5, 6, 70000])
+    assert key == chunk_key("m", "ns", (1,), (5, 6, 70000))
+    assert key == chunk_key("m", "ns", np.array([1]), np.array([5, 6, 70000], dtype=np.int32))
+    import hashlib
+    expected = hashlib.sha256(b"m\0ns\0" + (1).to_bytes(8, "little") + b"\0"
+                              + b"".join(t.to_bytes(8, "little") for t in (5, 6, 70000))).hexdigest()
+    assert key == expected
+    assert chunk_key("m", "ns", [1], []) != chunk_key("m", "ns", [1], [0])
+
+
+def test_store_matches_token_ids_of_any_int_type():
+    import numpy as np
+
+    store = ChunkStore(capacity_bytes=1 << 20)
+    store.put("k", _entry([3, 4]))
+    assert store.get("k", np.array([3, 4])) is not None
+    assert store.get("k", (3, 4)) is not None
+    assert store.get("k", [3, 5]) is None
+
+
 def test_capacity_and_lru_eviction():
     e = _entry([1, 2])  # 2 tokens * 16 B * 2 (K and V) = 64 B
     assert e.nbytes == 64
