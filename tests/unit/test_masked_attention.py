@@ -40,3 +40,21 @@ def test_unsorted_keys_still_use_every_key():
     q, k, v = torch.randn(3, 2, 8), torch.randn(40, 2, 8), torch.randn(40, 2, 8)
     torch.testing.assert_close(masked_attention(q, k, v, q_pos, k_pos, 0.3).double(),
                                reference(q, k, v, q_pos, k_pos, 0.3), atol=2e-6, rtol=0)
+
+
+@pytest.mark.parametrize("hkv", [1, 3, 6])
+def test_contiguous_causal_block_equals_reference(hkv):
+    """A chunk computed in isolation (positions 0..n-1 on both sides) is one causal
+    SDPA call; GQA without repeating K/V."""
+    torch.manual_seed(2)
+    n, hq, D = 150, 6, 32
+    pos = torch.arange(n)
+    q, k, v = torch.randn(n, hq, D), torch.randn(n, hkv, D), torch.randn(n, hkv, D)
+    torch.testing.assert_close(masked_attention(q, k, v, pos, pos, 0.2).double(),
+                               reference(q, k, v, pos, pos, 0.2), atol=2e-6, rtol=0)
+
+
+def test_empty_queries():
+    q, k = torch.randn(0, 4, 8), torch.randn(0, 2, 8)
+    empty = torch.zeros(0, dtype=torch.long)
+    assert masked_attention(q, k, k, empty, empty, 0.3).shape == (0, 4, 8)

@@ -18,23 +18,22 @@ def masked_attention(q, k, v, q_pos, k_pos, scale):
 
     q [n, Hq, D]; k, v [N, Hkv, D]; returns [n, Hq, D] in q's dtype. Math in float32 on
     CPU (exactness tests compare against a float32 engine); on CUDA in the model's
-    dtype, as vLLM's own attention computes, and a contiguous causal block (a chunk
-    computed in isolation) takes SDPA's flash path.
+    dtype, as vLLM's own attention computes. A contiguous causal block (a chunk computed
+    in isolation) is one causal SDPA call.
     """
     n, hq, _ = q.shape
     group = hq // k.shape[1]
     if q.is_cuda:
         kt, vt = k.transpose(0, 1).to(q.dtype), v.transpose(0, 1).to(q.dtype)  # [Hkv, N, D]
-        # Sorted, distinct positions: equal and ending at n - 1 means both are 0..n-1.
-        if n == k.shape[0] and torch.equal(q_pos, k_pos) and int(k_pos[-1]) == n - 1:
-            out = F.scaled_dot_product_attention(q.transpose(0, 1), kt, vt, is_causal=True,
-                                                 scale=scale, enable_gqa=group > 1)
-            return out.transpose(0, 1)
     else:
         kt, vt = k.float().transpose(0, 1), v.float().transpose(0, 1)
-    if group > 1:
-        kt = kt.repeat_interleave(group, dim=0)
-        vt = vt.repeat_interleave(group, dim=0)
+    # Sorted, distinct positions: equal and ending at n - 1 means both are 0..n-1 (a
+    # chunk computed in isolation): plain causal attention.
+    if 0 < n == k.shape[0] and torch.equal(q_pos, k_pos) and int(k_pos[-1]) == n - 1:
+        out = F.scaled_dot_product_attention(q.to(kt.dtype).transpose(0, 1)[None], kt[None],
+                                             vt[None], is_causal=True, scale=scale,
+                                             enable_gqa=group > 1)
+        return out[0].transpose(0, 1).to(q.dtype)
     out = torch.empty_like(q)
     sorted_keys = bool((k_pos[1:] >= k_pos[:-1]).all()) if k_pos.numel() > 1 else True
     for s in range(0, n, _QUERY_BLOCK):
@@ -43,6 +42,10 @@ def masked_attention(q, k, v, q_pos, k_pos, scale):
         hi = int(torch.searchsorted(k_pos, q_pos[s:e].max(), right=True)) if sorted_keys else k_pos.numel()
         mask = k_pos[None, :hi] <= q_pos[s:e, None]  # [b, hi]
         qb = q[s:e].to(kt.dtype).transpose(0, 1)  # [Hq, b, D]
-        ob = F.scaled_dot_product_attention(qb, kt[:, :hi], vt[:, :hi], attn_mask=mask, scale=scale)
-        out[s:e] = ob.transpose(0, 1).to(q.dtype)
+        # 4-D with a batch of one: on CPU only that shape takes SDPA's flash kernel
+        # (3-D falls back to the math path: 2.3x slower at 4K context, 15% of the
+        # queries, 2 cores), and enable_gqa spares the repeat of K/V per query head.
+        ob = F.scaled_dot_product_attention(qb[None], kt[None, :, :hi], vt[None, :, :hi],
+                                            attn_mask=mask, scale=scale, enable_gqa=group > 1)
+        out[s:e] = ob[0].transpose(0, 1).to(q.dtype)
     return out
