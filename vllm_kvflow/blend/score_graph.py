@@ -70,7 +70,7 @@ class _Buffers:
                    torch.zeros(context, dtype=torch.float32, device=device))
 
     def fill(self, token_ids, q0: int, context_len: int, block_ids, block_size: int) -> None:
-        """This request's values, padded; one pinned host buffer, one copy per tensor."""
+        """This request's values, padded: built on the host, two copies to the device."""
         rows, n = self.ids.numel(), len(token_ids)
         att = np.full(rows, -1, dtype=np.int64)
         att[:n] = context_len + np.arange(n)
@@ -124,12 +124,13 @@ class ScoreGraphs:
         context = _bucket(context_len + rows, max(MIN_CONTEXT, self.block_size))
         key = (rows, context)
         entry = self._entries.get(key)
-        if entry is None:
+        if entry is None:  # first request of these buckets: capture with its values
             buf = _Buffers.empty(rows, context, self.block_size, self.keys[0].device)
             buf.fill(token_ids, q0, context_len, block_ids, self.block_size)
             entry = self._entries[key] = (buf, self._capture(buf))
+        else:
+            entry[0].fill(token_ids, q0, context_len, block_ids, self.block_size)
         buf, graph = entry
-        buf.fill(token_ids, q0, context_len, block_ids, self.block_size)
         if graph is not None:
             graph.replay()
         else:
