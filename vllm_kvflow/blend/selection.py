@@ -80,13 +80,21 @@ def select_epic(inp: SelectionInput) -> torch.Tensor:
     return torch.cat(picks)
 
 
-@register("infoflow", needs_signal="attn_norm")
-def select_infoflow(inp: SelectionInput) -> torch.Tensor:
-    """Top-k by the question's attention norm (InfoFlow KV)."""
+def select_top_signal(inp: SelectionInput) -> torch.Tensor:
+    """Top-k candidates by the per-position signal the selector asked for."""
     return top_k_positions(inp.candidates, inp.signal[inp.candidates], inp.budget)
 
 
-register("infoflow-reorder", needs_signal="attn_norm")(select_infoflow)  # after reordering
+# infoflow: the question's attention norm (InfoFlow KV); infoflow-reorder selects the
+# same way after reordering the chunks.
+register("infoflow", needs_signal="attn_norm")(select_top_signal)
+register("infoflow-reorder", needs_signal="attn_norm")(select_top_signal)
+# cacheblend: the deviation of cached from recomputed keys at layer 1 (CacheBlend).
+register("cacheblend", needs_signal="k_deviation")(select_top_signal)
+# oracle-kv: a diagnostic, not a method. How far each reused token's K/V (all layers)
+# are from full prefill's, which it computes first (so it costs a full prefill): shows
+# how much of the gap any selector of that budget could close on given data.
+register("oracle-kv", needs_signal="exact_kv_deviation")(select_top_signal)
 
 
 def candidate_ranks(values: torch.Tensor) -> torch.Tensor:
@@ -106,20 +114,6 @@ def select_infoflow_kdev(inp: SelectionInput) -> torch.Tensor:
     c = inp.candidates
     score = candidate_ranks(attn[c]) + candidate_ranks(kdev[c])
     return top_k_positions(c, score, inp.budget)
-
-
-@register("oracle-kv", needs_signal="exact_kv_deviation")
-def select_oracle_kv(inp: SelectionInput) -> torch.Tensor:
-    """Diagnostic, not a method: top-k by how far each reused token's K/V (all layers)
-    are from full prefill's, which it computes first (so it costs a full prefill). Shows
-    how much of the gap any selector of that budget could close on given data."""
-    return top_k_positions(inp.candidates, inp.signal[inp.candidates], inp.budget)
-
-
-@register("cacheblend", needs_signal="k_deviation")
-def select_cacheblend(inp: SelectionInput) -> torch.Tensor:
-    """Top-k by the deviation of cached from recomputed keys at layer 1 (CacheBlend)."""
-    return top_k_positions(inp.candidates, inp.signal[inp.candidates], inp.budget)
 
 
 def select(method: str, inp: SelectionInput) -> torch.Tensor:
