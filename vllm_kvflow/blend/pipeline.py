@@ -204,7 +204,6 @@ class BlendPipeline:
         exact_prefix = tuple(prompt[:s]) == self.sink_ids
 
         candidates, loads = [], []  # candidate spans; (entry, skip, c0, first, c1)
-        glue: dict[tuple, ChunkKV] = {}  # this request's glue lookups (one separator, many times)
         with timer("load"):
             for c0, c1, is_chunk in context_segments(plan.chunks):
                 if c1 <= start:
@@ -215,10 +214,7 @@ class BlendPipeline:
                     exact = exact_prefix and c0 == s
                     result.chunks_exact += exact
                 else:
-                    key = (tuple(prompt[c0:c1]), c0 == 0)
-                    entry = glue.get(key)
-                    if entry is None:
-                        entry = glue[key] = self.glue_kv(prompt[c0:c1], plan.namespace, at_start=c0 == 0)
+                    entry = self.glue_kv(prompt[c0:c1], plan.namespace, at_start=c0 == 0)
                     exact = c0 == 0
                 first = max(c0, start)
                 loads.append((entry, first - c0, c0, first, c1))
