@@ -10,7 +10,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "unit"))
-from test_score_graph_interpret import Toy  # noqa: E402
+from toy_decoder import Toy  # noqa: E402
 
 pytestmark = [
     pytest.mark.gpu,

@@ -31,3 +31,11 @@ def run_interpreter_child(test_file: str) -> str:
     last = res.stdout.strip().splitlines()[-1]
     assert " passed" in last and "skipped" not in last, tail
     return last
+
+
+def require_interpreter_child(parent_test: str) -> None:
+    """For a file's `interp` fixture: its tests run only inside the TRITON_INTERPRET=1
+    child started by `parent_test` (skipped in the parent process)."""
+    if not IN_CHILD:
+        pytest.skip(f"runs in the TRITON_INTERPRET=1 child of {parent_test}")
+    pytest.importorskip("triton")

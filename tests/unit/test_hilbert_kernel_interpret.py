@@ -18,9 +18,7 @@ from vllm_kvflow.kernels.hilbert_attention import (hilbert_attention_mask,
                                                    hilbert_attention_reference, pair_count)
 from vllm_kvflow.vision.hilbert import hilbert_layout, sliding_offset
 
-from interpreter_child import IN_CHILD, run_interpreter_child
-
-_IN_CHILD = IN_CHILD
+from interpreter_child import require_interpreter_child, run_interpreter_child
 
 
 def test_kernel_under_triton_interpreter():
@@ -31,9 +29,7 @@ def test_kernel_under_triton_interpreter():
 @pytest.fixture(scope="module")
 def ha():
     """The kernel module, built with TRITON_INTERPRET=1 (only inside the child run)."""
-    if not _IN_CHILD:
-        pytest.skip("runs in the TRITON_INTERPRET=1 child of test_kernel_under_triton_interpreter")
-    pytest.importorskip("triton")
+    require_interpreter_child("test_kernel_under_triton_interpreter")
     import vllm_kvflow.kernels.hilbert_attention as module
 
     return module

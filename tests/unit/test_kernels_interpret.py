@@ -20,7 +20,7 @@ import torch
 import vllm_kvflow.kernels.attn_norm as an
 import vllm_kvflow.kernels.chunk_load as cl
 import vllm_kvflow.kernels.partial_attention as pa
-from interpreter_child import IN_CHILD, run_interpreter_child
+from interpreter_child import require_interpreter_child, run_interpreter_child
 
 # --------------------------------------------------------------------------------------
 # helpers
@@ -202,9 +202,6 @@ def test_wrappers_reject_bad_inputs():
 # --------------------------------------------------------------------------------------
 # Triton kernels under the interpreter
 # --------------------------------------------------------------------------------------
-_IN_INTERPRETER_CHILD = IN_CHILD
-
-
 def test_kernels_under_triton_interpreter():
     """Run this file's ``test_interp_*`` tests in a TRITON_INTERPRET=1 child pytest."""
     run_interpreter_child(__file__)
@@ -213,9 +210,7 @@ def test_kernels_under_triton_interpreter():
 @pytest.fixture(scope="module")
 def interp():
     """The kernel modules, built with TRITON_INTERPRET=1 (only inside the child run)."""
-    if not _IN_INTERPRETER_CHILD:
-        pytest.skip("runs in the TRITON_INTERPRET=1 child of test_kernels_under_triton_interpreter")
-    pytest.importorskip("triton")
+    require_interpreter_child("test_kernels_under_triton_interpreter")
     return types.SimpleNamespace(cl=cl, pa=pa, an=an)
 
 
@@ -382,36 +377,22 @@ def test_interp_engine_wiring_kernels_equal_the_torch_path(interp):
 
 def test_interp_score_in_place_equals_scratch_path(interp):
     """The executor's attention-norm scoring with the question's K/V written into the
-    paged cache (CUDA path) equals the scratch-copy path (CPU path), on a toy 2-layer
-    model whose 'layers' are just the attention hook."""
+    paged cache (CUDA path) equals the scratch-copy path (CPU path), on the toy decoder
+    (tests/unit/toy_decoder.py), scoring its first 2 layers."""
+    from toy_decoder import Toy
+
     from vllm_kvflow.blend.executor import LayerwiseExecutor
-    from vllm_kvflow.blend.model_adapter import AttentionShape
     from vllm_kvflow.blend.paged import PagedKV, split_kv_cache
 
     torch.manual_seed(7)
     Hq, Hkv, D, BS, NB, ctx, nq = 4, 2, 32, 16, 8, 50, 6
-    proj = torch.randn(3, 16, Hq * D + 2 * Hkv * D) * 0.3
-
-    class Toy:  # the adapter surface the executor uses
-        shape = AttentionShape(Hq, Hkv, D, D ** -0.5)
-        num_layers = 2
-        attn_modules = [torch.nn.Module(), torch.nn.Module()]
-
-        def embed(self, ids):
-            return torch.nn.functional.one_hot(ids % 16, 16).float()
-
-        def layer_forward(self, idx, positions, hidden, residual):
-            qkv = hidden @ proj[idx]
-            q, k, v = qkv.split([Hq * D, Hkv * D, Hkv * D], -1)
-            out = self.attn_modules[idx](q, k, v)
-            return hidden + out[:, :16], residual
 
     raw = torch.randn(NB, BS, Hkv, 2 * D).transpose(1, 2)
     k, v = split_kv_cache(raw, "flash", D)
     table = torch.tensor([6, 2, 7, 0, 4])
     ids, pos = torch.arange(60, 60 + nq), torch.arange(ctx + 3, ctx + 3 + nq)  # a gap after ctx
     kv = PagedKV([k, k.clone()], [v, v.clone()], table, BS)
-    ex = LayerwiseExecutor(Toy())
+    ex = LayerwiseExecutor(Toy(Hq, Hkv, D))
     in_place = ex.score(ids, pos, kv, ctx, [0, 1])
 
     class Scratch(PagedKV):

@@ -12,7 +12,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from interpreter_child import IN_CHILD, run_interpreter_child
+from interpreter_child import require_interpreter_child, run_interpreter_child
+from toy_decoder import Toy
 
 
 def test_score_graph_under_triton_interpreter():
@@ -21,35 +22,7 @@ def test_score_graph_under_triton_interpreter():
 
 @pytest.fixture(scope="module")
 def interp():
-    if not IN_CHILD:
-        pytest.skip("runs in the TRITON_INTERPRET=1 child of test_score_graph_under_triton_interpreter")
-    pytest.importorskip("triton")
-
-
-class Toy:
-    """The adapter surface the executor uses: 3 'layers' that are attention plus a mix."""
-
-    def __init__(self, Hq, Hkv, D, hidden=16, seed=0):
-        from vllm_kvflow.blend.model_adapter import AttentionShape
-
-        gen = torch.Generator().manual_seed(seed)
-        self.shape = AttentionShape(Hq, Hkv, D, D ** -0.5)
-        self.num_layers = 3
-        self.attn_modules = [torch.nn.Module() for _ in range(3)]
-        self.proj = torch.randn(3, hidden, (Hq + 2 * Hkv) * D, generator=gen) * 0.3
-        self.mix = torch.randn(3, Hq * D, hidden, generator=gen) * 0.1
-        self.split = [Hq * D, Hkv * D, Hkv * D]
-        self.hidden = hidden
-
-    def embed(self, ids):
-        return torch.nn.functional.one_hot(ids % self.hidden, self.hidden).float()
-
-    def layer_forward(self, idx, positions, hidden, residual):
-        # Positions enter like RoPE would: the graphs must hand the right ones over.
-        rope_like = 1 + 0.1 * torch.sin(0.37 * positions[:, None].to(hidden.dtype))
-        q, k, v = (hidden @ self.proj[idx] * rope_like).split(self.split, -1)
-        out = self.attn_modules[idx](q, k, v)
-        return hidden + out @ self.mix[idx], residual
+    require_interpreter_child("test_score_graph_under_triton_interpreter")
 
 
 def _cache(NB, BS, Hkv, D, seed):

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import vllm_kvflow.kernels.chunk_load as cl
-from interpreter_child import IN_CHILD, run_interpreter_child
+from interpreter_child import require_interpreter_child, run_interpreter_child
 
 
 def test_segment_load_under_triton_interpreter():
@@ -24,9 +24,7 @@ def test_segment_load_under_triton_interpreter():
 
 @pytest.fixture(scope="module")
 def interp():
-    if not IN_CHILD:
-        pytest.skip("runs in the TRITON_INTERPRET=1 child of test_segment_load_under_triton_interpreter")
-    pytest.importorskip("triton")
+    require_interpreter_child("test_segment_load_under_triton_interpreter")
     return types.SimpleNamespace(cl=cl)
 
 
