@@ -310,9 +310,8 @@ def load_chunk_kv_segments(segments, key_caches, value_caches, slot_mapping, del
     if not (base.is_cuda or _interpreting()):
         raise ValueError("load_chunk_kv runs on CUDA tensors (or under TRITON_INTERPRET=1)")
     unit = 16 * base.element_size()
-    # Per segment: (K row, V row, layer stride) of its first token, in units of 16.
-    starts = np.empty((3, len(segments)), dtype=np.int64)
-    counts = np.empty(len(segments), dtype=np.int64)
+    # Per segment: where its keys and values start, its chunk length, first token, count.
+    cols = np.empty((5, len(segments)), dtype=np.int64)
     checked: set[int] = set()  # a tensor used by many segments (a separator) is checked once
     for i, (keys, values, first, count) in enumerate(segments):
         if id(keys) not in checked:
@@ -324,12 +323,14 @@ def load_chunk_kv_segments(segments, key_caches, value_caches, slot_mapping, del
                 raise ValueError("segments must be contiguous [L, T, Hkv, D] tensors of one "
                                  "dtype on the caches' device")
             checked.add(id(keys))
-        k_at, v_at = keys.data_ptr() - base.data_ptr(), values.data_ptr() - base.data_ptr()
-        if k_at % unit or v_at % unit:
-            raise ValueError("segment tensors are not 16-element aligned")
-        starts[:, i] = (k_at // unit + first * row // 16, v_at // unit + first * row // 16,
-                        keys.shape[1] * row // 16)
-        counts[i] = count
+        cols[:, i] = (keys.data_ptr(), values.data_ptr(), keys.shape[1], first, count)
+    k_at, v_at = cols[0] - base.data_ptr(), cols[1] - base.data_ptr()
+    if (k_at % unit).any() or (v_at % unit).any():
+        raise ValueError("segment tensors are not 16-element aligned")
+    # (K row, V row, layer stride) of each segment's first token, in units of 16.
+    starts = np.stack([k_at // unit + cols[3] * (row // 16), v_at // unit + cols[3] * (row // 16),
+                       cols[2] * (row // 16)])
+    counts = cols[4]
     T = int(counts.sum())
     shape_of_source = base.new_empty(()).expand(T, H, D)  # the checks' view of the sources
     _check_inputs(shape_of_source, shape_of_source, key_caches[0], value_caches[0],

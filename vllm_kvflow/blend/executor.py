@@ -66,10 +66,9 @@ class LayerwiseExecutor:
 
         The question attends to the context and to itself, as if it followed the context
         directly (tokens between them, e.g. "Question: ", are not computed yet): key-array
-        entry context_len + i holds question token i. On CUDA that array is the request's
-        own paged cache, whose slots from context_len on belong to not-yet-computed tokens
-        (vLLM's forward overwrites them): the kernels read it in place. Elsewhere the
-        question's K/V stay in a scratch copy, never written into kv.
+        entry context_len + i holds question token i. The question's K/V stay in a
+        scratch copy, never written into kv. (On CUDA the pipeline scores in place in the
+        request's paged cache instead: blend/pass_graphs.py.)
         """
         from vllm_kvflow.kernels.attn_norm import attn_norm, attn_norm_reference
 
@@ -80,17 +79,9 @@ class LayerwiseExecutor:
         key_pos = torch.cat([torch.arange(context_len, device=dev), positions])
         wanted = set(layers)
         total = torch.zeros(context_len, dtype=torch.float32, device=dev)
-        in_place = use_kernels(token_ids) and getattr(kv, "strided", False)
 
         def attend(layer, q, k, v):
             q, k, v = self._split_heads(q, k, v)
-            scale = self.shape.scale
-            if in_place:
-                kv.write(layer, row_pos, k, v)
-                if layer in wanted:
-                    total.add_(attn_norm(q, kv.keys[layer], kv.block_table[0], context_len + n,
-                                         row_pos, context_len, scale).float())
-                return kv.attend(layer, q, row_pos, context_len + n, scale).flatten(1)
             keys, values = kv.read(layer, context_len)
             keys = torch.cat([keys, k.to(keys.dtype)])
             values = torch.cat([values, v.to(values.dtype)])
@@ -98,8 +89,8 @@ class LayerwiseExecutor:
                 # Keys of context + question sit contiguously: one page, block table [0].
                 page, table = keys.unsqueeze(0), torch.zeros(1, dtype=torch.int32, device=dev)
                 fn = attn_norm if use_kernels(keys) else attn_norm_reference
-                total.add_(fn(q, page, table, keys.shape[0], row_pos, context_len, scale).float())
-            return masked_attention(q, keys, values, positions, key_pos, scale).flatten(1)
+                total.add_(fn(q, page, table, keys.shape[0], row_pos, context_len, self.shape.scale).float())
+            return masked_attention(q, keys, values, positions, key_pos, self.shape.scale).flatten(1)
 
         self._run(token_ids, positions, attend, max(layers) + 1)
         return total / len(wanted)

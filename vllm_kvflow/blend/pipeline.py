@@ -20,9 +20,9 @@ import torch
 
 from vllm_kvflow.blend.executor import LayerwiseExecutor
 from vllm_kvflow.blend.glue import GlueCache
-from vllm_kvflow.blend import score_graph
+from vllm_kvflow.blend import pass_graphs
 from vllm_kvflow.blend.paged import DenseKV, PagedKV, use_kernels
-from vllm_kvflow.blend.score_graph import ScoreGraphs
+from vllm_kvflow.blend.pass_graphs import PassGraphs
 from vllm_kvflow.blend.selection import SELECTORS, SelectionInput, budget_for, select
 from vllm_kvflow.config import KVFlowConfig, resolve_layers
 from vllm_kvflow.patches.parallel import sum_over_tp, tp_world_size
@@ -129,6 +129,14 @@ _STAGE_BYTES = 1 << 30
 logger = logging.getLogger("vllm_kvflow")
 
 
+def capture_graphs(on_cuda: bool) -> bool:
+    """Whether the in-place passes are captured in CUDA graphs. Not under tensor
+    parallelism: the layers' all-reduce (vLLM's custom all-reduce) may only be captured
+    inside vLLM's own graph_capture(), which registers its buffers; captured here it read
+    unregistered memory (illegal access, TP 2 on an H200). The passes then run eagerly."""
+    return on_cuda and pass_graphs.enabled() and tp_world_size() == 1
+
+
 class BlendPipeline:
     """Per-worker: executor + store + settings. One instance per worker process."""
 
@@ -141,7 +149,7 @@ class BlendPipeline:
         self.model_id = model_id
         self.sink_ids = tuple(sink_ids)
         self.glue = GlueCache()
-        self._graphs: tuple[int, ScoreGraphs] | None = None
+        self._graphs: tuple[tuple, PassGraphs] | None = None
         self.scoring_layers = resolve_layers(config.scoring_layers, self.adapter.num_layers)
         cache, self.rotary_dim, self.is_neox = self.adapter.rope_cache()
         self.cos_sin = cache.float()
@@ -190,7 +198,7 @@ class BlendPipeline:
             plan = self._reorder(plan, kv, result, timer)
         chosen = self._select(plan, kv, result, timer)
         with timer("recompute"):
-            self._prefill(plan.token_ids, chosen, kv)
+            self._prefill(plan, chosen, kv)
         result.tokens_recomputed = int(chosen.numel())
         return result
 
@@ -311,10 +319,14 @@ class BlendPipeline:
             kv.load_rotated_layers(range(l0, l1), positions, keys, values, delta, cos_sin,
                                    self.rotary_dim, self.is_neox)
 
-    def _prefill(self, prompt: list[int], positions: torch.Tensor, kv) -> None:
+    def _prefill(self, plan: LoadPlan, positions: torch.Tensor, kv) -> None:
         if positions.numel() == 0:
             return
-        ids = torch.tensor(prompt, device=positions.device)[positions]
+        ids = torch.tensor(plan.token_ids, device=positions.device)[positions]
+        graphs = self._pass_graphs(kv)
+        if graphs is not None and graphs.capture and graphs.prefill(
+                ids, positions, plan.context_end, kv.block_ids):
+            return
         self.executor.prefill(ids, positions, kv)
 
     def _signal(self, kind: str, plan: LoadPlan, kv: PagedKV):
@@ -337,31 +349,26 @@ class BlendPipeline:
             return self._exact_kv_deviation(plan, kv)
         if kind == "attn_norm":
             q0, q1 = plan.question
-            graphs = self._score_graphs(kv)
-            scores = None if graphs is None else graphs.score(
-                plan.token_ids[q0:q1], q0, plan.context_end, plan.block_ids)
-            if scores is not None:
-                return sum_over_tp(scores)
+            graphs = self._pass_graphs(kv)
+            if graphs is not None:  # in place in the request's cache
+                return sum_over_tp(graphs.score(plan.token_ids[q0:q1], q0, plan.context_end,
+                                                kv.block_ids))
             positions = torch.arange(q0, q1, device=self.adapter.device)
             ids = torch.tensor(plan.token_ids[q0:q1], device=positions.device)
             return sum_over_tp(self.executor.score(ids, positions, kv, plan.context_end,
                                                    self.scoring_layers))
         raise NotImplementedError(f"signal {kind!r}")
 
-    def _score_graphs(self, kv) -> ScoreGraphs | None:
-        """The scoring pass's CUDA graphs over this worker's paged cache (built once per
-        cache), where the kernels run in place on it."""
-        if not (getattr(kv, "strided", False) and use_kernels(kv.keys[0]) and score_graph.enabled()):
+    def _pass_graphs(self, kv) -> PassGraphs | None:
+        """The in-place passes over this worker's paged cache (built once per cache),
+        where the kernels can read it in place; their CUDA graphs where capture is on."""
+        if not (getattr(kv, "strided", False) and use_kernels(kv.keys[0])):
             return None
-        if tp_world_size() > 1:
-            # The layers' all-reduce (vLLM's custom all-reduce) may only be captured
-            # inside vLLM's own graph_capture(), which registers its buffers; captured
-            # here it read unregistered memory (illegal access, TP 2 on an H200).
-            return None
-        cache_id = kv.keys[0].data_ptr()
+        capture = capture_graphs(kv.keys[0].is_cuda)
+        cache_id = (kv.keys[0].data_ptr(), capture)
         if self._graphs is None or self._graphs[0] != cache_id:
-            self._graphs = (cache_id, ScoreGraphs(self.executor, kv.keys, kv.values, kv.block_size,
-                                                  self.scoring_layers))
+            self._graphs = (cache_id, PassGraphs(self.executor, kv.keys, kv.values, kv.block_size,
+                                                 self.scoring_layers, capture=capture))
         return self._graphs[1]
 
     def _exact_kv_deviation(self, plan: LoadPlan, kv: PagedKV) -> torch.Tensor:

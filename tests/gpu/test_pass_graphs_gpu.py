@@ -1,6 +1,6 @@
-"""The scoring pass captured in a CUDA graph (blend/score_graph.py) equals the eager
-score on the GPU (no vLLM: a toy model stands in for the decoder layers;
-tests/unit/test_score_graph_interpret.py has the padding checks on CPU)."""
+"""The scoring and recompute passes captured in CUDA graphs (blend/pass_graphs.py) equal
+the eager passes on the GPU (no vLLM: a toy model stands in for the decoder layers;
+tests/unit/test_pass_graphs_interpret.py has the padding checks on CPU)."""
 from __future__ import annotations
 
 import sys
@@ -27,31 +27,70 @@ def _to(toy, device, dtype):
     return toy
 
 
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_captured_score_equals_eager_score(dtype):
+def _setup(dtype, seed):
     from vllm_kvflow.blend.executor import LayerwiseExecutor
-    from vllm_kvflow.blend.paged import PagedKV, split_kv_cache
-    from vllm_kvflow.blend.score_graph import ScoreGraphs
+    from vllm_kvflow.blend.paged import split_kv_cache
 
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     Hq, Hkv, D, BS, NB = 32, 8, 128, 16, 700
     ex = LayerwiseExecutor(_to(Toy(Hq, Hkv, D, hidden=64), "cuda", dtype))
     raw = torch.randn(NB, BS, Hkv, 2 * D, device="cuda", dtype=dtype).transpose(1, 2)
     k, v = split_kv_cache(raw, "flash", D)
     keys = [k] + [k.clone() for _ in range(2)]
     values = [v] + [v.clone() for _ in range(2)]
-    block_ids = (torch.randperm(NB - 1) + 1)[:600].tolist()
-    graphs = ScoreGraphs(ex, [x.clone() for x in keys], [x.clone() for x in values], BS, [1, 2])
+    block_ids = (torch.randperm(NB - 1) + 1)[:600].cuda()  # never the null block 0
+    return ex, keys, values, block_ids, BS
+
+
+def _clone(tensors):
+    return [x.clone() for x in tensors]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_captured_score_equals_eager_score(dtype):
+    from vllm_kvflow.blend.paged import PagedKV
+    from vllm_kvflow.blend.pass_graphs import PassGraphs
+
+    ex, keys, values, block_ids, BS = _setup(dtype, seed=0)
+    graphs = PassGraphs(ex, _clone(keys), _clone(values), BS, [1, 2])
+    assert graphs.capture
     for context, n in ((5000, 23), (3100, 9), (9000, 40)):
         q0 = context + 4
         ids = list(range(100, 100 + n))
-        kv = PagedKV([x.clone() for x in keys], [x.clone() for x in values],
-                     torch.tensor(block_ids, device="cuda"), BS)
+        kv = PagedKV(_clone(keys), _clone(values), block_ids, BS)
         eager = ex.score(torch.tensor(ids, device="cuda"), torch.arange(q0, q0 + n, device="cuda"),
                          kv, context, [1, 2])
         got = graphs.score(ids, q0, context, block_ids)
         assert got.shape == (context,)
         torch.testing.assert_close(got, eager, rtol=2e-2, atol=1e-4)
+    assert all(graph is not None for _, graph in graphs._entries.values()), "capture failed"
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_captured_recompute_equals_eager_prefill(dtype):
+    """Three requests through the recompute graphs, the second in the first's buckets
+    (a replay with new inputs), against the executor's eager in-place prefill."""
+    from vllm_kvflow.blend.paged import PagedKV
+    from vllm_kvflow.blend.pass_graphs import PassGraphs
+
+    ex, keys, values, block_ids, BS = _setup(dtype, seed=1)
+    graphs = PassGraphs(ex, _clone(keys), _clone(values), BS, [1, 2])
+    for context_end, n, seed in ((5000, 700, 0), (4800, 690, 1), (9000, 1300, 2)):
+        gen = torch.Generator().manual_seed(seed)
+        positions = torch.randperm(context_end, generator=gen)[:n].sort().values.cuda()
+        ids = (positions * 7 + 3) % 1000
+        before = [x[block_ids] for x in graphs.keys + graphs.values]
+        kv = PagedKV([x.clone() for x in graphs.keys], [x.clone() for x in graphs.values],
+                     block_ids, BS)
+        ex.prefill(ids, positions, kv)
+        assert graphs.prefill(ids, positions, context_end, block_ids)
+        for eager, captured, old in zip(kv.keys + kv.values, graphs.keys + graphs.values, before):
+            eager, captured = eager[block_ids].flatten(0, 1), captured[block_ids].flatten(0, 1)
+            torch.testing.assert_close(captured[positions], eager[positions], rtol=2e-2, atol=2e-2)
+            rest = torch.ones(eager.shape[0], dtype=torch.bool, device="cuda")
+            rest[positions] = False
+            assert torch.equal(captured[rest], old.flatten(0, 1)[rest])
+    assert len(graphs._entries) == 2, "the second request should replay the first's graph"
     assert all(graph is not None for _, graph in graphs._entries.values()), "capture failed"
 
 

@@ -1,0 +1,186 @@
+"""The scoring and recompute passes on the padded static buffers of their CUDA graphs
+(blend/pass_graphs.py) against the executor's own eager passes, under TRITON_INTERPRET=1.
+
+On CPU nothing is captured: the same passes run eagerly on the same buffers, so this
+checks what the graphs add to the eager passes (padding rows at position -1 writing into
+the null block, a block table padded to the context bucket, lengths read on the device
+by the kernels, slots derived inside the pass). The capture itself is checked on the
+GPU (tests/gpu/test_pass_graphs_gpu.py).
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from interpreter_child import require_interpreter_child, run_interpreter_child
+from toy_decoder import Toy
+
+BLOCK_IDS = [6, 2, 7, 9, 4, 3, 8]  # never block 0: the null block takes the padding
+
+
+def test_pass_graphs_under_triton_interpreter():
+    run_interpreter_child(__file__)
+
+
+@pytest.fixture(scope="module")
+def interp():
+    require_interpreter_child("test_pass_graphs_under_triton_interpreter")
+
+
+def _layers(NB, BS, Hkv, D, seed, num_layers=3):
+    """Per-layer FLASH_ATTN key/value views of random caches."""
+    from vllm_kvflow.blend.paged import split_kv_cache
+
+    gen = torch.Generator().manual_seed(seed)
+    keys, values = [], []
+    for _ in range(num_layers):
+        raw = torch.randn(NB, BS, Hkv, 2 * D, generator=gen).transpose(1, 2)
+        k, v = split_kv_cache(raw, "flash", D)
+        keys.append(k)
+        values.append(v)
+    return keys, values
+
+
+def _clone(tensors):
+    return [x.clone() for x in tensors]
+
+
+def _slots_of(positions, BS, NB):
+    mask = torch.zeros(NB, BS, dtype=torch.bool)
+    for p in positions:
+        mask[BLOCK_IDS[p // BS], p % BS] = True
+    return mask
+
+
+@pytest.mark.parametrize("Hq,Hkv,n_question,context", [(4, 2, 6, 50), (8, 2, 17, 70)])
+def test_interp_padded_score_pass_equals_eager_score(interp, Hq, Hkv, n_question, context):
+    from vllm_kvflow.blend.executor import LayerwiseExecutor
+    from vllm_kvflow.blend.paged import PagedKV
+    from vllm_kvflow.blend.pass_graphs import PassGraphs
+
+    D, BS, NB = 32, 16, 10
+    ex = LayerwiseExecutor(Toy(Hq, Hkv, D))
+    ids = list(range(40, 40 + n_question))
+    q0 = context + 3  # "Question: " tokens sit between context and question
+    layers = [1, 2]
+    keys, values = _layers(NB, BS, Hkv, D, seed=1)
+    original = _clone(keys + values)
+
+    # The executor's eager score: gathered keys, the question's K/V in a scratch copy.
+    kv = PagedKV(_clone(keys), _clone(values), torch.tensor(BLOCK_IDS), BS)
+    eager = ex.score(torch.tensor(ids), torch.arange(q0, q0 + n_question), kv, context, layers)
+
+    graphs = PassGraphs(ex, keys, values, BS, layers)
+    assert not graphs.capture  # CPU: the pass runs eagerly on the graph's buffers
+    got = graphs.score(ids, q0, context, torch.tensor(BLOCK_IDS))
+    assert got.shape == (context,)
+    torch.testing.assert_close(got, eager, rtol=1e-5, atol=1e-7)
+    # In place: the question's K/V land in its own slots (which vLLM's forward then
+    # overwrites); every other slot untouched but the null block's.
+    question = _slots_of(range(context, context + n_question), BS, NB)
+    keep = ~question
+    keep[0] = False
+    for after, before in zip(keys + values, original):
+        assert not torch.equal(after[question], before[question])
+        assert torch.equal(after[keep], before[keep])
+    # A second request, shorter: in the same buckets it reuses the buffers.
+    got2 = graphs.score(ids[:3], q0, context - 5, torch.tensor(BLOCK_IDS))
+    assert len(graphs._entries) == (1 if n_question <= 16 else 2)
+    kv2 = PagedKV(_clone(keys), _clone(values), torch.tensor(BLOCK_IDS), BS)
+    eager2 = ex.score(torch.tensor(ids[:3]), torch.arange(q0, q0 + 3), kv2, context - 5, layers)
+    torch.testing.assert_close(got2, eager2, rtol=1e-5, atol=1e-7)
+
+
+def test_interp_long_question_is_scored_unpadded(interp, monkeypatch):
+    import vllm_kvflow.blend.pass_graphs as pg
+    from vllm_kvflow.blend.executor import LayerwiseExecutor
+    from vllm_kvflow.blend.paged import PagedKV
+
+    monkeypatch.setattr(pg, "SCORE_ROWS", (16, 4))  # make 6 rows "longer than every bucket"
+    D, BS, NB = 32, 16, 10
+    ex = LayerwiseExecutor(Toy(4, 2, D))
+    keys, values = _layers(NB, BS, 2, D, seed=2)
+    kv = PagedKV(_clone(keys), _clone(values), torch.tensor(BLOCK_IDS), BS)
+    eager = ex.score(torch.arange(6), torch.arange(43, 49), kv, 40, [0, 1])
+    graphs = pg.PassGraphs(ex, keys, values, BS, [0, 1])
+    torch.testing.assert_close(graphs.score(list(range(6)), 43, 40, torch.tensor(BLOCK_IDS)),
+                               eager, rtol=1e-5, atol=1e-7)
+    assert not graphs._entries  # built for the call, not kept
+    with pytest.raises(ValueError, match="question token"):
+        graphs.score([], 43, 40, torch.tensor(BLOCK_IDS))
+
+
+@pytest.mark.parametrize("Hq,Hkv,selected", [(4, 2, [3, 9, 10, 41, 57, 58, 59, 80]),
+                                             (8, 2, list(range(0, 90, 4)))])
+def test_interp_padded_recompute_pass_equals_eager_prefill(interp, Hq, Hkv, selected):
+    from vllm_kvflow.blend.executor import LayerwiseExecutor
+    from vllm_kvflow.blend.paged import PagedKV
+    from vllm_kvflow.blend.pass_graphs import PassGraphs, prefill_bucket
+
+    D, BS, NB, context_end = 32, 16, 10, 95
+    ex = LayerwiseExecutor(Toy(Hq, Hkv, D))
+    keys, values = _layers(NB, BS, Hkv, D, seed=3)
+    original = _clone(keys + values)
+    positions = torch.tensor(selected)
+    ids = 7 * positions + 1
+
+    kv = PagedKV(_clone(keys), _clone(values), torch.tensor(BLOCK_IDS), BS)
+    ex.prefill(ids, positions, kv)
+
+    graphs = PassGraphs(ex, keys, values, BS, [1])
+    assert graphs.prefill(ids, positions, context_end, torch.tensor(BLOCK_IDS))
+    assert prefill_bucket(len(selected)) > len(selected)  # the buffers carry padding rows
+    recomputed = _slots_of(selected, BS, NB)
+    keep = ~recomputed
+    keep[0] = False
+    for eager, padded, before in zip(kv.keys + kv.values, keys + values, original):
+        torch.testing.assert_close(padded[recomputed], eager[recomputed], rtol=1e-5, atol=1e-6)
+        assert not torch.equal(padded[recomputed], before[recomputed])
+        assert torch.equal(padded[keep], before[keep]) and torch.equal(eager[keep], before[keep])
+
+
+def test_interp_prefill_buckets():
+    from vllm_kvflow.blend.pass_graphs import PREFILL_ROWS, prefill_bucket
+
+    assert [prefill_bucket(n) for n in (1, 16, 17, 256)] == [16, 16, 32, 256]
+    for n in list(range(257, 5000, 37)) + [1192, 4779]:
+        rows = prefill_bucket(n)
+        assert n <= rows <= n * (1 + 1 / 16), (n, rows)
+    assert prefill_bucket(1192) == 1216 and prefill_bucket(PREFILL_ROWS[1]) == PREFILL_ROWS[1]
+
+
+def test_interp_recompute_beyond_the_largest_bucket_is_left_to_the_executor(interp, monkeypatch):
+    import vllm_kvflow.blend.pass_graphs as pg
+    from vllm_kvflow.blend.executor import LayerwiseExecutor
+
+    keys, values = _layers(4, 16, 2, 32, seed=4, num_layers=1)
+    graphs = pg.PassGraphs(LayerwiseExecutor(Toy(4, 2, 32)), keys, values, 16, [0])
+    monkeypatch.setattr(pg, "PREFILL_ROWS", (16, 8))
+    assert not graphs.prefill(torch.arange(9), torch.arange(9), 20, torch.tensor([1, 2]))
+    assert not graphs.prefill(torch.arange(0), torch.arange(0), 20, torch.tensor([1, 2]))
+
+
+def test_interp_capture_only_without_tensor_parallelism(interp, monkeypatch):
+    """Under tensor parallelism the layers' all-reduce cannot be captured outside vLLM's
+    own graph_capture(): the pipeline's passes then run eagerly (and always off CUDA)."""
+    import types
+
+    import vllm_kvflow.blend.pipeline as pipeline
+    from vllm_kvflow.blend.executor import LayerwiseExecutor
+    from vllm_kvflow.blend.paged import PagedKV
+
+    monkeypatch.setattr(pipeline, "tp_world_size", lambda: 1)
+    assert pipeline.capture_graphs(True) and not pipeline.capture_graphs(False)
+    monkeypatch.setenv("KVFLOW_GRAPHS", "0")
+    assert not pipeline.capture_graphs(True)
+    monkeypatch.delenv("KVFLOW_GRAPHS")
+    monkeypatch.setattr(pipeline, "tp_world_size", lambda: 2)
+    assert not pipeline.capture_graphs(True)
+
+    keys, values = _layers(4, 16, 2, 32, seed=5, num_layers=1)
+    kv = PagedKV(keys, values, torch.tensor([1, 2]), 16)
+    stub = types.SimpleNamespace(_graphs=None, executor=LayerwiseExecutor(Toy(4, 2, 32)),
+                                 scoring_layers=[0])
+    graphs = pipeline.BlendPipeline._pass_graphs(stub, kv)
+    assert graphs is not None and not graphs.capture
+    assert pipeline.BlendPipeline._pass_graphs(stub, kv) is graphs  # built once per cache
