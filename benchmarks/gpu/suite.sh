@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# The issue-7 GPU runs, in the order they were made on a two-GPU machine (each step fits
+# one 10-minute device call; independent runs go side by side, one per GPU).
+#   bash benchmarks/gpu/suite.sh tests|engine|more|tp2 MODELS OUT
+# MODELS: model dirs from prepare_models.py; OUT: where logs and JSON go.
+set -o pipefail
+step=$1 models=$2 out=$3
+here=$(dirname "$0")
+ttft="bash $here/run_engine_gpu.sh ttft $models"
+sizes=4096,8192,16384,32768
+case $step in
+  tests)  # graphs and kernels against their references, no vLLM needed
+    bash "$here/env.sh" python3 -m pytest tests/gpu -q -x 2>&1 | tail -n 15 ;;
+  engine)  # exactness (both shapes, fp16) beside the Llama TTFT, store in GPU memory
+    OUT=$out bash "$here/parallel.sh" \
+      "bash $here/run_engine_gpu.sh check $models $out/check --dtype float16" \
+      "$ttft $out/llama_device --model $models/llama-3.1-8b --context-tokens $sizes --repeats 3 --store device --out $out/ttft_gpu_llama8b_device.json" ;;
+  more)  # Qwen3 shape with the store in GPU memory, Llama with the store in host memory
+    OUT=$out bash "$here/parallel.sh" \
+      "$ttft $out/qwen_device --model $models/qwen3-8b --context-tokens $sizes --repeats 3 --store device --out $out/ttft_gpu_qwen3_8b_device.json" \
+      "$ttft $out/llama_host --model $models/llama-3.1-8b --context-tokens $sizes --repeats 3 --store host --out $out/ttft_gpu_llama8b_host.json" ;;
+  tp2)  # tensor parallel 2 over both GPUs: exactness, then TTFT
+    CHECK_MODELS=llama-3.1-8b TAG=tp2 bash "$here/run_engine_gpu.sh" check "$models" "$out/check" --dtype float16 --tp 2
+    VLLM_WORKER_MULTIPROC_METHOD=spawn TAG=tp2 $ttft "$out/tp2" --model "$models/llama-3.1-8b" \
+      --context-tokens 8192,32768 --repeats 3 --store device --tensor-parallel-size 2 \
+      --out "$out/ttft_gpu_llama8b_tp2_device.json" ;;
+  *) echo "unknown step $step" >&2; exit 2 ;;
+esac
