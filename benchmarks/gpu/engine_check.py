@@ -36,12 +36,13 @@ def check_ratio_one(llm, tok, n_prompts: int, max_tokens: int) -> list[dict]:
     rows = []
 
     def run(name, built, salt):
-        sps = [SamplingParams(temperature=0.0, max_tokens=max_tokens, logprobs=1,
+        sps = [SamplingParams(temperature=0.0, max_tokens=max_tokens, logprobs=2,
                               extra_args={"kv_transfer_params": p.kv_transfer_params}) for p in built]
         outs = llm.generate([{**p.vllm_prompt(), "cache_salt": salt} for p in built], sps, use_tqdm=False)
         rows.append({"method": name,
                      "tokens": [list(o.outputs[0].token_ids) for o in outs],
                      "first_logprob": [next(iter(o.outputs[0].logprobs[0].values())).logprob for o in outs],
+                     "margins": [[_top2_margin(step) for step in o.outputs[0].logprobs] for o in outs],
                      "stats": [(o.kv_transfer_params or {}).get("kvflow_stats", {}) for o in outs]})
 
     run("full", [make(method="full") for _, make in prompts], "full")
@@ -57,11 +58,23 @@ def check_ratio_one(llm, tok, n_prompts: int, max_tokens: int) -> list[dict]:
     for r in rows[1:]:
         r["identical_tokens"] = sum(a == b for a, b in zip(r["tokens"], full["tokens"]))
         r["max_first_logprob_diff"] = max(abs(a - b) for a, b in zip(r["first_logprob"], full["first_logprob"]))
+        # Where greedy tokens part: the step, and how close full prefill's top two were
+        # there (a near-tie that any change of summation order may flip).
+        r["divergences"] = [{"prompt": i, "step": j, "full_top2_margin": full["margins"][i][j]}
+                            for i, (a, b) in enumerate(zip(r["tokens"], full["tokens"]))
+                            for j in [next((j for j, (x, y) in enumerate(zip(a, b)) if x != y), None)]
+                            if j is not None]
         r["all_reused_and_recomputed"] = r["method"] == "vllm-two-step" or all(
             s.get("fallback") is None and s["tokens_reused"] == s["chunk_tokens"]
             and s["tokens_recomputed"] == s["candidate_tokens"] >= s["chunk_tokens"]
             for s in r["stats"])
     return rows
+
+
+def _top2_margin(step_logprobs) -> float | None:
+    """Logprob of the best token minus the second best's, at one generated step."""
+    best = sorted((lp.logprob for lp in step_logprobs.values()), reverse=True)
+    return best[0] - best[1] if len(best) > 1 else None
 
 
 def check_rerotated_keys(tok) -> dict:
@@ -159,6 +172,9 @@ def main() -> int:
         ok &= good
         print(f"  ratio 1.0 {r['method']:<17} identical {r['identical_tokens']}/{args.prompts}  "
               f"max |dlogprob| {r['max_first_logprob_diff']:.4f}  all recomputed {r['all_reused_and_recomputed']}")
+        for d in r["divergences"]:
+            print(f"      prompt {d['prompt']} parts at step {d['step']}: full prefill's top-2 "
+                  f"logprob margin there {d['full_top2_margin']:.4f}")
     k = report["rerotated_keys"] or {"ok": True, "values_equal": True}
     if report["rerotated_keys"]:
         print(f"  re-rotated keys ({k['layout']}, block {k['block_size']}): max err {k['max_abs_err']:.5f} "

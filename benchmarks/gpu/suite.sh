@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The issue-7 GPU runs, in the order they were made on a two-GPU machine (each step fits
 # one 10-minute device call; independent runs go side by side, one per GPU).
-#   bash benchmarks/gpu/suite.sh tests|engine|more|tp2 MODELS OUT
+#   bash benchmarks/gpu/suite.sh tests|engine|more|tp2|profile|tp2check MODELS OUT
 # MODELS: model dirs from prepare_models.py; OUT: where logs and JSON go.
 set -o pipefail
 step=$1 models=$2 out=$3
@@ -24,5 +24,12 @@ case $step in
     VLLM_WORKER_MULTIPROC_METHOD=spawn TAG=tp2 $ttft "$out/tp2" --model "$models/llama-3.1-8b" \
       --context-tokens 8192,32768 --repeats 3 --store device --tensor-parallel-size 2 \
       --out "$out/ttft_gpu_llama8b_tp2_device.json" ;;
+  profile)  # where one request's host time goes (cProfile), 8K and 32K side by side
+    prof="bash $here/env.sh python3 $here/profile_request.py --model $models/llama-3.1-8b --load-format dummy"
+    OUT=$out bash "$here/parallel.sh" \
+      "$prof --context-tokens 8192 --methods none,prefix-hit,infoflow --out $out/profile" \
+      "$prof --context-tokens 32768 --methods none,prefix-hit --out $out/profile" ;;
+  tp2check)  # the tensor-parallel exactness check alone
+    CHECK_MODELS=llama-3.1-8b TAG=tp2 bash "$here/run_engine_gpu.sh" check "$models" "$out/check" --dtype float16 --tp 2 ;;
   *) echo "unknown step $step" >&2; exit 2 ;;
 esac
