@@ -36,7 +36,7 @@ def check_ratio_one(llm, tok, n_prompts: int, max_tokens: int) -> list[dict]:
     rows = []
 
     def run(name, built, salt):
-        sps = [SamplingParams(temperature=0.0, max_tokens=max_tokens, logprobs=2,
+        sps = [SamplingParams(temperature=0.0, max_tokens=max_tokens, logprobs=4,
                               extra_args={"kv_transfer_params": p.kv_transfer_params}) for p in built]
         outs = llm.generate([{**p.vllm_prompt(), "cache_salt": salt} for p in built], sps, use_tqdm=False)
         rows.append({"method": name,
@@ -72,9 +72,11 @@ def check_ratio_one(llm, tok, n_prompts: int, max_tokens: int) -> list[dict]:
 
 
 def _top2_margin(step_logprobs) -> float | None:
-    """Logprob of the best token minus the second best's, at one generated step."""
-    best = sorted((lp.logprob for lp in step_logprobs.values()), reverse=True)
-    return best[0] - best[1] if len(best) > 1 else None
+    """Logprob of the best token minus that of the best token scoring lower, at one
+    generated step. Lower, not second: under tensor parallelism every rank randomizes
+    its vocabulary shard alike, so each logit appears twice, exactly."""
+    values = sorted({lp.logprob for lp in step_logprobs.values()}, reverse=True)
+    return values[0] - values[1] if len(values) > 1 else None
 
 
 def check_rerotated_keys(tok) -> dict:
