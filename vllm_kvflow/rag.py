@@ -29,7 +29,7 @@ class RagPrompt:
 
     @property
     def kv_transfer_params(self) -> dict[str, Any]:
-        body = {"chunks": [{"span": list(s)} for s in self.chunk_spans],
+        body = {"chunk_spans": [i for span in self.chunk_spans for i in span],
                 "question": {"span": list(self.question_span)}, **self.settings}
         return {PARAMS_KEY: body}
 

@@ -34,6 +34,22 @@ def test_malformed_declarations_raise_request_error(bad):
         parse_request(bad, PROMPT, CFG, tokenize=lambda t: [])
 
 
+def test_flat_chunk_spans_equal_span_chunks():
+    flat = parse_request({"chunk_spans": [2, 5, 10, 12, 20, 23]}, PROMPT, CFG)
+    spans = parse_request({"chunks": [{"span": [2, 5]}, [10, 12], {"span": [20, 23]}]}, PROMPT, CFG)
+    assert flat == spans and flat.chunks == [(2, 5), (10, 12), (20, 23)]
+
+
+@pytest.mark.parametrize("bad", [
+    {"chunk_spans": [2, 5, 10]}, {"chunk_spans": []}, {"chunk_spans": [[2, 5]]},
+    {"chunk_spans": [5, 2]}, {"chunk_spans": [2, 5], "chunks": [{"span": [7, 9]}]},
+    {"chunk_spans": [2, 5, 4, 8]}, {"chunk_spans": "2 5"}, {"method": "none"},
+])
+def test_malformed_chunk_spans_raise_request_error(bad):
+    with pytest.raises(RequestError):
+        parse_request(bad, PROMPT, CFG)
+
+
 def test_chunk_covering_the_last_token_is_clipped():
     spec = parse_request({"chunks": [{"span": [30, 40]}]}, PROMPT, CFG)
     assert spec.chunks == [(30, 39)]
