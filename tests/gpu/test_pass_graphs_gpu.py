@@ -125,3 +125,21 @@ def test_segment_load_equals_gathered_load():
         out.append(torch.stack(caches))
     assert torch.equal(out[0].isnan(), out[1].isnan())
     assert torch.equal(out[0].nan_to_num(0), out[1].nan_to_num(0))  # same kernel math
+
+
+def test_load_timer_does_not_wait_for_the_gpu():
+    """The load's phases are timed by CUDA events: leaving a phase does not synchronize
+    (vLLM's forward can be launched while the load's kernels run), and the time read
+    afterwards covers the GPU work."""
+    from vllm_kvflow.blend.pipeline import _Timer
+
+    a = torch.randn(4096, 4096, device="cuda")
+    torch.cuda.synchronize()
+    timer = _Timer(torch.device("cuda"))
+    with timer("recompute"):
+        for _ in range(50):
+            a = a @ a.T / 64.0
+    _, _, end = timer.spans[-1]
+    assert not end.query(), "the phase waited for the GPU"
+    seconds = timer.resolve()["recompute"]
+    assert end.query() and seconds > 1e-3

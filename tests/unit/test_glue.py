@@ -36,3 +36,4 @@ def test_glue_keys_separate_namespaces_and_prompt_start():
     cache.put(("a", False, (7,)), entry(1))
     assert cache.get(("b", False, (7,))) is None  # another tenant computes its own
     assert cache.get(("a", True, (7,))) is None  # at the prompt's start: exact KV, not behind the sink
+

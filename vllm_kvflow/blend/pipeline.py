@@ -11,6 +11,7 @@ The prompt's remaining tokens are then prefilled by vLLM itself over this cache.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from dataclasses import dataclass, field, replace
@@ -58,10 +59,14 @@ class LoadResult:
     candidate_tokens: int = 0  # reused tokens whose KV is not exact (selection's T)
     tokens_recomputed: int = 0  # candidates recomputed over the mixed cache
     reorder: list[int] | None = None  # infoflow-reorder: chunk order used
-    timings_s: dict[str, float] = field(default_factory=dict)
+    timer: _Timer | None = field(default=None, repr=False)  # -> timings_s in as_dict()
 
     def as_dict(self) -> dict:
-        return dict(self.__dict__)
+        """The stats, with `timings_s` per phase (on CUDA this waits for the load's GPU
+        work: call it after the step's forward is launched)."""
+        out = {k: v for k, v in self.__dict__.items() if k != "timer"}
+        out["timings_s"] = self.timer.resolve() if self.timer is not None else {}
+        return out
 
 
 def reordered_layout(token_ids: list[int], chunks: list[tuple[int, int]], order: list[int]):
@@ -103,22 +108,39 @@ def _positions(spans: list[tuple[int, int]], device) -> torch.Tensor:
 
 
 class _Timer:
-    def __init__(self, out: dict[str, float], device: torch.device):
-        self.out, self.device = out, device
+    """Wall time per phase of one load. On CUDA each phase is bracketed by two events,
+    read only after the fact (resolve), so timing never makes the host wait for the GPU:
+    vLLM launches the step's forward while the load's last kernels still run. A phase's
+    time is then from where the GPU reached its start to where it finished its work."""
 
+    def __init__(self, device: torch.device):
+        self.on_cuda = device.type == "cuda"
+        self.spans: list[tuple[str, object, object]] = []
+
+    @contextlib.contextmanager
     def __call__(self, name: str):
-        timer = self
+        start = self._mark()
+        yield
+        self.spans.append((name, start, self._mark()))
 
-        class _Span:
-            def __enter__(self):
-                self.t0 = time.perf_counter()
+    def _mark(self):
+        if not self.on_cuda:
+            return time.perf_counter()
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
 
-            def __exit__(self, *exc):
-                if timer.device.type == "cuda":
-                    torch.cuda.synchronize(timer.device)
-                timer.out[name] = timer.out.get(name, 0.0) + time.perf_counter() - self.t0
-
-        return _Span()
+    def resolve(self) -> dict[str, float]:
+        """Seconds per phase (waits for the last phase's GPU work on CUDA)."""
+        out: dict[str, float] = {}
+        for name, start, end in self.spans:
+            if self.on_cuda:
+                end.synchronize()
+                seconds = start.elapsed_time(end) / 1e3
+            else:
+                seconds = end - start
+            out[name] = out.get(name, 0.0) + seconds
+        return out
 
 
 # Bytes of chunk K/V gathered at once when writing a request's chunks (torch path), and
@@ -192,8 +214,8 @@ class BlendPipeline:
 
     # -- the request ----------------------------------------------------------------------
     def run(self, plan: LoadPlan, kv: PagedKV) -> LoadResult:
-        result = LoadResult()
-        timer = _Timer(result.timings_s, self.adapter.device)
+        timer = _Timer(self.adapter.device)
+        result = LoadResult(timer=timer)
         if plan.method == "infoflow-reorder":
             plan = self._reorder(plan, kv, result, timer)
         chosen = self._select(plan, kv, result, timer)

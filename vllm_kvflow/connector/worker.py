@@ -26,7 +26,7 @@ from vllm_kvflow.blend.paged import (
     packed_pages,
     split_kv_cache,
 )
-from vllm_kvflow.blend.pipeline import BlendPipeline
+from vllm_kvflow.blend.pipeline import BlendPipeline, LoadResult
 from vllm_kvflow.config import KVFlowConfig
 from vllm_kvflow.connector.metadata import KVFlowConnectorMetadata, KVFlowWorkerMetadata
 from vllm_kvflow.store.build import build_store
@@ -43,7 +43,7 @@ class KVFlowWorker:
         self._kv_caches: dict[str, torch.Tensor] = {}
         self._pipeline: BlendPipeline | None = None
         self._views: dict | None = None
-        self._results: dict[str, dict[str, Any]] = {}
+        self._results: dict[str, tuple[LoadResult | dict, dict[str, Any]]] = {}
         self._failed_blocks: set[int] = set()
 
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
@@ -113,15 +113,16 @@ class KVFlowWorker:
                 pipeline = self._ready()
                 kv = self._paged_kv(plan.block_ids, pipeline.adapter.device)
                 with _maybe_profiled(plan.req_id):
-                    result = pipeline.run(plan, kv).as_dict()
+                    result = pipeline.run(plan, kv)
             except Exception as e:  # noqa: BLE001 - any failure must degrade, not crash
                 logger.error("kvflow: load for %s failed, recomputing: %s\n%s", plan.req_id, e,
                              traceback.format_exc())
                 self._failed_blocks.update(plan.block_ids)
                 result = {"error": f"{type(e).__name__}: {e}"}
-            result["load_s"] = time.perf_counter() - t0
-            result["store"] = self.store.stats()
-            self._results[plan.req_id] = result
+            # load_s: host time. The result itself is read in build_worker_meta, after
+            # the forward is launched (its GPU timings would otherwise wait for the load).
+            self._results[plan.req_id] = (result, {"load_s": time.perf_counter() - t0,
+                                                   "store": self.store.stats()})
 
     def shutdown(self) -> None:
         self.store.close()  # queued disk writes land before the process goes
@@ -133,8 +134,10 @@ class KVFlowWorker:
     def build_worker_meta(self) -> KVFlowWorkerMetadata | None:
         if not self._results:
             return None
-        meta, self._results = KVFlowWorkerMetadata(self._results), {}
-        return meta
+        results = {req_id: {**(r.as_dict() if isinstance(r, LoadResult) else r), **extra}
+                   for req_id, (r, extra) in self._results.items()}
+        self._results = {}
+        return KVFlowWorkerMetadata(results)
 
 
 def store_identity(vllm_config) -> str:
@@ -174,6 +177,8 @@ def _maybe_profiled(req_id: str):
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
     with profile(activities=activities) as prof:
         yield
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()  # a load does not wait for its GPU work: the profile must
     table = prof.key_averages()
     os.makedirs(out_dir, exist_ok=True)
     safe = "".join(c if c.isalnum() or c in "-_" else "_" for c in req_id)[:80]
