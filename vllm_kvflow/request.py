@@ -8,9 +8,9 @@ A request declares its chunks in `kv_transfer_params["kvflow"]`:
      "method": "infoflow", "ratio": 0.15, "namespace": "tenant-a"}   # optional
 
 Spans index the prompt's token ids, end exclusive. `chunk_spans` says the same as a
-list of span chunks in one flat list of integers: vLLM deep-copies every request's
-sampling parameters, and 300 chunk objects cost it ~7 ms per request (cProfile, 32K
-tokens), a flat list of 600 integers a few tens of microseconds. Texts and token ids are located in
+list of span chunks, in one flat list of integers: vLLM deep-copies every request's
+sampling parameters, which took 2.2 ms for 316 span objects and 0.5 ms for the flat
+list (SamplingParams.clone on the CPU machine). Texts and token ids are located in
 the prompt, in declaration order. Bad declarations raise RequestError, which the
 connector turns into a full-prefill fallback with the reason in the stats; a chunk that
 cannot be located is listed in `unlocatable` and its tokens are prefilled normally.
@@ -103,8 +103,11 @@ def _text_tokens(value: Any, tokenize: Callable[[str], list[int]] | None, what: 
 
 def _declared_chunks(params: dict) -> list:
     """The chunk declarations, from `chunks` or from the flat `chunk_spans` (one of them)."""
-    if ("chunks" in params) == ("chunk_spans" in params):
-        raise RequestError("declare the chunks in exactly one of chunks, chunk_spans")
+    if "chunks" in params and "chunk_spans" in params:
+        raise RequestError("give chunks or chunk_spans, not both")
+    if "chunk_spans" not in params and not params.get("chunks"):
+        raise RequestError("chunks must be a non-empty list (or chunk_spans a flat list "
+                           "[start0, end0, start1, end1, ...])")
     if "chunks" in params:
         declared = params["chunks"]
         if not isinstance(declared, list) or not declared:

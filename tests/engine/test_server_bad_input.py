@@ -75,6 +75,8 @@ FALLBACKS = [
     ("chunks-missing", {"kvflow": {"method": "none"}}, "non-empty list"),
     ("chunks-empty-list", _with(chunks=[]), "non-empty list"),
     ("chunks-not-a-list", _with(chunks="Zorbia"), "non-empty list"),
+    ("chunk-spans-odd", {"kvflow": {"chunk_spans": [0, 4, 8]}}, "flat list"),
+    ("chunk-spans-beside-chunks", _with(chunk_spans=[0, 4]), "not both"),
     ("chunk-empty-text", _with(chunks=[{"text": ""}]), "empty chunk"),
     ("chunk-blank-text", _with(chunks=[{"text": "   \n"}]), "empty chunk"),
     ("chunk-text-not-string", _with(chunks=[{"text": 42}]), "must be a string"),

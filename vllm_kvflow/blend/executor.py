@@ -79,6 +79,7 @@ class LayerwiseExecutor:
         key_pos = torch.cat([torch.arange(context_len, device=dev), positions])
         wanted = set(layers)
         total = torch.zeros(context_len, dtype=torch.float32, device=dev)
+        scale = self.shape.scale
 
         def attend(layer, q, k, v):
             q, k, v = self._split_heads(q, k, v)
@@ -89,8 +90,8 @@ class LayerwiseExecutor:
                 # Keys of context + question sit contiguously: one page, block table [0].
                 page, table = keys.unsqueeze(0), torch.zeros(1, dtype=torch.int32, device=dev)
                 fn = attn_norm if use_kernels(keys) else attn_norm_reference
-                total.add_(fn(q, page, table, keys.shape[0], row_pos, context_len, self.shape.scale).float())
-            return masked_attention(q, keys, values, positions, key_pos, self.shape.scale).flatten(1)
+                total.add_(fn(q, page, table, keys.shape[0], row_pos, context_len, scale).float())
+            return masked_attention(q, keys, values, positions, key_pos, scale).flatten(1)
 
         self._run(token_ids, positions, attend, max(layers) + 1)
         return total / len(wanted)
