@@ -184,3 +184,28 @@ def test_interp_capture_only_without_tensor_parallelism(interp, monkeypatch):
     graphs = pipeline.BlendPipeline._pass_graphs(stub, kv)
     assert graphs is not None and not graphs.capture
     assert pipeline.BlendPipeline._pass_graphs(stub, kv) is graphs  # built once per cache
+
+
+
+def test_interp_graphs_stop_at_the_cap(interp, monkeypatch, caplog):
+    """Past MAX_GRAPHS captured graphs, a new size bucket is not captured (it runs
+    eagerly): a server that sees every bucket stops paying captures."""
+    import logging
+
+    import vllm_kvflow.blend.pass_graphs as pg
+    from vllm_kvflow.blend.executor import LayerwiseExecutor
+
+    keys, values = _layers(10, 16, 2, 32, seed=6)
+    graphs = pg.PassGraphs(LayerwiseExecutor(Toy(4, 2, 32)), keys, values, 16, [1], capture=True)
+    buf = pg._Buffers.empty(16, 2048, 16, "cpu", scores=False)
+    monkeypatch.setattr(pg, "MAX_GRAPHS", 2)
+    caplog.set_level(logging.INFO, logger="vllm_kvflow")
+    # Below the cap a capture is attempted (on CPU it fails, is logged, and runs eagerly).
+    graphs._entries[("prefill", 16, 2048)] = (buf, object())
+    assert graphs._capture(buf, "prefill") is None
+    assert "capture failed" in caplog.text
+    caplog.clear()
+    graphs._entries[("prefill", 32, 2048)] = (buf, object())  # two graphs: the cap
+    assert graphs._capture(buf, "prefill") is None and graphs._capture(buf, "score") is None
+    assert "capture failed" not in caplog.text
+    assert caplog.text.count("further size buckets run eagerly") == 1  # logged once

@@ -33,6 +33,11 @@ logger = logging.getLogger("vllm_kvflow")
 SCORE_ROWS = (16, 256)  # question buckets, powers of two; longer questions: exact size
 PREFILL_ROWS = (16, 4096)  # recompute buckets; above, the pass is GPU-bound: run eagerly
 MIN_CONTEXT = 2048  # smallest context bucket (keys)
+# Graphs kept per worker. Each bucket's first request pays its capture (an eager pass
+# and a capture pass) on its own TTFT; past this many, new buckets stay eager, so a
+# server seeing every size bucket does not keep paying captures (nor holding hundreds
+# of graphs).
+MAX_GRAPHS = 64
 
 
 def _pow2(n: int, lo: int) -> int:
@@ -109,6 +114,7 @@ class PassGraphs:
         self.capture = keys[0].is_cuda if capture is None else capture
         self._entries: dict[tuple[str, int, int], tuple[_Buffers, object]] = {}
         self._pool = None
+        self._full_logged = False
 
     # -- the two passes --------------------------------------------------------------------
     def score(self, token_ids: list[int], q0: int, context_len: int,
@@ -171,6 +177,12 @@ class PassGraphs:
         """A graph of the pass on these buffers; None (eager) where capture is off or
         fails, which is logged once per bucket."""
         if not self.capture:
+            return None
+        if sum(graph is not None for _, graph in self._entries.values()) >= MAX_GRAPHS:
+            if not self._full_logged:
+                logger.info("kvflow: %d pass graphs captured; further size buckets run "
+                            "eagerly", MAX_GRAPHS)
+                self._full_logged = True
             return None
         try:
             stream = torch.cuda.Stream()
