@@ -105,19 +105,17 @@ def _declared_chunks(params: dict) -> list:
     """The chunk declarations, from `chunks` or from the flat `chunk_spans` (one of them)."""
     if "chunks" in params and "chunk_spans" in params:
         raise RequestError("give chunks or chunk_spans, not both")
-    if "chunk_spans" not in params and not params.get("chunks"):
+    if "chunk_spans" in params:
+        flat = params["chunk_spans"]
+        if not isinstance(flat, list) or not flat or len(flat) % 2:
+            raise RequestError("chunk_spans must be a non-empty flat list "
+                               "[start0, end0, start1, end1, ...]")
+        return [flat[i:i + 2] for i in range(0, len(flat), 2)]  # span chunks, checked below
+    declared = params.get("chunks")
+    if not isinstance(declared, list) or not declared:
         raise RequestError("chunks must be a non-empty list (or chunk_spans a flat list "
                            "[start0, end0, start1, end1, ...])")
-    if "chunks" in params:
-        declared = params["chunks"]
-        if not isinstance(declared, list) or not declared:
-            raise RequestError("chunks must be a non-empty list")
-        return declared
-    flat = params["chunk_spans"]
-    if not isinstance(flat, list) or not flat or len(flat) % 2:
-        raise RequestError("chunk_spans must be a non-empty flat list "
-                           "[start0, end0, start1, end1, ...]")
-    return [flat[i:i + 2] for i in range(0, len(flat), 2)]  # span chunks, checked below
+    return declared
 
 
 def parse_request(params: Any, prompt_ids: Sequence[int], config: KVFlowConfig,
