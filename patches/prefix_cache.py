@@ -16,15 +16,15 @@ Both vLLM versions compute hashes through `Request._block_hasher` into `block_ha
 from __future__ import annotations
 
 import hashlib
-import struct
+
+from vllm_kvflow.store.chunk_store import int64_bytes
 
 MARKER = "kvflow:"
 
 
 def blend_salt(prompt_token_ids, spec, tenant_salt: str | None) -> str:
     """Salt naming how `spec` (a RequestSpec) blends this prompt's context."""
-    head = list(prompt_token_ids[:spec.question[1]])
-    h = hashlib.blake2b(struct.pack(f"<{len(head)}q", *head), digest_size=16)
+    h = hashlib.blake2b(int64_bytes(list(prompt_token_ids[:spec.question[1]])), digest_size=16)
     h.update(repr((spec.chunks, spec.question)).encode())
     return f"{tenant_salt or ''}|{MARKER}{spec.method}:{spec.ratio!r}:{h.hexdigest()}"
 

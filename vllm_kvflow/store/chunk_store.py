@@ -31,13 +31,13 @@ def chunk_key(model_id: str, namespace: str, sink_ids, token_ids) -> str:
     for part in (model_id, namespace):
         h.update(part.encode())
         h.update(b"\0")
-    h.update(_int64_bytes(sink_ids))
+    h.update(int64_bytes(sink_ids))
     h.update(b"\0")
-    h.update(_int64_bytes(token_ids))
+    h.update(int64_bytes(token_ids))
     return h.hexdigest()
 
 
-def _int64_bytes(ids) -> bytes:
+def int64_bytes(ids) -> bytes:
     """Little-endian int64 bytes of the ids (struct is ~3x faster than numpy for the
     ~100-token lists a request looks up hundreds of; same bytes either way)."""
     if isinstance(ids, (list, tuple)):
