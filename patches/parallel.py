@@ -9,6 +9,8 @@ the all-head norm; for key deviation: summed squares give the all-head norm exac
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 
@@ -27,3 +29,20 @@ def sum_over_tp(signal: torch.Tensor) -> torch.Tensor:
     from vllm.distributed import tensor_model_parallel_all_reduce
 
     return tensor_model_parallel_all_reduce(signal.contiguous())
+
+
+@contextlib.contextmanager
+def graph_capture_stream(device: torch.device):
+    """The stream to capture a CUDA graph of model layers on. Under tensor parallelism
+    the capture runs inside vLLM's graph_capture(): its custom all-reduce then records
+    the graph's buffers and registers them with the other ranks on exit (a collective:
+    every rank must capture the same graphs in the same order, which holds because all
+    ranks select the same tokens). Outside it, a captured all-reduce reads unregistered
+    memory (illegal access, TP 2 on an H200)."""
+    if tp_world_size() == 1:
+        yield torch.cuda.Stream(device=device)
+        return
+    from vllm.distributed.parallel_state import graph_capture
+
+    with graph_capture(device) as context:
+        yield context.stream

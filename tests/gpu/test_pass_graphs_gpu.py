@@ -56,9 +56,9 @@ def test_captured_score_equals_eager_score(dtype):
     assert graphs.capture
     for context, n in ((5000, 23), (3100, 9), (9000, 40)):
         q0 = context + 4
-        ids = list(range(100, 100 + n))
+        ids = torch.arange(100, 100 + n, device="cuda")
         kv = PagedKV(_clone(keys), _clone(values), block_ids, BS)
-        eager = ex.score(torch.tensor(ids, device="cuda"), torch.arange(q0, q0 + n, device="cuda"),
+        eager = ex.score(ids, torch.arange(q0, q0 + n, device="cuda"),
                          kv, context, [1, 2])
         got = graphs.score(ids, q0, context, block_ids)
         assert got.shape == (context,)

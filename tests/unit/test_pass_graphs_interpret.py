@@ -60,7 +60,7 @@ def test_interp_padded_score_pass_equals_eager_score(interp, Hq, Hkv, n_question
 
     D, BS, NB = 32, 16, 10
     ex = LayerwiseExecutor(Toy(Hq, Hkv, D))
-    ids = list(range(40, 40 + n_question))
+    ids = torch.arange(40, 40 + n_question)
     q0 = context + 3  # "Question: " tokens sit between context and question
     layers = [1, 2]
     keys, values = _layers(NB, BS, Hkv, D, seed=1)
@@ -68,7 +68,7 @@ def test_interp_padded_score_pass_equals_eager_score(interp, Hq, Hkv, n_question
 
     # The executor's eager score: gathered keys, the question's K/V in a scratch copy.
     kv = PagedKV(_clone(keys), _clone(values), torch.tensor(BLOCK_IDS), BS)
-    eager = ex.score(torch.tensor(ids), torch.arange(q0, q0 + n_question), kv, context, layers)
+    eager = ex.score(ids, torch.arange(q0, q0 + n_question), kv, context, layers)
 
     graphs = PassGraphs(ex, keys, values, BS, layers)
     assert not graphs.capture  # CPU: the pass runs eagerly on the graph's buffers
@@ -87,7 +87,7 @@ def test_interp_padded_score_pass_equals_eager_score(interp, Hq, Hkv, n_question
     got2 = graphs.score(ids[:3], q0, context - 5, torch.tensor(BLOCK_IDS))
     assert len(graphs._entries) == (1 if n_question <= 16 else 2)
     kv2 = PagedKV(_clone(keys), _clone(values), torch.tensor(BLOCK_IDS), BS)
-    eager2 = ex.score(torch.tensor(ids[:3]), torch.arange(q0, q0 + 3), kv2, context - 5, layers)
+    eager2 = ex.score(ids[:3], torch.arange(q0, q0 + 3), kv2, context - 5, layers)
     torch.testing.assert_close(got2, eager2, rtol=1e-5, atol=1e-7)
 
 
@@ -103,11 +103,11 @@ def test_interp_long_question_is_scored_unpadded(interp, monkeypatch):
     kv = PagedKV(_clone(keys), _clone(values), torch.tensor(BLOCK_IDS), BS)
     eager = ex.score(torch.arange(6), torch.arange(43, 49), kv, 40, [0, 1])
     graphs = pg.PassGraphs(ex, keys, values, BS, [0, 1])
-    torch.testing.assert_close(graphs.score(list(range(6)), 43, 40, torch.tensor(BLOCK_IDS)),
+    torch.testing.assert_close(graphs.score(torch.arange(6), 43, 40, torch.tensor(BLOCK_IDS)),
                                eager, rtol=1e-5, atol=1e-7)
     assert not graphs._entries  # built for the call, not kept
     with pytest.raises(ValueError, match="question token"):
-        graphs.score([], 43, 40, torch.tensor(BLOCK_IDS))
+        graphs.score(torch.arange(0), 43, 40, torch.tensor(BLOCK_IDS))
 
 
 @pytest.mark.parametrize("Hq,Hkv,selected", [(4, 2, [3, 9, 10, 41, 57, 58, 59, 80]),
@@ -160,22 +160,18 @@ def test_interp_recompute_beyond_the_largest_bucket_is_left_to_the_executor(inte
     assert not graphs.prefill(torch.arange(0), torch.arange(0), 20, torch.tensor([1, 2]))
 
 
-def test_interp_capture_only_without_tensor_parallelism(interp, monkeypatch):
-    """Under tensor parallelism the layers' all-reduce cannot be captured outside vLLM's
-    own graph_capture(): the pipeline's passes then run eagerly (and always off CUDA)."""
+def test_interp_capture_switch(interp, monkeypatch):
+    """Graphs on CUDA unless KVFLOW_GRAPHS=0; off CUDA the passes always run eagerly."""
     import types
 
     import vllm_kvflow.blend.pipeline as pipeline
     from vllm_kvflow.blend.executor import LayerwiseExecutor
     from vllm_kvflow.blend.paged import PagedKV
 
-    monkeypatch.setattr(pipeline, "tp_world_size", lambda: 1)
     assert pipeline.capture_graphs(True) and not pipeline.capture_graphs(False)
     monkeypatch.setenv("KVFLOW_GRAPHS", "0")
     assert not pipeline.capture_graphs(True)
     monkeypatch.delenv("KVFLOW_GRAPHS")
-    monkeypatch.setattr(pipeline, "tp_world_size", lambda: 2)
-    assert not pipeline.capture_graphs(True)
 
     keys, values = _layers(4, 16, 2, 32, seed=5, num_layers=1)
     kv = PagedKV(keys, values, torch.tensor([1, 2]), 16)
@@ -209,3 +205,31 @@ def test_interp_graphs_stop_at_the_cap(interp, monkeypatch, caplog):
     assert graphs._capture(buf, "prefill") is None and graphs._capture(buf, "score") is None
     assert "capture failed" not in caplog.text
     assert caplog.text.count("further size buckets run eagerly") == 1  # logged once
+
+
+def test_tensor_parallel_capture_runs_inside_vllms_graph_capture(monkeypatch):
+    """Under TP the capture stream is the one of vLLM's graph_capture(), whose exit
+    registers the captured all-reduce buffers with the other ranks; the context must be
+    entered before and left after the capture. (CPU: vLLM's context is stood in for,
+    since a CPU build has no custom all-reduce; the GPU TP-2 runs exercise the real one.)"""
+    import contextlib
+    import types
+
+    pytest.importorskip("vllm")
+    import vllm.distributed.parallel_state as ps
+
+    from vllm_kvflow.patches import parallel
+
+    events = []
+
+    @contextlib.contextmanager
+    def fake_graph_capture(device):
+        events.append(("enter", device))
+        yield types.SimpleNamespace(stream="vllm-capture-stream")
+        events.append(("exit", device))
+
+    monkeypatch.setattr(ps, "graph_capture", fake_graph_capture)
+    monkeypatch.setattr(parallel, "tp_world_size", lambda: 2)
+    with parallel.graph_capture_stream("cuda:1") as stream:
+        assert stream == "vllm-capture-stream" and events == [("enter", "cuda:1")]
+    assert events == [("enter", "cuda:1"), ("exit", "cuda:1")]

@@ -16,9 +16,11 @@ nothing to the scores) and write their K/V into slot 0 of vLLM's null block (blo
 never read unmasked). The block table is padded with block 0 up to the context bucket.
 Cache slots are derived from the attention positions inside the pass.
 
-Off the GPU (TRITON_INTERPRET=1 on CPU), and where capture is off (tensor parallelism,
-KVFLOW_GRAPHS=0), the same passes run eagerly on the same buffers: that is how CI checks
-the padding and bucketing against the executor's own passes.
+Under tensor parallelism the graphs are captured inside vLLM's graph_capture() (see
+patches/parallel.py), so that the layers' all-reduce may be captured. Off the GPU
+(TRITON_INTERPRET=1 on CPU), and where capture is off (KVFLOW_GRAPHS=0), the same passes
+run eagerly on the same buffers: that is how CI checks the padding and bucketing against
+the executor's own passes.
 """
 from __future__ import annotations
 
@@ -27,6 +29,8 @@ import os
 from dataclasses import dataclass
 
 import torch
+
+from vllm_kvflow.patches.parallel import graph_capture_stream
 
 logger = logging.getLogger("vllm_kvflow")
 
@@ -117,18 +121,19 @@ class PassGraphs:
         self._full_logged = False
 
     # -- the two passes --------------------------------------------------------------------
-    def score(self, token_ids: list[int], q0: int, context_len: int,
+    def score(self, token_ids: torch.Tensor, q0: int, context_len: int,
               block_ids: torch.Tensor) -> torch.Tensor:
         """Attention-norm scores [context_len], the mean over the scoring layers, of the
         question token_ids (at RoPE positions q0..) attending as if right after the
-        context (attention positions context_len..); see LayerwiseExecutor.score."""
-        n = len(token_ids)
+        context (attention positions context_len..); see LayerwiseExecutor.score.
+        token_ids on the device: the pass then never waits for the GPU."""
+        n = token_ids.numel()
         if n == 0:
             raise ValueError("scoring needs at least one question token")
         device = self.keys[0].device
-        host = torch.stack([torch.tensor(token_ids, dtype=torch.long),
-                            torch.arange(q0, q0 + n), torch.arange(context_len, context_len + n)])
-        ids, rope, att = host.to(device)  # one copy
+        ids = token_ids.to(device)
+        rope = torch.arange(q0, q0 + n, device=device)
+        att = torch.arange(context_len, context_len + n, device=device)
         rows = _pow2(n, SCORE_ROWS[0]) if n <= SCORE_ROWS[1] else n  # beyond: exact, eager
         context = _pow2(context_len + rows, max(MIN_CONTEXT, self.block_size))
         buf = self._replay("score", rows, context, n <= SCORE_ROWS[1], ids, rope, att,
@@ -192,7 +197,9 @@ class PassGraphs:
             torch.cuda.current_stream().wait_stream(stream)
             graph = torch.cuda.CUDAGraph()
             # One memory pool for every graph: they never run at the same time.
-            with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
+            with graph_capture_stream(buf.ids.device) as capture_stream, torch.cuda.graph(
+                    graph, pool=self._pool, stream=capture_stream,
+                    capture_error_mode="thread_local"):
                 self._pass(buf, kind)
             self._pool = graph.pool()
             return graph

@@ -26,7 +26,7 @@ from vllm_kvflow.blend.paged import DenseKV, PagedKV, use_kernels
 from vllm_kvflow.blend.pass_graphs import PassGraphs
 from vllm_kvflow.blend.selection import SELECTORS, SelectionInput, budget_for, select
 from vllm_kvflow.config import KVFlowConfig, resolve_layers
-from vllm_kvflow.patches.parallel import sum_over_tp, tp_world_size
+from vllm_kvflow.patches.parallel import sum_over_tp
 from vllm_kvflow.store import ChunkKV, ChunkStore, chunk_key
 
 
@@ -152,11 +152,10 @@ logger = logging.getLogger("vllm_kvflow")
 
 
 def capture_graphs(on_cuda: bool) -> bool:
-    """Whether the in-place passes are captured in CUDA graphs. Not under tensor
-    parallelism: the layers' all-reduce (vLLM's custom all-reduce) may only be captured
-    inside vLLM's own graph_capture(), which registers its buffers; captured here it read
-    unregistered memory (illegal access, TP 2 on an H200). The passes then run eagerly."""
-    return on_cuda and pass_graphs.enabled() and tp_world_size() == 1
+    """Whether the in-place passes are captured in CUDA graphs: on CUDA unless
+    KVFLOW_GRAPHS=0 (under tensor parallelism inside vLLM's graph_capture(), see
+    pass_graphs)."""
+    return on_cuda and pass_graphs.enabled()
 
 
 class BlendPipeline:
@@ -218,15 +217,16 @@ class BlendPipeline:
         result = LoadResult(timer=timer)
         if plan.method == "infoflow-reorder":
             plan = self._reorder(plan, kv, result, timer)
-        chosen = self._select(plan, kv, result, timer)
+        ids, chosen = self._select(plan, kv, result, timer)
         with timer("recompute"):
-            self._prefill(plan, chosen, kv)
+            self._prefill(ids, chosen, plan.context_end, kv)
         result.tokens_recomputed = int(chosen.numel())
         return result
 
-    def _select(self, plan: LoadPlan, kv: PagedKV, result: LoadResult, timer) -> torch.Tensor:
+    def _select(self, plan: LoadPlan, kv: PagedKV, result: LoadResult,
+                timer) -> tuple[torch.Tensor, torch.Tensor]:
         """Load chunks and glue, score if the selector needs a signal, and return the
-        positions to recompute (sorted)."""
+        prompt's token ids on the device and the positions to recompute (sorted)."""
         device = self.adapter.device
         prompt = plan.token_ids
         start = plan.load_start
@@ -235,6 +235,10 @@ class BlendPipeline:
 
         candidates, loads = [], []  # candidate spans; (entry, skip, c0, first, c1)
         with timer("load"):
+            # The prompt goes to the device once, before this load queues GPU work: a
+            # plain copy from a Python list waits for the stream, which costs nothing
+            # now but, after the load, would stall the host until load and score end.
+            ids = torch.tensor(prompt, device=device)
             for c0, c1, is_chunk in context_segments(plan.chunks):
                 if c1 <= start:
                     continue  # wholly inside the local prefix-cache hit
@@ -266,8 +270,8 @@ class BlendPipeline:
         selector = SELECTORS.get(plan.method)
         if 0 < inp.budget < cand.numel() and selector is not None and selector.needs_signal:
             with timer("score"):
-                inp.signal = self._signal(selector.needs_signal, plan, kv)
-        return select(plan.method, inp)
+                inp.signal = self._signal(selector.needs_signal, plan, ids, kv)
+        return ids, select(plan.method, inp)
 
     def _reorder(self, plan: LoadPlan, kv: PagedKV, result: LoadResult, timer) -> LoadPlan:
         """Information-flow chunk reordering (DESIGN §2 step 6): score once in the given
@@ -276,7 +280,7 @@ class BlendPipeline:
         context's token ids, so the request then runs on the reordered layout."""
         if plan.ratio >= 1.0 or plan.load_start > 0 or len(plan.chunks) < 2:
             return replace(plan, method="infoflow")  # exact limit / prefix hit: keep order
-        chosen = self._select(replace(plan, method="infoflow"), kv, result, timer)
+        _, chosen = self._select(replace(plan, method="infoflow"), kv, result, timer)
         fractions = [int(((chosen >= c0) & (chosen < c1)).sum()) / (c1 - c0) for c0, c1 in plan.chunks]
         order = sorted(range(len(plan.chunks)), key=lambda i: (fractions[i], i))
         ids, spans = reordered_layout(plan.token_ids, plan.chunks, order)
@@ -341,42 +345,43 @@ class BlendPipeline:
             kv.load_rotated_layers(range(l0, l1), positions, keys, values, delta, cos_sin,
                                    self.rotary_dim, self.is_neox)
 
-    def _prefill(self, plan: LoadPlan, positions: torch.Tensor, kv) -> None:
+    def _prefill(self, prompt_ids: torch.Tensor, positions: torch.Tensor, context_end: int,
+                 kv) -> None:
+        """Recompute the tokens at `positions` of the prompt (device ids)."""
         if positions.numel() == 0:
             return
-        ids = torch.tensor(plan.token_ids, device=positions.device)[positions]
+        ids = prompt_ids[positions]
         graphs = self._pass_graphs(kv)
         if graphs is not None and graphs.capture and graphs.prefill(
-                ids, positions, plan.context_end, kv.block_ids):
+                ids, positions, context_end, kv.block_ids):
             return
         self.executor.prefill(ids, positions, kv)
 
-    def _signal(self, kind: str, plan: LoadPlan, kv: PagedKV):
+    def _signal(self, kind: str, plan: LoadPlan, prompt_ids: torch.Tensor, kv: PagedKV):
         if "+" in kind:
             # k_deviation first when both: it rewrites layers 0-1, which scoring then reads.
             kinds = kind.split("+")
             order = sorted(kinds, key=lambda k: k != "k_deviation")
-            got = {k: self._signal(k, plan, kv) for k in order}
+            got = {k: self._signal(k, plan, prompt_ids, kv) for k in order}
             return tuple(got[k] for k in kinds)
         if kind == "k_deviation":
             # Layers 0 and 1 of every token from load_start on are recomputed here
             # (CacheBlend's first layers); the deviation is read at layer 1.
             positions = torch.arange(plan.load_start, plan.context_end, device=self.adapter.device)
-            ids = torch.tensor(plan.token_ids, device=positions.device)[positions]
+            ids = prompt_ids[plan.load_start:plan.context_end]
             dev = self.executor.key_deviation(ids, positions, kv, layer=1)
             signal = torch.zeros(plan.context_end, device=positions.device)
             signal[positions] = dev.square()  # squares sum over tensor-parallel ranks
             return sum_over_tp(signal).sqrt()
         if kind == "exact_kv_deviation":
-            return self._exact_kv_deviation(plan, kv)
+            return self._exact_kv_deviation(plan, prompt_ids, kv)
         if kind == "attn_norm":
             q0, q1 = plan.question
+            ids = prompt_ids[q0:q1]
             graphs = self._pass_graphs(kv)
             if graphs is not None:  # in place in the request's cache
-                return sum_over_tp(graphs.score(plan.token_ids[q0:q1], q0, plan.context_end,
-                                                kv.block_ids))
+                return sum_over_tp(graphs.score(ids, q0, plan.context_end, kv.block_ids))
             positions = torch.arange(q0, q1, device=self.adapter.device)
-            ids = torch.tensor(plan.token_ids[q0:q1], device=positions.device)
             return sum_over_tp(self.executor.score(ids, positions, kv, plan.context_end,
                                                    self.scoring_layers))
         raise NotImplementedError(f"signal {kind!r}")
@@ -393,7 +398,8 @@ class BlendPipeline:
                                                  self.scoring_layers, capture=capture))
         return self._graphs[1]
 
-    def _exact_kv_deviation(self, plan: LoadPlan, kv: PagedKV) -> torch.Tensor:
+    def _exact_kv_deviation(self, plan: LoadPlan, prompt_ids: torch.Tensor,
+                            kv: PagedKV) -> torch.Tensor:
         """Per position: sum over layers of ||K - K_exact||^2 + ||V - V_exact||^2, the
         reused cache against a full prefill of the context (the oracle-kv diagnostic)."""
         end = plan.context_end
@@ -403,7 +409,7 @@ class BlendPipeline:
         dtype = next(self.adapter.model.parameters()).dtype
         exact = DenseKV.empty(self.adapter.num_layers, end, shape.num_kv_heads, shape.head_dim,
                               dtype, device)
-        self.executor.prefill(torch.tensor(plan.token_ids[:end], device=device), positions, exact)
+        self.executor.prefill(prompt_ids[:end], positions, exact)
         dev = torch.zeros(end, dtype=torch.float32, device=device)
         for layer in range(self.adapter.num_layers):
             k, v = kv.read(layer, end)
