@@ -143,3 +143,36 @@ def test_load_timer_does_not_wait_for_the_gpu():
     assert not end.query(), "the phase waited for the GPU"
     seconds = timer.resolve()["recompute"]
     assert end.query() and seconds > 1e-3
+
+
+def test_replayed_passes_never_wait_for_the_gpu():
+    """Once their buckets are captured, the scoring and recompute passes queue their work
+    without a host sync (inputs on the device): behind a long GPU job, both return while
+    it still runs, and CUDA's sync check finds no synchronizing call in them."""
+    from vllm_kvflow.blend.pass_graphs import PassGraphs
+
+    ex, keys, values, block_ids, BS = _setup(torch.bfloat16, seed=3)
+    graphs = PassGraphs(ex, keys, values, BS, [1, 2])
+    question = torch.arange(100, 120, device="cuda")
+    positions = torch.randperm(5000, device="cuda")[:700].sort().values
+    recompute_ids = (positions * 7 + 3) % 1000
+
+    def both():
+        graphs.score(question, 5004, 5000, block_ids)
+        assert graphs.prefill(recompute_ids, positions, 5000, block_ids)
+
+    both()  # captures the two buckets
+    a = torch.randn(4096, 4096, device="cuda")
+    torch.cuda.synchronize()
+    for _ in range(50):  # a long GPU job ahead of the passes
+        a = a @ a.T / 64.0
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        both()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    done = torch.cuda.Event()
+    done.record()
+    assert not done.query(), "the passes waited for the GPU"
+    torch.cuda.synchronize()
+    assert all(graph is not None for _, graph in graphs._entries.values()), "capture failed"
