@@ -99,6 +99,12 @@ def context_segments(chunks: list[tuple[int, int]]) -> list[tuple[int, int, bool
     return segments
 
 
+def device_ints(values, device) -> torch.Tensor:
+    """Host ints as a device int64 tensor, built through numpy: torch.tensor() on a
+    Python list is ~6x slower (32K token ids: 7.8 ms against 1.3 ms on the CPU machine)."""
+    return torch.from_numpy(np.asarray(values, dtype=np.int64)).to(device)
+
+
 def _positions(spans: list[tuple[int, int]], device) -> torch.Tensor:
     """The positions of sorted spans, concatenated: one host-built tensor, one copy."""
     if not spans:
@@ -224,21 +230,23 @@ class BlendPipeline:
         return result
 
     def _select(self, plan: LoadPlan, kv: PagedKV, result: LoadResult,
-                timer) -> tuple[torch.Tensor, torch.Tensor]:
+                timer) -> tuple[torch.Tensor | None, torch.Tensor]:
         """Load chunks and glue, score if the selector needs a signal, and return the
-        prompt's token ids on the device and the positions to recompute (sorted)."""
+        prompt's token ids on the device (None for pure reuse, which computes nothing)
+        and the positions to recompute (sorted)."""
         device = self.adapter.device
         prompt = plan.token_ids
         start = plan.load_start
         s = len(self.sink_ids)
         exact_prefix = tuple(prompt[:s]) == self.sink_ids
+        ratio = 0.0 if plan.method == "none" else plan.ratio
 
         candidates, loads = [], []  # candidate spans; (entry, skip, c0, first, c1)
         with timer("load"):
             # The prompt goes to the device once, before this load queues GPU work: a
-            # plain copy from a Python list waits for the stream, which costs nothing
-            # now but, after the load, would stall the host until load and score end.
-            ids = torch.tensor(prompt, device=device)
+            # plain copy from the host waits for the stream, which costs nothing now
+            # but, after the load, would stall the host until load and score end.
+            ids = device_ints(prompt, device) if ratio > 0 else None
             for c0, c1, is_chunk in context_segments(plan.chunks):
                 if c1 <= start:
                     continue  # wholly inside the local prefix-cache hit
@@ -262,7 +270,6 @@ class BlendPipeline:
 
         num_candidates = sum(c1 - c0 for c0, c1 in candidates)
         result.candidate_tokens = num_candidates
-        ratio = 0.0 if plan.method == "none" else plan.ratio
         budget = budget_for(num_candidates, ratio)
         # Pure reuse selects nothing: no candidate tensor to build (32K positions).
         cand = _positions(candidates if budget else [], device)
@@ -345,9 +352,10 @@ class BlendPipeline:
             kv.load_rotated_layers(range(l0, l1), positions, keys, values, delta, cos_sin,
                                    self.rotary_dim, self.is_neox)
 
-    def _prefill(self, prompt_ids: torch.Tensor, positions: torch.Tensor, context_end: int,
-                 kv) -> None:
-        """Recompute the tokens at `positions` of the prompt (device ids)."""
+    def _prefill(self, prompt_ids: torch.Tensor | None, positions: torch.Tensor,
+                 context_end: int, kv) -> None:
+        """Recompute the tokens at `positions` of the prompt (device ids; None only when
+        there is nothing to recompute)."""
         if positions.numel() == 0:
             return
         ids = prompt_ids[positions]

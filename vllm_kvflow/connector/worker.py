@@ -26,7 +26,7 @@ from vllm_kvflow.blend.paged import (
     packed_pages,
     split_kv_cache,
 )
-from vllm_kvflow.blend.pipeline import BlendPipeline, LoadResult
+from vllm_kvflow.blend.pipeline import BlendPipeline, LoadResult, device_ints
 from vllm_kvflow.config import KVFlowConfig
 from vllm_kvflow.connector.metadata import KVFlowConnectorMetadata, KVFlowWorkerMetadata
 from vllm_kvflow.store.build import build_store
@@ -103,7 +103,7 @@ class KVFlowWorker:
     def _paged_kv(self, block_ids: list[int], device) -> PagedKV:
         v = self._views
         return v["cls"](v["keys"], v["values"],
-                        torch.tensor(block_ids, dtype=torch.long, device=device),
+                        device_ints(block_ids, device),
                         block_size=v["block_size"], **v["extra"])
 
     def start_load_kv(self, metadata: KVFlowConnectorMetadata) -> None:
