@@ -373,32 +373,3 @@ def test_interp_engine_wiring_kernels_equal_the_torch_path(interp):
     keys, values = kv.read(0, length)
     expected = interp.cl.rotate_keys_reference(k_src, delta, cache, D, True)
     assert rel_err(keys[at], expected) < 1e-6 and torch.equal(values[at], v_src)
-
-
-def test_interp_score_in_place_equals_scratch_path(interp):
-    """The executor's attention-norm scoring with the question's K/V written into the
-    paged cache (CUDA path) equals the scratch-copy path (CPU path), on the toy decoder
-    (tests/unit/toy_decoder.py), scoring its first 2 layers."""
-    from toy_decoder import Toy
-
-    from vllm_kvflow.blend.executor import LayerwiseExecutor
-    from vllm_kvflow.blend.paged import PagedKV, split_kv_cache
-
-    torch.manual_seed(7)
-    Hq, Hkv, D, BS, NB, ctx, nq = 4, 2, 32, 16, 8, 50, 6
-
-    raw = torch.randn(NB, BS, Hkv, 2 * D).transpose(1, 2)
-    k, v = split_kv_cache(raw, "flash", D)
-    table = torch.tensor([6, 2, 7, 0, 4])
-    ids, pos = torch.arange(60, 60 + nq), torch.arange(ctx + 3, ctx + 3 + nq)  # a gap after ctx
-    kv = PagedKV([k, k.clone()], [v, v.clone()], table, BS)
-    ex = LayerwiseExecutor(Toy(Hq, Hkv, D))
-    in_place = ex.score(ids, pos, kv, ctx, [0, 1])
-
-    class Scratch(PagedKV):
-        strided = False  # forces the scratch-copy path on the same cache
-    kv2 = Scratch([k.clone(), k.clone()], [v.clone(), v.clone()], table, BS)
-    # same context K/V in both layers as kv had before scoring
-    kv2.keys = [kv.keys[0].clone(), kv.keys[1].clone()]
-    reference = ex.score(ids, pos, kv2, ctx, [0, 1])
-    assert rel_err(in_place, reference) < 1e-5
