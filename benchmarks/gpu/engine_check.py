@@ -60,10 +60,12 @@ def check_ratio_one(llm, tok, n_prompts: int, max_tokens: int) -> list[dict]:
         r["max_first_logprob_diff"] = max(abs(a - b) for a, b in zip(r["first_logprob"], full["first_logprob"]))
         # Where greedy tokens part: the step, and how close full prefill's top two were
         # there (a near-tie that any change of summation order may flip).
-        r["divergences"] = [{"prompt": i, "step": j, "full_top2_margin": full["margins"][i][j]}
-                            for i, (a, b) in enumerate(zip(r["tokens"], full["tokens"]))
-                            for j in [next((j for j, (x, y) in enumerate(zip(a, b)) if x != y), None)]
-                            if j is not None]
+        r["divergences"] = []
+        for i, (got, want) in enumerate(zip(r["tokens"], full["tokens"])):
+            step = next((j for j, (x, y) in enumerate(zip(got, want)) if x != y), None)
+            if step is not None:
+                r["divergences"].append({"prompt": i, "step": step,
+                                         "full_top2_margin": full["margins"][i][step]})
         r["all_reused_and_recomputed"] = r["method"] == "vllm-two-step" or all(
             s.get("fallback") is None and s["tokens_reused"] == s["chunk_tokens"]
             and s["tokens_recomputed"] == s["candidate_tokens"] >= s["chunk_tokens"]
