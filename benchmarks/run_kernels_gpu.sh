@@ -7,10 +7,8 @@ mkdir -p "$OUTDIR"
 export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,temperature.gpu --format=csv,noheader
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
-# vllm_kvflow.kernels is csrc_triton/ (setup.py package_dir); fall back to a link.
-mkdir -p patches
-python3 -m pip install -q --no-deps --no-build-isolation --no-index -e . >"$OUTDIR/pip.log" 2>&1 \
-  || ln -sfn ../csrc_triton vllm_kvflow/kernels
+# The checkout on PYTHONPATH: vllm_kvflow mounts csrc_triton/ as vllm_kvflow.kernels.
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 python3 -c "import vllm_kvflow.kernels.chunk_load as m; print('kernels from', m.__file__)" || exit 1
 python3 -m pytest tests/gpu/test_kernels_gpu.py -q -m gpu -n 8 -p no:cacheprovider -W ignore::pytest.PytestUnknownMarkWarning 2>&1 \
   | tee "$OUTDIR/gpu_tests.log" | tail -n 25

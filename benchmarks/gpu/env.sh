@@ -1,13 +1,12 @@
 #!/usr/bin/env bash
 # Run a command with this checkout importable as vllm_kvflow (plugin entry point
 # included) beside the vLLM 0.26 site unpacked in $HOME/site (shared/gpu/README.md).
-# The GPU image has no setuptools for `pip install -e .`, so the two top-level
-# subpackages are linked in place and a minimal dist-info declares the entry point.
+# The GPU image has no setuptools for `pip install -e .`: the checkout goes on PYTHONPATH
+# (vllm_kvflow/__init__.py mounts csrc_triton/ and patches/ as its kernels and patches
+# subpackages) and a minimal dist-info declares the plugin's entry point.
 #   bash benchmarks/gpu/env.sh python3 benchmarks/gpu/engine_check.py --model ... --out ...
 set -eo pipefail
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
-ln -sfn ../csrc_triton "$ROOT/vllm_kvflow/kernels"
-ln -sfn ../patches "$ROOT/vllm_kvflow/patches"
 META="$HOME/kvflow_meta/vllm_kvflow-0.1.0.dist-info"
 mkdir -p "$META"
 printf 'Metadata-Version: 2.1\nName: vllm_kvflow\nVersion: 0.1.0\n' > "$META/METADATA"
