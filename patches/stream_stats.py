@@ -7,18 +7,18 @@ one extra event `{"object": "<chunk type>", "choices": [], "kv_transfer_params":
 goes out just before `data: [DONE]` (the same shape as the usage event, so OpenAI
 clients accept it). Nothing is held back, so the first token is not delayed.
 
-Runs in the API-server process only (the plugin loads in engine and worker processes
-too, which never import the serving modules); a vLLM whose generators lack a
-`result_generator` parameter is left unpatched.
+The serving classes are patched when their modules are imported (patches/import_hooks),
+so only the API-server process is touched, however it was started; a vLLM whose
+generators lack a `result_generator` parameter is left unpatched.
 """
 from __future__ import annotations
 
 import functools
-import importlib
 import inspect
 import json
 import logging
-import sys
+
+from vllm_kvflow.patches.import_hooks import when_imported
 
 logger = logging.getLogger("vllm_kvflow")
 
@@ -29,7 +29,6 @@ _TARGETS = (
      "completion_stream_generator"),
 )
 _DONE = "data: [DONE]"
-_SERVER_MODULES = ("vllm.entrypoints.openai.api_server", "vllm.entrypoints.launchers.api_server.entry")
 
 
 def _request_output(item):
@@ -78,26 +77,28 @@ def _wrap(method):
     return stream_with_params
 
 
-def install() -> bool:
-    """Patch the stream generators, in the API-server process only."""
-    if not any(name in sys.modules for name in _SERVER_MODULES):
-        return False
-    patched = False
-    for module_name, cls_name, attr in _TARGETS:
-        try:
-            module = importlib.import_module(module_name)
-        except ImportError:
-            logger.warning("kvflow: no %s; streamed responses will not carry kvflow_stats", module_name)
-            continue
+def _patch(cls_name: str, attr: str):
+    def patch(module) -> None:
         cls = getattr(module, cls_name, None)
         method = getattr(cls, attr, None)
-        if method is None or getattr(method, "__kvflow_patched__", False):
-            continue
+        if method is None:
+            logger.warning("kvflow: no %s.%s; streamed responses will not carry kvflow_stats",
+                           cls_name, attr)
+            return
+        if getattr(method, "__kvflow_patched__", False):
+            return
         wrapper = _wrap(method)
         if wrapper is None:
             logger.warning("kvflow: %s.%s has no result_generator; streamed responses "
                            "will not carry kvflow_stats", cls_name, attr)
-            continue
+            return
         setattr(cls, attr, wrapper)
-        patched = True
-    return patched
+
+    patch.__qualname__ = f"stream_stats.{cls_name}.{attr}"
+    return patch
+
+
+def install() -> None:
+    """Patch the stream generators when (and where) their modules are imported."""
+    for module_name, cls_name, attr in _TARGETS:
+        when_imported(module_name, _patch(cls_name, attr))

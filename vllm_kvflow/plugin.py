@@ -2,6 +2,8 @@
 engine core, each worker), possibly more than once: everything here is idempotent."""
 from __future__ import annotations
 
+import logging
+
 CONNECTOR_NAME = "KVFlowConnector"
 CONNECTOR_MODULE = "vllm_kvflow.connector.connector"
 
@@ -12,10 +14,26 @@ def register() -> None:
     if CONNECTOR_NAME not in KVConnectorFactory._registry:
         KVConnectorFactory.register_connector(CONNECTOR_NAME, CONNECTOR_MODULE, CONNECTOR_NAME)
 
+    log_through_vllm()
+
     from vllm_kvflow.patches import model_hook
 
     model_hook.install()
 
     from vllm_kvflow.patches import stream_stats
 
-    stream_stats.install()  # API-server process only
+    stream_stats.install()  # patches the API server's stream generators on their import
+
+
+def log_through_vllm() -> None:
+    """vLLM configures handlers for its own "vllm" logger only, so in a server's
+    processes the "vllm_kvflow" logger had none and its INFO lines (log_stats) were
+    dropped. Where nothing else handles them (no root handler: a script or a test
+    runner may have one), they go out through vLLM's handlers, at vLLM's level."""
+    ours, theirs = logging.getLogger("vllm_kvflow"), logging.getLogger("vllm")
+    if ours.handlers or logging.getLogger().handlers or not theirs.handlers:
+        return
+    for handler in theirs.handlers:
+        ours.addHandler(handler)
+    if ours.level == logging.NOTSET:
+        ours.setLevel(theirs.level)
