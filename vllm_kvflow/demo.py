@@ -25,11 +25,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--method", default="infoflow")
     p.add_argument("--ratio", type=float, default=0.15)
     p.add_argument("--max-tokens", type=int, default=24)
+    p.add_argument("--max-model-len", type=int, default=4096,
+                   help="the engine's context length (its KV cache is sized from it)")
     a = p.parse_args(argv)
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # keep the demo's output readable
 
     print("kvflow demo: starting the vLLM engine (CPU, SmolLM2-135M-Instruct) ...", flush=True)
-    llm = make_llm(max_model_len=8192, method=a.method, recompute_ratio=a.ratio, log_stats=False)
+    llm = make_llm(max_model_len=a.max_model_len, method=a.method, recompute_ratio=a.ratio, log_stats=False)
     tok = llm.get_tokenizer()
     from vllm import SamplingParams
 

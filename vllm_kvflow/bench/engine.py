@@ -18,11 +18,13 @@ def default_dtype() -> str:
 def make_llm(model: str | None = None, *, connector: bool = True, prefix_caching: bool = False,
              max_model_len: int = 8192, dtype: str | None = None, load_format: str = "auto",
              gpu_memory_utilization: float = 0.6, tensor_parallel_size: int = 1,
-             kv_cache_gb: float | None = None, **kvflow_settings: Any):
+             num_seqs: int = 1, size_flags: str = "--max-model-len", **kvflow_settings: Any):
     """An LLM on the CPU or GPU platform; kvflow settings go to transfer_config().
 
-    On GPU, vLLM's share of memory is capped (default 0.6) so a chunk store kept in
-    device memory has room beside the paged cache."""
+    On CPU the KV cache holds num_seqs sequences of max_model_len tokens, in bytes
+    (kv_memory; size_flags names the caller's flags that lower it). On GPU, vLLM's share
+    of memory is capped (default 0.6) so a chunk store kept in device memory has room
+    beside the paged cache."""
     dtype = dtype or default_dtype()
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     from vllm import LLM
@@ -30,6 +32,7 @@ def make_llm(model: str | None = None, *, connector: bool = True, prefix_caching
     import vllm_kvflow
     from vllm_kvflow.model import default_model_path
 
+    model = model or str(default_model_path())
     kwargs: dict[str, Any] = dict(
         dtype=dtype, max_model_len=max_model_len, enable_prefix_caching=prefix_caching,
         load_format=load_format, seed=0,
@@ -37,15 +40,16 @@ def make_llm(model: str | None = None, *, connector: bool = True, prefix_caching
     import torch
 
     if not torch.cuda.is_available():
-        kwargs.update(gpu_memory_utilization=0.3, distributed_executor_backend="uni")
-        if kv_cache_gb is not None:  # a fixed size, whatever else holds memory
-            kwargs["kv_cache_memory_bytes"] = int(kv_cache_gb * (1 << 30))
+        from vllm_kvflow.kv_memory import cpu_kv_cache_bytes
+
+        kwargs.update(distributed_executor_backend="uni", kv_cache_memory_bytes=cpu_kv_cache_bytes(
+            model, max_model_len, num_seqs, dtype, lower_with=size_flags))
     else:
         kwargs.update(gpu_memory_utilization=gpu_memory_utilization,
                       tensor_parallel_size=tensor_parallel_size)
     if connector:
         kwargs["kv_transfer_config"] = vllm_kvflow.transfer_config(**kvflow_settings)
-    return LLM(model or str(default_model_path()), **kwargs)
+    return LLM(model, **kwargs)
 
 
 def randomize_weights(std: float = 0.02, seed: int = 0) -> None:

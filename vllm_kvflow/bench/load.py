@@ -159,7 +159,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", help="model to spawn (default: the embedded SmolLM2)")
     p.add_argument("--model-name", help="served model name (default: the server's first)")
     p.add_argument("--max-model-len", type=int, default=4096)
-    p.add_argument("--kv-cache-gb", type=float, default=2.0, help="KV cache of the spawned server")
+    p.add_argument("--max-seqs", type=int, default=None,
+                   help="spawned CPU server: sequences of --max-model-len tokens its KV cache "
+                        "holds at once, sized in bytes from it (default: --concurrency)")
     p.add_argument("--compile", action="store_true",
                    help="spawned server: torch.compile the model (minutes at start on CPU; default eager)")
     p.add_argument("--requests", type=int, default=500, help="requests per method")
@@ -184,8 +186,9 @@ def main(argv: list[str] | None = None) -> int:
         log = Path(tempfile.mkdtemp(prefix="kvflow-load-")) / "server.log"
         print(f"starting server (log {log})", file=sys.stderr)
         with ServerProcess(model, log, vllm_kvflow.transfer_config(log_stats=False),
-                           cpu_server_args(args.max_model_len, int(args.kv_cache_gb * (1 << 30)),
-                                           eager=not args.compile)) as srv:
+                           cpu_server_args(model, args.max_model_len, args.max_seqs or args.concurrency,
+                                           eager=not args.compile,
+                                           size_flags="--max-model-len or --max-seqs")) as srv:
             result = run(args, srv.base_url)
     else:
         result = run(args, args.server)

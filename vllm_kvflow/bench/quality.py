@@ -92,7 +92,8 @@ def run(args) -> dict:
         extra["sink_token_ids"] = header_sink_ids(
             AutoTokenizer.from_pretrained(args.model or str(default_model_path())))
     llm = make_llm(args.model, dtype=args.dtype, max_model_len=args.max_model_len,
-                   kv_cache_gb=args.kv_cache_gb, method="none", log_stats=False,
+                   num_seqs=args.max_seqs, size_flags="--max-model-len or --max-seqs",
+                   method="none", log_stats=False,
                    store_capacity_gb=args.store_gb, **extra)
     tok = llm.get_tokenizer()
     prompts = [build_rag_prompt(tok, it["question"], it["passages"]) for it in items]
@@ -296,9 +297,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sink", choices=("bos", "header"), default="bos",
                    help="what chunks are computed behind: the BOS token (engine default) or "
                         "the prompts' chat header (system prompt + user-turn opening)")
-    p.add_argument("--kv-cache-gb", type=float, default=None,
-                   help="CPU: vLLM's KV cache size (default: 30%% of memory), e.g. to run "
-                        "two benchmarks side by side")
+    p.add_argument("--max-seqs", type=int, default=4,
+                   help="CPU: sequences of --max-model-len tokens the KV cache holds at once "
+                        "(its size in bytes follows)")
     p.add_argument("--store-gb", type=float, default=6.0,
                    help="chunk store capacity; size it to hold the dataset's chunks")
     p.add_argument("--out", required=True, help="JSON file; a PNG plot is written beside it. Finished "

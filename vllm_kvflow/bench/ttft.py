@@ -55,7 +55,7 @@ def run(args) -> dict:
     llm = make_llm(args.model, prefix_caching=True, max_model_len=max(sizes) + 512,
                    dtype=args.dtype, load_format=args.load_format,
                    gpu_memory_utilization=args.gpu_memory_utilization,
-                   tensor_parallel_size=args.tensor_parallel_size,
+                   tensor_parallel_size=args.tensor_parallel_size, size_flags="--context-tokens",
                    method="none", recompute_ratio=args.ratio, **_store_settings(args))
     tok = llm.get_tokenizer()
     results = []
