@@ -60,14 +60,15 @@ def _meminfo_kib(path: Path, field: str) -> int | None:
 
 def cpu_kv_cache_bytes(model: str, max_model_len: int, num_seqs: int, dtype: str,
                        lower_with: str = "--max-model-len") -> int:
-    """KV cache bytes for num_seqs sequences of max_model_len tokens (whole blocks).
+    """KV cache bytes for num_seqs sequences of max_model_len tokens (whole blocks), and
+    the one block vLLM's block pool holds back (its null block).
     Raises KVCacheTooLarge, naming what it needs, what there is and the flag(s) that
     lower it, when the machine cannot give that much."""
     if max_model_len < 1 or num_seqs < 1:
         raise ValueError(f"kvflow: max_model_len and num_seqs must be >= 1, got {max_model_len}, {num_seqs}")
     per_token = kv_bytes_per_token(model, dtype)
-    blocks = -(-max_model_len // CPU_BLOCK_TOKENS)
-    needed = blocks * CPU_BLOCK_TOKENS * num_seqs * per_token
+    blocks = num_seqs * -(-max_model_len // CPU_BLOCK_TOKENS) + 1
+    needed = blocks * CPU_BLOCK_TOKENS * per_token
     have = available_bytes()
     if have is not None and needed > have:
         raise KVCacheTooLarge(

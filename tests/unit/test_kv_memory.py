@@ -27,11 +27,11 @@ def test_bytes_per_token_is_layers_heads_head_size_k_and_v_dtype(model_dir):
     assert kv_bytes_per_token(model_dir, "bfloat16") == 30 * 3 * 64 * 2 * 2
 
 
-def test_sequences_hold_whole_blocks_of_max_model_len(model_dir, monkeypatch):
+def test_sequences_hold_whole_blocks_of_max_model_len_plus_the_null_block(model_dir, monkeypatch):
     monkeypatch.setattr(kv_memory, "available_bytes", lambda: 1 << 40)
     per_token = 30 * 3 * 64 * 2 * 4
-    assert cpu_kv_cache_bytes(model_dir, 8192, 1, "float32") == 8192 * per_token
-    assert cpu_kv_cache_bytes(model_dir, 1000, 3, "float32") == 1024 * 3 * per_token
+    assert cpu_kv_cache_bytes(model_dir, 8192, 1, "float32") == (8192 + 128) * per_token
+    assert cpu_kv_cache_bytes(model_dir, 1000, 3, "float32") == (1024 * 3 + 128) * per_token
 
 
 def test_too_large_says_needed_available_and_the_flag_in_one_line(model_dir, monkeypatch):
@@ -39,7 +39,7 @@ def test_too_large_says_needed_available_and_the_flag_in_one_line(model_dir, mon
     with pytest.raises(KVCacheTooLarge) as e:
         cpu_kv_cache_bytes(model_dir, 8192, 1, "float32", lower_with="--max-model-len")
     msg = str(e.value)
-    assert "\n" not in msg and "0.35 GiB" in msg and "0.20 GiB" in msg and "--max-model-len" in msg
+    assert "\n" not in msg and "0.36 GiB" in msg and "0.20 GiB" in msg and "--max-model-len" in msg
 
 
 def test_available_memory_is_read_from_this_machine():
@@ -66,7 +66,7 @@ def test_cpu_engine_builder_asks_bytes_not_a_fraction(model_dir, monkeypatch):
     seen = _capture_llm_kwargs(monkeypatch)
     make_llm(model_dir, max_model_len=4096, num_seqs=2, connector=False)
     assert "gpu_memory_utilization" not in seen
-    assert seen["kv_cache_memory_bytes"] == 4096 * 2 * kv_bytes_per_token(model_dir, "float32")
+    assert seen["kv_cache_memory_bytes"] == (4096 * 2 + 128) * kv_bytes_per_token(model_dir, "float32")
 
 
 def test_cpu_server_flags_ask_bytes_not_a_fraction(model_dir, monkeypatch):
@@ -76,4 +76,4 @@ def test_cpu_server_flags_ask_bytes_not_a_fraction(model_dir, monkeypatch):
     args = cpu_server_args(model_dir, 1024, 8)
     assert not any("memory-utilization" in a for a in args)
     i = args.index("--kv-cache-memory-bytes")
-    assert int(args[i + 1]) == 1024 * 8 * kv_bytes_per_token(model_dir, "float32")
+    assert int(args[i + 1]) == (1024 * 8 + 128) * kv_bytes_per_token(model_dir, "float32")
