@@ -31,6 +31,20 @@ def sum_over_tp(signal: torch.Tensor) -> torch.Tensor:
     return tensor_model_parallel_all_reduce(signal.contiguous())
 
 
+def all_ranks(flags: list[bool]) -> list[bool]:
+    """flags[i] true on every tensor-parallel rank. Each rank keeps its own chunk store;
+    one whose store holds a chunk another rank lacks must compute it too, or the ranks
+    would run different passes (and hang in their collectives)."""
+    if tp_world_size() == 1 or not flags:
+        return flags
+    from vllm.distributed import get_tp_group
+
+    group = get_tp_group()
+    t = torch.tensor(flags, dtype=torch.int32, device=group.device)
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MIN, group=group.device_group)
+    return [bool(x) for x in t.tolist()]
+
+
 @contextlib.contextmanager
 def graph_capture_stream(device: torch.device):
     """The stream to capture a CUDA graph of model layers on. Under tensor parallelism

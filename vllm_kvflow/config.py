@@ -9,8 +9,10 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-METHODS = ("full", "none", "random", "epic", "cacheblend", "infoflow", "infoflow-reorder",
-           "infoflow-kdev", "oracle-kv")
+from vllm_kvflow.blend.selection import METHODS as _REGISTERED
+
+# Every registered blend method (blend/selection.py), in registration order.
+METHODS = tuple(_REGISTERED)
 
 
 @dataclass(frozen=True)
@@ -41,6 +43,17 @@ class KVFlowConfig:
     seed: int = 0
     # Log one line of stats per request.
     log_stats: bool = True
+    # Blend work one engine step may carry (loads are asynchronous: vLLM keeps
+    # scheduling other requests meanwhile), in rows through the model's layers: the
+    # signal and recompute passes of ready requests, and the isolated computes of store
+    # misses. None: a quarter of vLLM's max_num_batched_tokens each.
+    max_blend_tokens_per_step: int | None = None
+    max_isolated_tokens_per_step: int | None = None
+    # Isolated computes one request may cause, at most this multiple of its prompt's
+    # tokens (each computed segment also counts 32 rows); beyond, it is prefilled.
+    max_isolated_tokens_per_prompt_token: float = 4.0
+    # Loads queued at once; further requests wait in vLLM's queue until one finishes.
+    max_pending_loads: int = 256
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -52,6 +65,17 @@ class KVFlowConfig:
                 continue
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
                 raise ValueError(f"kvflow: {name} must be a number >= 0, got {value!r}")
+        for name in ("max_blend_tokens_per_step", "max_isolated_tokens_per_step"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ValueError(f"kvflow: {name} must be a positive integer or null, got {value!r}")
+        if (isinstance(self.max_pending_loads, bool) or not isinstance(self.max_pending_loads, int)
+                or self.max_pending_loads < 1):
+            raise ValueError(f"kvflow: max_pending_loads must be a positive integer, got {self.max_pending_loads!r}")
+        limit = self.max_isolated_tokens_per_prompt_token
+        if isinstance(limit, bool) or not isinstance(limit, (int, float)) or not limit > 0:
+            raise ValueError("kvflow: max_isolated_tokens_per_prompt_token must be a number > 0, "
+                             f"got {limit!r}")
         if self.store_disk_path is not None and (
                 not isinstance(self.store_disk_path, str) or not self.store_disk_path):
             raise ValueError("kvflow: store_disk_path must be a non-empty string")

@@ -1,16 +1,23 @@
-"""Layer-wise partial prefill: run any subset of a request's tokens through the model's
-own decoder layers, attending over a KV store (the request's paged cache, or a private
-dense buffer), with the causal mask key_pos <= query_pos.
+"""Layer-wise partial prefill: run any subset of tokens through the model's own decoder
+layers, attending over a KV target (a request's paged cache, or a private dense buffer),
+with the causal mask key_pos <= query_pos.
 
-vLLM's attention modules are replaced for the duration of a call by a function that
-(1) writes the subset's new K/V at its positions (unless scoring), (2) attends over the
-KV of all positions up to the subset's last one. Everything else (projections, RoPE,
-norms, MLP) is the model's own code.
+A pass may carry the rows of several sequences at once (`RowGroup`s: the recompute rows
+of several requests, or several chunks computed in isolation). Their rows go through the
+projections, norms and MLP together, one larger matrix product per layer instead of one
+per sequence; only attention is per group, each over its own KV.
+
+vLLM's attention modules are replaced for the duration of a pass by a function that, per
+group, (1) writes the group's new K/V at its positions (unless scoring) and (2) attends
+over the group's KV up to its last position. Everything else (projections, RoPE, norms,
+MLP) is the model's own code. The passes run in the engine's own thread (between its
+forward passes), so swapping the modules' forward for the pass is safe.
 """
 from __future__ import annotations
 
 import contextlib
-from typing import Callable
+from dataclasses import dataclass, field
+from typing import Any, Callable
 
 import torch
 
@@ -18,105 +25,42 @@ from vllm_kvflow.blend.attention import masked_attention
 from vllm_kvflow.blend.model_adapter import DecoderAdapter
 from vllm_kvflow.blend.paged import use_kernels
 
+Attend = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class RowGroup:
+    """The rows of one sequence in a pass: token ids and RoPE positions (sorted, on the
+    model's device) and the KV target they write to and attend over (write/read/attend,
+    see blend/paged.py)."""
+
+    token_ids: torch.Tensor
+    positions: torch.Tensor
+    kv: Any
+    length: int = field(init=False)  # keys visible to the group: up to its last position
+
+    def __post_init__(self) -> None:
+        self.length = int(self.positions[-1]) + 1 if self.positions.numel() else 0
+
 
 class LayerwiseExecutor:
     def __init__(self, adapter: DecoderAdapter):
         self.adapter = adapter
         self.shape = adapter.shape
 
-    @contextlib.contextmanager
-    def _attention_hook(self, attend: Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]):
-        """Route each layer's `self.attn(q, k, v)` to attend(layer_idx, q, k, v)."""
-        modules = self.adapter.attn_modules
-        for idx, module in enumerate(modules):
-            module.forward = (lambda i: lambda q, k, v, *a, **kw: attend(i, q, k, v))(idx)
-        try:
-            yield
-        finally:
-            for module in modules:
-                del module.forward  # back to the class's forward
-
-    def _split_heads(self, q, k, v):
+    # -- the layer loop (also used by blend/pass_graphs.py) -------------------------------
+    def split_heads(self, q, k, v):
+        """q, k, v of a layer's attention call, [n, heads * head_dim] -> [n, heads, head_dim]."""
         s = self.shape
         n = q.shape[0]
         return (q.view(n, s.num_heads, s.head_dim), k.view(n, s.num_kv_heads, s.head_dim),
                 v.view(n, s.num_kv_heads, s.head_dim))
 
-    @torch.inference_mode()
-    def prefill(self, token_ids: torch.Tensor, positions: torch.Tensor, kv, num_layers: int | None = None):
-        """Compute the tokens at `positions` (sorted) and write their K/V into kv.
-
-        kv needs write(layer, positions, k, v) and read(layer, length) -> (K, V) over
-        positions [0, length). Every position below max(positions) must already hold
-        valid KV in kv (or be among `positions`).
-        """
-        length = int(positions[-1]) + 1
-
-        def attend(layer, q, k, v):
-            q, k, v = self._split_heads(q, k, v)
-            kv.write(layer, positions, k, v)
-            return kv.attend(layer, q, positions, length, self.shape.scale).flatten(1)
-
-        self._run(token_ids, positions, attend, num_layers)
-
-    @torch.inference_mode()
-    def score(self, token_ids, positions, kv, context_len: int, layers: list[int]):
-        """Query attention-norm of context columns [0, context_len) from the tokens at
-        `positions` (the question, placed after the context), averaged over `layers`.
-
-        The question attends to the context and to itself, as if it followed the context
-        directly (tokens between them, e.g. "Question: ", are not computed yet): key-array
-        entry context_len + i holds question token i. The question's K/V stay in a
-        scratch copy, never written into kv. (On CUDA the pipeline scores in place in the
-        request's paged cache instead: blend/pass_graphs.py.)
-        """
-        from vllm_kvflow.kernels.attn_norm import attn_norm, attn_norm_reference
-
-        dev = positions.device
-        n = positions.numel()
-        # Row i of the question sees key-array entries [0, context_len + i].
-        row_pos = context_len + torch.arange(n, device=dev)
-        key_pos = torch.cat([torch.arange(context_len, device=dev), positions])
-        wanted = set(layers)
-        total = torch.zeros(context_len, dtype=torch.float32, device=dev)
-        scale = self.shape.scale
-
-        def attend(layer, q, k, v):
-            q, k, v = self._split_heads(q, k, v)
-            keys, values = kv.read(layer, context_len)
-            keys = torch.cat([keys, k.to(keys.dtype)])
-            values = torch.cat([values, v.to(values.dtype)])
-            if layer in wanted:
-                # Keys of context + question sit contiguously: one page, block table [0].
-                page, table = keys.unsqueeze(0), torch.zeros(1, dtype=torch.int32, device=dev)
-                fn = attn_norm if use_kernels(keys) else attn_norm_reference
-                total.add_(fn(q, page, table, keys.shape[0], row_pos, context_len, scale).float())
-            return masked_attention(q, keys, values, positions, key_pos, scale).flatten(1)
-
-        self._run(token_ids, positions, attend, max(layers) + 1)
-        return total / len(wanted)
-
-    @torch.inference_mode()
-    def key_deviation(self, token_ids, positions, kv, layer: int) -> torch.Tensor:
-        """CacheBlend's signal: recompute the tokens at `positions` through layers
-        0..layer-1 (writing their K/V, i.e. those layers are fully recomputed), then
-        return ||K_recomputed - K_cached||_2 per token at `layer` (nothing written there)."""
-        length = int(positions[-1]) + 1
-        deviation = torch.zeros(positions.numel(), device=positions.device)
-
-        def attend(l, q, k, v):
-            q, k, v = self._split_heads(q, k, v)
-            if l == layer:
-                cached, _ = kv.read(l, length)
-                deviation.copy_((k.float() - cached[positions].float()).flatten(1).norm(dim=1))
-                return torch.zeros_like(q).flatten(1)
-            kv.write(l, positions, k, v)
-            return kv.attend(l, q, positions, length, self.shape.scale).flatten(1)
-
-        self._run(token_ids, positions, attend, layer + 1)
-        return deviation
-
-    def _run(self, token_ids, positions, attend, num_layers):
+    def run(self, token_ids: torch.Tensor, positions: torch.Tensor, attend: Attend,
+            num_layers: int | None = None):
+        """Rows through the first num_layers decoder layers (all by default), each layer's
+        attention replaced by attend(layer, q, k, v) -> [n, heads * head_dim]. Returns the
+        last layer's (hidden, residual)."""
         adapter = self.adapter
         n_layers = adapter.num_layers if num_layers is None else num_layers
         from vllm_kvflow.patches.eager_ops import fast_eager_ops
@@ -127,3 +71,125 @@ class LayerwiseExecutor:
             for idx in range(n_layers):
                 hidden, residual = adapter.layer_forward(idx, positions, hidden, residual)
         return hidden, residual
+
+    @contextlib.contextmanager
+    def _attention_hook(self, attend: Attend):
+        """Route each layer's `self.attn(q, k, v)` to attend(layer_idx, q, k, v)."""
+        modules = self.adapter.attn_modules
+        for idx, module in enumerate(modules):
+            module.forward = (lambda i: lambda q, k, v, *a, **kw: attend(i, q, k, v))(idx)
+        try:
+            yield
+        finally:
+            for module in modules:
+                del module.forward  # back to the class's forward
+
+    # -- passes ---------------------------------------------------------------------------
+    @torch.inference_mode()
+    def prefill_groups(self, groups: list[RowGroup], num_layers: int | None = None) -> None:
+        """Compute every group's rows and write their K/V into the group's target. Within
+        a group, every position below its last must already hold valid KV in the target
+        (or be among the group's positions)."""
+        groups = [g for g in groups if g.positions.numel()]
+        if not groups:
+            return
+        scale = self.shape.scale
+        bounds = _bounds(groups)
+
+        def attend(layer, q, k, v):
+            q, k, v = self.split_heads(q, k, v)
+            out = torch.empty_like(q)
+            for g, (a, b) in zip(groups, bounds):
+                g.kv.write(layer, g.positions, k[a:b], v[a:b])
+                out[a:b] = g.kv.attend(layer, q[a:b], g.positions, g.length, scale)
+            return out.flatten(1)
+
+        ids, positions = _concat(groups)
+        self.run(ids, positions, attend, num_layers)
+
+    def prefill(self, token_ids: torch.Tensor, positions: torch.Tensor, kv, num_layers: int | None = None):
+        """One sequence's prefill_groups: the tokens at `positions` (sorted) into kv."""
+        self.prefill_groups([RowGroup(token_ids, positions, kv)], num_layers)
+
+    @torch.inference_mode()
+    def score_groups(self, groups: list[RowGroup], context_lens: list[int],
+                     layers: list[int]) -> list[torch.Tensor]:
+        """Per group, the query attention-norm of its context columns [0, context_len)
+        from its rows (the question, placed after the context), averaged over `layers`.
+
+        A group's question attends to its context and to itself, as if it followed the
+        context directly (tokens between them, e.g. "Question: ", are not computed yet):
+        key-array entry context_len + i holds question token i. The question's K/V stay
+        in a scratch copy, never written into the target. (On CUDA a lone request scores
+        in place in its paged cache instead: blend/pass_graphs.py.)"""
+        from vllm_kvflow.kernels.attn_norm import attn_norm, attn_norm_reference
+
+        scale = self.shape.scale
+        wanted = set(layers)
+        bounds = _bounds(groups)
+        plans = []
+        for g, context_len in zip(groups, context_lens):
+            dev = g.positions.device
+            n = g.positions.numel()
+            # Row i of the question sees key-array entries [0, context_len + i].
+            row_pos = context_len + torch.arange(n, device=dev)
+            key_pos = torch.cat([torch.arange(context_len, device=dev), g.positions])
+            plans.append((row_pos, key_pos, torch.zeros(context_len, dtype=torch.float32, device=dev)))
+
+        def attend(layer, q, k, v):
+            q, k, v = self.split_heads(q, k, v)
+            out = torch.empty_like(q)
+            for g, (a, b), context_len, (row_pos, key_pos, total) in zip(groups, bounds, context_lens, plans):
+                keys, values = g.kv.read(layer, context_len)
+                keys = torch.cat([keys, k[a:b].to(keys.dtype)])
+                values = torch.cat([values, v[a:b].to(values.dtype)])
+                if layer in wanted:
+                    # Keys of context + question sit contiguously: one page, block table [0].
+                    page = keys.unsqueeze(0)
+                    table = torch.zeros(1, dtype=torch.int32, device=keys.device)
+                    fn = attn_norm if use_kernels(keys) else attn_norm_reference
+                    total.add_(fn(q[a:b], page, table, keys.shape[0], row_pos, context_len, scale).float())
+                out[a:b] = masked_attention(q[a:b], keys, values, g.positions, key_pos, scale)
+            return out.flatten(1)
+
+        ids, positions = _concat(groups)
+        self.run(ids, positions, attend, max(layers) + 1)
+        return [total / len(wanted) for _, _, total in plans]
+
+    def score(self, token_ids, positions, kv, context_len: int, layers: list[int]):
+        """One sequence's score_groups."""
+        return self.score_groups([RowGroup(token_ids, positions, kv)], [context_len], layers)[0]
+
+    @torch.inference_mode()
+    def key_deviation(self, token_ids, positions, kv, layer: int) -> torch.Tensor:
+        """CacheBlend's signal: recompute the tokens at `positions` through layers
+        0..layer-1 (writing their K/V, i.e. those layers are fully recomputed), then
+        return ||K_recomputed - K_cached||_2 per token at `layer` (nothing written there)."""
+        length = int(positions[-1]) + 1
+        deviation = torch.zeros(positions.numel(), device=positions.device)
+
+        def attend(l, q, k, v):
+            q, k, v = self.split_heads(q, k, v)
+            if l == layer:
+                cached, _ = kv.read(l, length)
+                deviation.copy_((k.float() - cached[positions].float()).flatten(1).norm(dim=1))
+                return torch.zeros_like(q).flatten(1)
+            kv.write(l, positions, k, v)
+            return kv.attend(l, q, positions, length, self.shape.scale).flatten(1)
+
+        self.run(token_ids, positions, attend, layer + 1)
+        return deviation
+
+
+def _bounds(groups: list[RowGroup]) -> list[tuple[int, int]]:
+    out, a = [], 0
+    for g in groups:
+        out.append((a, a + g.positions.numel()))
+        a += g.positions.numel()
+    return out
+
+
+def _concat(groups: list[RowGroup]) -> tuple[torch.Tensor, torch.Tensor]:
+    if len(groups) == 1:
+        return groups[0].token_ids, groups[0].positions
+    return torch.cat([g.token_ids for g in groups]), torch.cat([g.positions for g in groups])

@@ -227,7 +227,7 @@ class PassGraphs:
             capacity = buf.total.numel()
 
         def attend(layer, q, k, v):
-            q, k, v = ex._split_heads(q, k, v)
+            q, k, v = ex.split_heads(q, k, v)
             self.flat_keys[layer].index_copy_(0, slots, k.to(self.flat_keys[layer].dtype))
             self.flat_values[layer].index_copy_(0, slots, v.to(self.flat_values[layer].dtype))
             if layer in wanted:
@@ -237,4 +237,4 @@ class PassGraphs:
                                      buf.seq_len, buf.cu_rows, buf.att_pos, scale).flatten(1)
 
         num_layers = self.scoring_layers[-1] + 1 if scoring else None
-        ex._run(buf.ids, buf.rope_pos, attend, num_layers)
+        ex.run(buf.ids, buf.rope_pos, attend, num_layers)

@@ -1,13 +1,20 @@
-"""The worker's job for one request: fill its paged KV for [load_start, context_end).
+"""The worker's blend work for requests: fill each request's paged KV for
+[load_start, context_end), in steps that the work queue (blend/work_queue.py) batches
+across requests:
 
-1. chunk KV from the store (a miss computes the chunk in isolation behind the sink and
-   stores it) and glue KV (the tokens around the chunks) from the glue cache, written
-   into the request's blocks with keys re-rotated to the global positions (DESIGN §2
-   steps 1-2);
-2. for selectors that need a signal: score;
-3. select ratio * T of the candidate tokens (every reused token whose KV is not exact
-   already) and prefill them layer by layer over the mixed cache (steps 4-5).
-The prompt's remaining tokens are then prefilled by vLLM itself over this cache.
+1. resolve: look each chunk up in the store and each glue segment (the tokens around the
+   chunks) in the glue cache; what is missing becomes an isolated compute;
+2. compute_isolated: missing chunks and glue, each computed alone behind the sink (glue at
+   the prompt's start with nothing before it, so exactly), many per batched pass;
+3. load: every segment's K (re-rotated to its global positions) and V written into the
+   request's blocks;
+4. select: the method's signals (blend/signals.py), then its selection of ratio * T of
+   the T candidate tokens (every reused token whose KV is not exact already);
+5. recompute: the selected tokens of several requests, layer by layer over each
+   request's mixed cache, in one batched pass.
+The prompt's remaining tokens are then prefilled by vLLM itself over this cache. The
+method of a request (blend/selection.py) says which signals it needs, whether it
+recomputes and whether it reorders the chunks; nothing here names a method.
 """
 from __future__ import annotations
 
@@ -19,15 +26,17 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 import torch
 
-from vllm_kvflow.blend.executor import LayerwiseExecutor
-from vllm_kvflow.blend.glue import GlueCache
 from vllm_kvflow.blend import pass_graphs
+from vllm_kvflow.blend.executor import LayerwiseExecutor, RowGroup
+from vllm_kvflow.blend.glue import GlueCache
 from vllm_kvflow.blend.paged import DenseKV, PagedKV, use_kernels
 from vllm_kvflow.blend.pass_graphs import PassGraphs
-from vllm_kvflow.blend.selection import SELECTORS, SelectionInput, budget_for, select
+from vllm_kvflow.blend.selection import Method, SelectionInput, budget_for, method, select
+from vllm_kvflow.blend.signals import compute_signals
 from vllm_kvflow.config import KVFlowConfig, resolve_layers
-from vllm_kvflow.patches.parallel import sum_over_tp
 from vllm_kvflow.store import ChunkKV, ChunkStore, chunk_key
+
+logger = logging.getLogger("vllm_kvflow")
 
 
 @dataclass
@@ -58,7 +67,8 @@ class LoadResult:
     tokens_glue: int = 0  # context tokens outside chunks, KV from the glue cache
     candidate_tokens: int = 0  # reused tokens whose KV is not exact (selection's T)
     tokens_recomputed: int = 0  # candidates recomputed over the mixed cache
-    reorder: list[int] | None = None  # infoflow-reorder: chunk order used
+    reorder: list[int] | None = None  # methods that reorder: the chunk order used
+    batched_with: int = 0  # other requests in the same recompute pass
     timer: _Timer | None = field(default=None, repr=False)  # -> timings_s in as_dict()
 
     def as_dict(self) -> dict:
@@ -67,6 +77,67 @@ class LoadResult:
         out = {k: v for k, v in self.__dict__.items() if k != "timer"}
         out["timings_s"] = self.timer.resolve() if self.timer is not None else {}
         return out
+
+
+@dataclass
+class Segment:
+    """A run of the context the load fills from one cached entry: a chunk (from the
+    store) or glue (from the glue cache)."""
+
+    start: int
+    end: int
+    is_chunk: bool
+    key: object  # store key (chunk) or glue-cache key (glue)
+    token_ids: tuple[int, ...]
+    sink: tuple[int, ...]  # what the entry is computed behind, at positions 0..
+    exact: bool  # its cached KV is exact at its place: never a recompute candidate
+    first: int  # first position to write (load_start may cut into it)
+    entry: ChunkKV | None = None
+
+
+@dataclass
+class IsolatedCompute:
+    """A store miss (or glue-cache miss) to compute alone; shared by every job that
+    waits for the same key."""
+
+    key: object
+    token_ids: tuple[int, ...]
+    sink: tuple[int, ...]
+    is_chunk: bool
+
+    @property
+    def rows(self) -> int:
+        return len(self.sink) + len(self.token_ids)
+
+
+@dataclass
+class Job:
+    """One request's load as it moves through the worker's steps."""
+
+    plan: LoadPlan
+    kv: PagedKV
+    method: Method
+    result: LoadResult
+    segments: list[Segment] = field(default_factory=list)
+    ids: torch.Tensor | None = None  # the prompt on the device (None: nothing reads it)
+    candidates: list[tuple[int, int]] = field(default_factory=list)
+    inp: SelectionInput | None = None
+    chosen: torch.Tensor | None = None
+
+    @property
+    def req_id(self) -> str:
+        return self.plan.req_id
+
+    @property
+    def ratio(self) -> float:
+        return self.plan.ratio if self.method.recomputes else 0.0
+
+    def missing(self) -> list[Segment]:
+        return [s for s in self.segments if s.entry is None]
+
+    def recompute_rows(self) -> int:
+        """Rows of the recompute pass, known once the segments are (the budget)."""
+        return budget_for(sum(s.end - s.first for s in self.segments if not s.exact), self.ratio)
 
 
 def reordered_layout(token_ids: list[int], chunks: list[tuple[int, int]], order: list[int]):
@@ -117,17 +188,20 @@ class _Timer:
     """Wall time per phase of one load. On CUDA each phase is bracketed by two events,
     read only after the fact (resolve), so timing never makes the host wait for the GPU:
     vLLM launches the step's forward while the load's last kernels still run. A phase's
-    time is then from where the GPU reached its start to where it finished its work."""
+    time is then from where the GPU reached its start to where it finished its work. A
+    phase that runs batched over several requests counts its whole time for each."""
 
     def __init__(self, device: torch.device):
         self.on_cuda = device.type == "cuda"
         self.spans: list[tuple[str, object, object]] = []
 
     @contextlib.contextmanager
-    def __call__(self, name: str):
+    def __call__(self, name: str, *also: "_Timer"):
         start = self._mark()
         yield
-        self.spans.append((name, start, self._mark()))
+        end = self._mark()
+        for timer in (self, *also):
+            timer.spans.append((name, start, end))
 
     def _mark(self):
         if not self.on_cuda:
@@ -149,12 +223,21 @@ class _Timer:
         return out
 
 
+@contextlib.contextmanager
+def _timed(jobs: list[Job], name: str):
+    """One phase, timed once, counted for every job of the batch."""
+    timers = [j.result.timer for j in jobs if j.result.timer is not None]
+    if not timers:
+        yield
+        return
+    with timers[0](name, *timers[1:]):
+        yield
+
+
 # Bytes of chunk K/V gathered at once when writing a request's chunks (torch path), and
 # of host-tier entries staged on the device at once (kernel path).
 _GATHER_BYTES = 1 << 30
 _STAGE_BYTES = 1 << 30
-
-logger = logging.getLogger("vllm_kvflow")
 
 
 def capture_graphs(on_cuda: bool) -> bool:
@@ -181,120 +264,195 @@ class BlendPipeline:
         cache, self.rotary_dim, self.is_neox = self.adapter.rope_cache()
         self.cos_sin = cache.float()
 
-    # -- store --------------------------------------------------------------------------
-    def chunk_kv(self, token_ids: list[int], namespace: str, result: LoadResult) -> ChunkKV:
-        key = chunk_key(self.model_id, namespace, self.sink_ids, token_ids)
-        entry = self.store.get(key, token_ids)
-        if entry is not None:
-            result.chunks_hit += 1
-            return entry
-        result.chunks_missed += 1
-        entry = self.compute_isolated(token_ids)
-        self.store.put(key, entry)
-        return entry
+    # -- 1. resolve -----------------------------------------------------------------------
+    def new_job(self, plan: LoadPlan, kv: PagedKV) -> Job:
+        return Job(plan, kv, method(plan.method), LoadResult(timer=_Timer(self.adapter.device)))
 
-    def glue_kv(self, token_ids: list[int], namespace: str, at_start: bool) -> ChunkKV:
-        """Glue KV: at the prompt's start computed with nothing before it (exact),
-        elsewhere behind the sink like a chunk. Per namespace, like chunks, so one
-        tenant's cache hits (timing) say nothing about another's system prompt."""
-        key = (namespace, at_start, tuple(token_ids))
-        entry = self.glue.get(key)
-        if entry is None:
-            entry = self.compute_isolated(token_ids, sink=() if at_start else None)
-            self.glue.put(key, entry)
-        return entry
-
-    def compute_isolated(self, token_ids: list[int], sink: tuple[int, ...] | None = None) -> ChunkKV:
-        """KV of [sink][chunk] at positions 0.., keeping the chunk's part."""
-        sink = self.sink_ids if sink is None else sink
-        ids = torch.tensor(sink + tuple(token_ids), device=self.adapter.device)
-        n, s = ids.numel(), len(sink)
-        shape = self.adapter.shape
-        dtype = next(self.adapter.model.parameters()).dtype
-        buf = DenseKV.empty(self.adapter.num_layers, n, shape.num_kv_heads, shape.head_dim,
-                            dtype, ids.device)
-        self.executor.prefill(ids, torch.arange(n, device=ids.device), buf)
-        return ChunkKV(tuple(int(t) for t in token_ids), buf.keys[:, s:].clone(),
-                       buf.values[:, s:].clone(), local_start=s)
-
-    # -- the request ----------------------------------------------------------------------
-    def run(self, plan: LoadPlan, kv: PagedKV) -> LoadResult:
-        timer = _Timer(self.adapter.device)
-        result = LoadResult(timer=timer)
-        if plan.method == "infoflow-reorder":
-            plan = self._reorder(plan, kv, result, timer)
-        ids, chosen = self._select(plan, kv, result, timer)
-        with timer("recompute"):
-            self._prefill(ids, chosen, plan.context_end, kv)
-        result.tokens_recomputed = int(chosen.numel())
-        return result
-
-    def _select(self, plan: LoadPlan, kv: PagedKV, result: LoadResult,
-                timer) -> tuple[torch.Tensor | None, torch.Tensor]:
-        """Load chunks and glue, score if the selector needs a signal, and return the
-        prompt's token ids on the device (None for pure reuse, which computes nothing)
-        and the positions to recompute (sorted)."""
-        device = self.adapter.device
-        prompt = plan.token_ids
-        start = plan.load_start
+    def resolve(self, job: Job) -> list[IsolatedCompute]:
+        """Cut the job's context into segments and look each up (store for chunks, glue
+        cache for glue). Returns what is missing, to compute in isolation."""
+        plan, prompt = job.plan, job.plan.token_ids
         s = len(self.sink_ids)
         exact_prefix = tuple(prompt[:s]) == self.sink_ids
-        ratio = 0.0 if plan.method == "none" else plan.ratio
+        job.segments, missing = [], []
+        for c0, c1, is_chunk in context_segments(plan.chunks):
+            if c1 <= plan.load_start:
+                continue  # wholly inside the local prefix-cache hit
+            ids = tuple(prompt[c0:c1])
+            if is_chunk:
+                sink = self.sink_ids
+                key = chunk_key(self.model_id, plan.namespace, sink, ids)
+                # Same tokens before it as in isolation, same positions: exact KV.
+                exact = exact_prefix and c0 == s
+                entry = self.store.get(key, ids)
+            else:
+                # Glue is per namespace, like chunks: one tenant's cache hits (timing) say
+                # nothing about another's system prompt.
+                sink = () if c0 == 0 else self.sink_ids
+                key = (plan.namespace, c0 == 0, ids)
+                exact = c0 == 0
+                entry = self.glue.get(key)
+            seg = Segment(c0, c1, is_chunk, key, ids, sink, exact, max(c0, plan.load_start), entry)
+            job.segments.append(seg)
+            if is_chunk:
+                job.result.chunks_hit += entry is not None
+                job.result.chunks_missed += entry is None
+                job.result.chunks_exact += exact
+            if entry is None:
+                missing.append(self.isolated_compute_for(seg))
+        return missing
 
-        candidates, loads = [], []  # candidate spans; (entry, skip, c0, first, c1)
-        with timer("load"):
+    @staticmethod
+    def isolated_compute_for(seg: Segment) -> IsolatedCompute:
+        return IsolatedCompute(seg.key, seg.token_ids, seg.sink, seg.is_chunk)
+
+    # -- 2. isolated computes -----------------------------------------------------------------
+    def compute_isolated_batch(self, tasks: list[IsolatedCompute]) -> list[ChunkKV]:
+        """Each task's KV, computed alone behind its sink at positions 0.., in one pass
+        for all of them; chunks go into the store, glue into the glue cache."""
+        entries = self.compute_isolated_many([(t.token_ids, t.sink) for t in tasks])
+        for task, entry in zip(tasks, entries):
+            if task.is_chunk:
+                self.store.put(task.key, entry)
+            else:
+                self.glue.put(task.key, entry)
+        return entries
+
+    def compute_isolated_many(self, items: list[tuple[tuple[int, ...], tuple[int, ...]]]) -> list[ChunkKV]:
+        """KV of each [sink][tokens] at positions 0.., keeping the tokens' part."""
+        device = self.adapter.device
+        shape = self.adapter.shape
+        dtype = next(self.adapter.model.parameters()).dtype
+        groups, bufs = [], []
+        for token_ids, sink in items:
+            ids = device_ints(sink + tuple(token_ids), device)
+            n = ids.numel()
+            buf = DenseKV.empty(self.adapter.num_layers, n, shape.num_kv_heads, shape.head_dim,
+                                dtype, device)
+            groups.append(RowGroup(ids, torch.arange(n, device=device), buf))
+            bufs.append(buf)
+        self.executor.prefill_groups(groups)
+        return [ChunkKV(tuple(int(t) for t in token_ids), buf.keys[:, len(sink):].clone(),
+                        buf.values[:, len(sink):].clone(), local_start=len(sink))
+                for (token_ids, sink), buf in zip(items, bufs)]
+
+    def compute_isolated(self, token_ids, sink: tuple[int, ...] | None = None) -> ChunkKV:
+        """KV of [sink][chunk] at positions 0.., keeping the chunk's part."""
+        sink = self.sink_ids if sink is None else tuple(sink)
+        return self.compute_isolated_many([(tuple(token_ids), sink)])[0]
+
+    def deliver(self, job: Job, key, entry: ChunkKV) -> None:
+        for seg in job.segments:
+            if seg.entry is None and seg.key == key:
+                seg.entry = entry
+
+    # -- 3. load ----------------------------------------------------------------------------
+    def load(self, job: Job) -> None:
+        """Write the job's segments into its blocks and set up its selection; a method
+        that reorders lays the chunks out by selected share first (one extra load and
+        selection of its own)."""
+        if job.method.reorders:
+            self._reorder(job)
+        self._load(job)
+
+    def _load(self, job: Job) -> None:
+        plan, result = job.plan, job.result
+        device = self.adapter.device
+        with _timed([job], "load"):
             # The prompt goes to the device once, before this load queues GPU work: a
             # plain copy from the host waits for the stream, which costs nothing now
             # but, after the load, would stall the host until load and score end.
-            ids = device_ints(prompt, device) if ratio > 0 else None
-            for c0, c1, is_chunk in context_segments(plan.chunks):
-                if c1 <= start:
-                    continue  # wholly inside the local prefix-cache hit
-                if is_chunk:
-                    entry = self.chunk_kv(prompt[c0:c1], plan.namespace, result)
-                    # Same tokens before it as in isolation, same positions: exact KV.
-                    exact = exact_prefix and c0 == s
-                    result.chunks_exact += exact
+            job.ids = device_ints(plan.token_ids, device) if job.ratio > 0 else None
+            loads, job.candidates = [], []
+            for seg in job.segments:
+                loads.append((seg.entry, seg.first - seg.start, seg.start, seg.first, seg.end))
+                if seg.is_chunk:
+                    result.tokens_reused += seg.end - seg.first
                 else:
-                    entry = self.glue_kv(prompt[c0:c1], plan.namespace, at_start=c0 == 0)
-                    exact = c0 == 0
-                first = max(c0, start)
-                loads.append((entry, first - c0, c0, first, c1))
-                if is_chunk:
-                    result.tokens_reused += c1 - first
-                else:
-                    result.tokens_glue += c1 - first
-                if not exact:
-                    candidates.append((first, c1))
-            self._write_chunks(loads, kv)
-
-        num_candidates = sum(c1 - c0 for c0, c1 in candidates)
+                    result.tokens_glue += seg.end - seg.first
+                if not seg.exact:
+                    job.candidates.append((seg.first, seg.end))
+            self._write_chunks(loads, job.kv)
+        num_candidates = sum(c1 - c0 for c0, c1 in job.candidates)
         result.candidate_tokens = num_candidates
-        budget = budget_for(num_candidates, ratio)
+        budget = budget_for(num_candidates, job.ratio)
         # Pure reuse selects nothing: no candidate tensor to build (32K positions).
-        cand = _positions(candidates if budget else [], device)
-        inp = SelectionInput(cand, candidates, budget, seed=self.config.seed)
-        selector = SELECTORS.get(plan.method)
-        if 0 < inp.budget < cand.numel() and selector is not None and selector.needs_signal:
-            with timer("score"):
-                inp.signal = self._signal(selector.needs_signal, plan, ids, kv)
-        return ids, select(plan.method, inp)
+        cand = _positions(job.candidates if budget else [], device)
+        job.inp = SelectionInput(cand, job.candidates, budget, seed=self.config.seed)
 
-    def _reorder(self, plan: LoadPlan, kv: PagedKV, result: LoadResult, timer) -> LoadPlan:
-        """Information-flow chunk reordering (DESIGN §2 step 6): score once in the given
-        order, then lay the chunks out by ascending selected fraction (most relevant
-        nearest the question). Glue tokens keep their places; vLLM never rereads the
-        context's token ids, so the request then runs on the reordered layout."""
+    def needs_signals(self, job: Job) -> bool:
+        inp = job.inp
+        return bool(job.method.signals) and 0 < inp.budget < inp.candidates.numel()
+
+    # -- 4. select ----------------------------------------------------------------------------
+    def select_batch(self, jobs: list[Job]) -> None:
+        """Signals for the jobs that need them (batched per signal), then each job's
+        selection."""
+        scoring = [j for j in jobs if self.needs_signals(j)]
+        if scoring:
+            with _timed(scoring, "score"):
+                for job, signal in zip(scoring, compute_signals(self, scoring)):
+                    job.inp.signal = signal
+        for job in jobs:
+            job.chosen = select(job.method.name, job.inp)
+            job.result.tokens_recomputed = int(job.chosen.numel())
+
+    # -- 5. recompute -------------------------------------------------------------------------
+    def recompute_batch(self, jobs: list[Job]) -> None:
+        """The selected tokens of every job, in one pass (a lone job on CUDA replays its
+        graph)."""
+        jobs = [j for j in jobs if j.chosen is not None and j.chosen.numel()]
+        if not jobs:
+            return
+        for job in jobs:
+            job.result.batched_with = len(jobs) - 1
+        with _timed(jobs, "recompute"):
+            if len(jobs) == 1:
+                job = jobs[0]
+                graphs = self._pass_graphs(job.kv)
+                if graphs is not None and graphs.capture and graphs.prefill(
+                        job.ids[job.chosen], job.chosen, job.plan.context_end, job.kv.block_ids):
+                    return
+            self.executor.prefill_groups([RowGroup(j.ids[j.chosen], j.chosen, j.kv) for j in jobs])
+
+    def run(self, plan: LoadPlan, kv: PagedKV) -> LoadResult:
+        """One request's whole load at once: every step above, nothing batched (tests,
+        scripts; the worker goes through the work queue)."""
+        job = self.new_job(plan, kv)
+        tasks = self.resolve(job)
+        for task, entry in zip(tasks, self.compute_isolated_batch(tasks) if tasks else []):
+            self.deliver(job, task.key, entry)
+        self.load(job)
+        self.select_batch([job])
+        self.recompute_batch([job])
+        return job.result
+
+    def _reorder(self, job: Job) -> None:
+        """Information-flow chunk reordering: select once in the given order (the
+        method's own signals), then lay the chunks out by ascending selected fraction,
+        most relevant nearest the question. Glue tokens keep their places; vLLM never
+        rereads the context's token ids, so the request runs on the reordered layout."""
+        plan = job.plan
         if plan.ratio >= 1.0 or plan.load_start > 0 or len(plan.chunks) < 2:
-            return replace(plan, method="infoflow")  # exact limit / prefix hit: keep order
-        _, chosen = self._select(replace(plan, method="infoflow"), kv, result, timer)
+            return  # exact limit / prefix hit: keep the order
+        self._load(job)
+        self.select_batch([job])
+        chosen = job.chosen
         fractions = [int(((chosen >= c0) & (chosen < c1)).sum()) / (c1 - c0) for c0, c1 in plan.chunks]
         order = sorted(range(len(plan.chunks)), key=lambda i: (fractions[i], i))
         ids, spans = reordered_layout(plan.token_ids, plan.chunks, order)
-        result.reorder = order
-        # Counts restart for the final layout; store traffic keeps both passes' counts.
-        result.tokens_reused = result.tokens_glue = result.chunks_exact = 0
-        return replace(plan, token_ids=ids, chunks=spans, method="infoflow")
+        job.plan = replace(plan, token_ids=ids, chunks=spans)
+        job.result.reorder = order
+        # The new layout's segments: the same entries, at their new places.
+        by_tokens = {seg.token_ids: seg.entry for seg in job.segments}
+        s = len(self.sink_ids)
+        exact_prefix = tuple(ids[:s]) == self.sink_ids
+        job.segments = [Segment(c0, c1, is_chunk, None, tuple(ids[c0:c1]), (), (
+            exact_prefix and c0 == s) if is_chunk else c0 == 0, c0, by_tokens[tuple(ids[c0:c1])])
+            for c0, c1, is_chunk in context_segments(spans)]
+        # Counts restart for the final layout; store traffic keeps the first lookups.
+        job.result.tokens_reused = job.result.tokens_glue = 0
+        job.result.chunks_exact = sum(seg.exact for seg in job.segments if seg.is_chunk)
 
     # -- steps ----------------------------------------------------------------------------
     def _write_chunks(self, loads, kv: PagedKV) -> None:
@@ -352,48 +510,6 @@ class BlendPipeline:
             kv.load_rotated_layers(range(l0, l1), positions, keys, values, delta, cos_sin,
                                    self.rotary_dim, self.is_neox)
 
-    def _prefill(self, prompt_ids: torch.Tensor | None, positions: torch.Tensor,
-                 context_end: int, kv) -> None:
-        """Recompute the tokens at `positions` of the prompt (device ids; None only when
-        there is nothing to recompute)."""
-        if positions.numel() == 0:
-            return
-        ids = prompt_ids[positions]
-        graphs = self._pass_graphs(kv)
-        if graphs is not None and graphs.capture and graphs.prefill(
-                ids, positions, context_end, kv.block_ids):
-            return
-        self.executor.prefill(ids, positions, kv)
-
-    def _signal(self, kind: str, plan: LoadPlan, prompt_ids: torch.Tensor, kv: PagedKV):
-        if "+" in kind:
-            # k_deviation first when both: it rewrites layers 0-1, which scoring then reads.
-            kinds = kind.split("+")
-            order = sorted(kinds, key=lambda k: k != "k_deviation")
-            got = {k: self._signal(k, plan, prompt_ids, kv) for k in order}
-            return tuple(got[k] for k in kinds)
-        if kind == "k_deviation":
-            # Layers 0 and 1 of every token from load_start on are recomputed here
-            # (CacheBlend's first layers); the deviation is read at layer 1.
-            positions = torch.arange(plan.load_start, plan.context_end, device=self.adapter.device)
-            ids = prompt_ids[plan.load_start:plan.context_end]
-            dev = self.executor.key_deviation(ids, positions, kv, layer=1)
-            signal = torch.zeros(plan.context_end, device=positions.device)
-            signal[positions] = dev.square()  # squares sum over tensor-parallel ranks
-            return sum_over_tp(signal).sqrt()
-        if kind == "exact_kv_deviation":
-            return self._exact_kv_deviation(plan, prompt_ids, kv)
-        if kind == "attn_norm":
-            q0, q1 = plan.question
-            ids = prompt_ids[q0:q1]
-            graphs = self._pass_graphs(kv)
-            if graphs is not None:  # in place in the request's cache
-                return sum_over_tp(graphs.score(ids, q0, plan.context_end, kv.block_ids))
-            positions = torch.arange(q0, q1, device=self.adapter.device)
-            return sum_over_tp(self.executor.score(ids, positions, kv, plan.context_end,
-                                                   self.scoring_layers))
-        raise NotImplementedError(f"signal {kind!r}")
-
     def _pass_graphs(self, kv) -> PassGraphs | None:
         """The in-place passes over this worker's paged cache (built once per cache),
         where the kernels can read it in place; their CUDA graphs where capture is on."""
@@ -405,23 +521,3 @@ class BlendPipeline:
             self._graphs = (cache_id, PassGraphs(self.executor, kv.keys, kv.values, kv.block_size,
                                                  self.scoring_layers, capture=capture))
         return self._graphs[1]
-
-    def _exact_kv_deviation(self, plan: LoadPlan, prompt_ids: torch.Tensor,
-                            kv: PagedKV) -> torch.Tensor:
-        """Per position: sum over layers of ||K - K_exact||^2 + ||V - V_exact||^2, the
-        reused cache against a full prefill of the context (the oracle-kv diagnostic)."""
-        end = plan.context_end
-        device = self.adapter.device
-        positions = torch.arange(end, device=device)
-        shape = self.adapter.shape
-        dtype = next(self.adapter.model.parameters()).dtype
-        exact = DenseKV.empty(self.adapter.num_layers, end, shape.num_kv_heads, shape.head_dim,
-                              dtype, device)
-        self.executor.prefill(prompt_ids[:end], positions, exact)
-        dev = torch.zeros(end, dtype=torch.float32, device=device)
-        for layer in range(self.adapter.num_layers):
-            k, v = kv.read(layer, end)
-            dev += (k.float() - exact.keys[layer].float()).flatten(1).square().sum(1)
-            dev += (v.float() - exact.values[layer].float()).flatten(1).square().sum(1)
-        return sum_over_tp(dev)
-

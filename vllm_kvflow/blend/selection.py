@@ -1,9 +1,12 @@
-"""Which chunk tokens to recompute: one small function per method, in a registry.
+"""The blend methods: one registered `Method` each, with the signal it needs and how it
+selects which chunk tokens to recompute. The pipeline asks the method and never names
+one; adding a method touches this file only.
 
-Every selector gets the candidate positions (tokens of the non-exact chunks, sorted),
-the chunk spans and the budget k = floor(ratio * #candidates), and returns at most k
-sorted positions. Signals that cost model compute (attention-norm scores, K deviation)
-come in through `SelectionInput.signal`, computed only for the selectors that ask.
+Every selector gets the candidate positions (reused tokens whose KV is not exact, sorted),
+the candidate spans and the budget k = floor(ratio * #candidates), and returns at most k
+sorted positions. Signals that cost model compute (attention-norm scores, key deviation;
+blend/signals.py) come in through `SelectionInput.signal`, computed only for the
+methods that name them.
 """
 from __future__ import annotations
 
@@ -16,29 +19,50 @@ import torch
 @dataclass
 class SelectionInput:
     candidates: torch.Tensor  # int64 [T], sorted positions
-    chunks: list[tuple[int, int]]  # candidate chunk spans, sorted
+    chunks: list[tuple[int, int]]  # candidate spans, sorted
     budget: int
     seed: int = 0
-    # Per-position score over [0, context_end), for selectors with needs_signal (a
-    # tuple of them, in the order named, for "a+b" signals).
+    # Per-position score over [0, context_end) for methods with signals: one tensor, or
+    # a tuple of them in the order the method names its signals.
     signal: torch.Tensor | tuple[torch.Tensor, ...] | None = None
 
 
+Selector = Callable[[SelectionInput], torch.Tensor]
+
+
 @dataclass(frozen=True)
-class Selector:
-    fn: Callable[[SelectionInput], torch.Tensor]
-    needs_signal: str | None = None  # "attn_norm" | "k_deviation" | "a+b" | None
+class Method:
+    """name: what requests and settings say; select: the selector (None: `full`, which
+    never reaches the worker); signals: names in blend/signals.py, computed before
+    selecting; reuses: False for plain prefill; recomputes: False for pure reuse (the
+    ratio is then ignored); reorders: lay the chunks out by their selected share, most
+    relevant nearest the question, before the final selection."""
+
+    name: str
+    select: Selector | None
+    signals: tuple[str, ...] = ()
+    reuses: bool = True
+    recomputes: bool = True
+    reorders: bool = False
 
 
-SELECTORS: dict[str, Selector] = {}
+METHODS: dict[str, Method] = {}
 
 
-def register(name: str, needs_signal: str | None = None):
-    def deco(fn):
-        SELECTORS[name] = Selector(fn, needs_signal)
+def register(name: str, *signals: str, reuses: bool = True, recomputes: bool = True,
+             reorders: bool = False):
+    """Decorator registering a selector as the method `name`."""
+    def deco(fn: Selector | None) -> Selector | None:
+        METHODS[name] = Method(name, fn, tuple(signals), reuses, recomputes, reorders)
         return fn
 
     return deco
+
+
+def method(name: str) -> Method:
+    if name not in METHODS:
+        raise ValueError(f"unknown method {name!r}; known: {sorted(METHODS)}")
+    return METHODS[name]
 
 
 def budget_for(num_candidates: int, ratio: float) -> int:
@@ -55,8 +79,22 @@ def top_k_positions(candidates: torch.Tensor, scores: torch.Tensor, k: int) -> t
     return torch.sort(candidates[order]).values
 
 
-@register("none")
+def candidate_ranks(values: torch.Tensor) -> torch.Tensor:
+    """Rank of each value among its tensor, 0 = smallest, ties by position (stable)."""
+    order = torch.sort(values.double(), stable=True).indices
+    ranks = torch.empty_like(order)
+    ranks[order] = torch.arange(order.numel(), device=order.device)
+    return ranks
+
+
+# -- the methods ----------------------------------------------------------------------------
+# full: ordinary prefill (the quality reference); the scheduler never hands it a load.
+register("full", reuses=False)(None)
+
+
+@register("none", recomputes=False)
 def select_none(inp: SelectionInput) -> torch.Tensor:
+    """Pure reuse: chunks loaded at their global positions, nothing recomputed."""
     return inp.candidates[:0]
 
 
@@ -81,31 +119,23 @@ def select_epic(inp: SelectionInput) -> torch.Tensor:
 
 
 def select_top_signal(inp: SelectionInput) -> torch.Tensor:
-    """Top-k candidates by the per-position signal the selector asked for."""
+    """Top-k candidates by the per-position signal the method asked for."""
     return top_k_positions(inp.candidates, inp.signal[inp.candidates], inp.budget)
 
 
-# infoflow: the question's attention norm (InfoFlow KV); infoflow-reorder selects the
-# same way after reordering the chunks.
-register("infoflow", needs_signal="attn_norm")(select_top_signal)
-register("infoflow-reorder", needs_signal="attn_norm")(select_top_signal)
-# cacheblend: the deviation of cached from recomputed keys at layer 1 (CacheBlend).
-register("cacheblend", needs_signal="k_deviation")(select_top_signal)
+# infoflow: the question's attention norm at the scoring layers (InfoFlow KV, the default).
+register("infoflow", "attn_norm")(select_top_signal)
+# infoflow-reorder: the same selection after laying the chunks out by selected share.
+register("infoflow-reorder", "attn_norm", reorders=True)(select_top_signal)
+# cacheblend: deviation of cached from recomputed keys at layer 1 (CacheBlend).
+register("cacheblend", "k_deviation")(select_top_signal)
 # oracle-kv: a diagnostic, not a method. How far each reused token's K/V (all layers)
 # are from full prefill's, which it computes first (so it costs a full prefill): shows
 # how much of the gap any selector of that budget could close on given data.
-register("oracle-kv", needs_signal="exact_kv_deviation")(select_top_signal)
+register("oracle-kv", "exact_kv_deviation")(select_top_signal)
 
 
-def candidate_ranks(values: torch.Tensor) -> torch.Tensor:
-    """Rank of each value among its tensor, 0 = smallest, ties by position (stable)."""
-    order = torch.sort(values.double(), stable=True).indices
-    ranks = torch.empty_like(order)
-    ranks[order] = torch.arange(order.numel(), device=order.device)
-    return ranks
-
-
-@register("infoflow-kdev", needs_signal="attn_norm+k_deviation")
+@register("infoflow-kdev", "attn_norm", "k_deviation")
 def select_infoflow_kdev(inp: SelectionInput) -> torch.Tensor:
     """Top-k by the mean of two ranks: the question's attention norm (which tokens the
     answer reads) and CacheBlend's layer-1 key deviation (which cached tokens are most
@@ -116,13 +146,15 @@ def select_infoflow_kdev(inp: SelectionInput) -> torch.Tensor:
     return top_k_positions(c, score, inp.budget)
 
 
-def select(method: str, inp: SelectionInput) -> torch.Tensor:
+def select(name: str, inp: SelectionInput) -> torch.Tensor:
+    """The positions method `name` recomputes, given its signal(s) where it needs any."""
     if inp.budget >= inp.candidates.numel():
         return inp.candidates  # the exact limit: every candidate, whatever the method
     if inp.budget <= 0:
         # Nothing to pick (few candidates left after a prefix-cache hit): the pipeline
         # computes no signal in this case, so signal-based selectors must not run.
         return inp.candidates[:0]
-    if method not in SELECTORS:
-        raise ValueError(f"unknown selection method {method!r}; known: {sorted(SELECTORS)}")
-    return SELECTORS[method].fn(inp)
+    m = method(name)
+    if m.select is None:
+        raise ValueError(f"method {name!r} selects nothing: it does not reuse KV")
+    return m.select(inp)

@@ -37,9 +37,13 @@ class KVFlowConnector(KVConnectorBase_V1):
         self._worker.register_kv_caches(kv_caches)
 
     def start_load_kv(self, forward_context, **kwargs: Any) -> None:
-        # Synchronous loads only (see get_num_new_matched_tokens), so on every vLLM
-        # version this runs before the forward that reads the KV.
+        # Loads are asynchronous (see the scheduler side): whether vLLM calls this before
+        # the step's forward (0.26) or after it (0.32), no forward reads this KV until
+        # get_finished has reported it.
         self._worker.start_load_kv(self._get_connector_metadata())
+
+    def get_finished(self, finished_req_ids: set[str]):
+        return self._worker.get_finished(finished_req_ids)
 
     def wait_for_layer_load(self, layer_name: str) -> None:
         return

@@ -1,5 +1,11 @@
 """Scheduler side: parse each request's chunk declaration, report the reusable context
-as externally computed tokens, learn the request's blocks, and hand the worker a plan.
+as externally computed tokens loaded asynchronously, learn the request's blocks, and
+hand the worker a plan.
+
+The load is asynchronous in vLLM's sense: the request waits (WAITING_FOR_REMOTE_KVS)
+while vLLM goes on scheduling other requests, until the worker reports its load done
+(get_finished). At most `max_pending_loads` loads are in flight; a further request is
+not admitted yet (it stays in vLLM's waiting queue and is asked about again next step).
 
 Touches no tensors. Per-request stats collect here and go back to the client through
 `request_finished` (vLLM puts the returned dict in the output's kv_transfer_params).
@@ -28,6 +34,7 @@ class KVFlowScheduler:
         self._specs: dict[str, RequestSpec] = {}
         self._pending: dict[str, LoadPlan] = {}
         self._stats: dict[str, dict[str, Any]] = {}
+        self._in_flight: set[str] = set()  # loads planned, no result from the worker yet
         self._awaiting_result: set[str] = set()  # loads sent to the worker, no result yet
         self._finished: set[str] = set()  # finished while awaiting their load result
 
@@ -38,11 +45,13 @@ class KVFlowScheduler:
             self._tokenizer = AutoTokenizer.from_pretrained(self._tokenizer_path)
         return self._tokenizer.encode(text, add_special_tokens=False)
 
-    def get_num_new_matched_tokens(self, request, num_computed_tokens: int) -> tuple[int, bool]:
+    def get_num_new_matched_tokens(self, request, num_computed_tokens: int) -> tuple[int | None, bool]:
         params = (request.kv_transfer_params or {}).get(PARAMS_KEY)
         req_id = request.request_id
         if params is None:
             return 0, False
+        if req_id not in self._specs and len(self._in_flight) >= self.config.max_pending_loads:
+            return None, False  # the worker's queue is full: ask again next step
         stats = self._stats.setdefault(req_id, {})
         try:
             spec = parse_request(params, request.prompt_token_ids, self.config, self._tokenize)
@@ -65,8 +74,8 @@ class KVFlowScheduler:
         self._specs[req_id] = spec
         # Blended KV is approximate: keep it out of the exact prefix cache.
         isolate_blended_blocks(request, blend_salt(request.prompt_token_ids, spec, tenant_salt(request)))
-        # Synchronous load (False): the KV must be in place before this step's forward.
-        return spec.context_end - num_computed_tokens, False
+        # Asynchronous (True): vLLM schedules other requests until the worker is done.
+        return spec.context_end - num_computed_tokens, True
 
     def update_state_after_alloc(self, request, blocks, num_external_tokens: int) -> None:
         spec = self._specs.pop(request.request_id, None)
@@ -76,6 +85,7 @@ class KVFlowScheduler:
             self._stats[request.request_id]["fallback"] = "scheduler-declined-load"
             return
         block_ids = list(blocks.get_block_ids()[0])
+        self._in_flight.add(request.request_id)
         self._pending[request.request_id] = LoadPlan(
             req_id=request.request_id,
             token_ids=list(request.prompt_token_ids),
@@ -106,6 +116,7 @@ class KVFlowScheduler:
             return
         for req_id, result in worker_meta.results.items():
             self._awaiting_result.discard(req_id)
+            self._in_flight.discard(req_id)
             stats = self._stats.get(req_id)
             if stats is None:
                 continue
@@ -114,7 +125,7 @@ class KVFlowScheduler:
             if isinstance(result.get("store"), dict):
                 self.counters.observe_store(result["store"])
             if "error" in result:
-                stats["fallback"] = "worker-error"
+                stats["fallback"] = result.get("fallback") or "worker-error"
             if req_id in self._finished:
                 self._finished.discard(req_id)
                 self._done(req_id)
@@ -122,7 +133,9 @@ class KVFlowScheduler:
     def request_finished(self, request, block_ids) -> tuple[bool, dict[str, Any] | None]:
         req_id = request.request_id
         self._specs.pop(req_id, None)
-        self._pending.pop(req_id, None)
+        # A plan not sent yet still goes to the worker: vLLM keeps an aborted request's
+        # blocks until the worker reports its load, so the worker must hear of it.
+        self._in_flight.discard(req_id)
         stats = self._stats.get(req_id)
         if stats is None:
             return False, None

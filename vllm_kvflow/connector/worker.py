@@ -1,5 +1,7 @@
-"""Worker side: before the forward, run each planned load through the blend pipeline
-(store fetch + re-rotation + selective recompute) into the request's paged blocks.
+"""Worker side: each engine step, queue the step's new loads and run a bounded share of
+the blend work (blend/work_queue.py: store misses computed in isolation, then loads,
+signals, selections and recomputes batched over the requests that are ready), and
+report the requests whose KV is in place through get_finished.
 
 A load that fails marks the request's blocks as failed, so vLLM recomputes them
 (kv_load_failure_policy="recompute"): the request falls back to full prefill rather
@@ -26,7 +28,8 @@ from vllm_kvflow.blend.paged import (
     packed_pages,
     split_kv_cache,
 )
-from vllm_kvflow.blend.pipeline import BlendPipeline, LoadResult, device_ints
+from vllm_kvflow.blend.pipeline import BlendPipeline, LoadPlan, device_ints
+from vllm_kvflow.blend.work_queue import Finished, LoadRefused, StepBudget, WorkQueue
 from vllm_kvflow.config import KVFlowConfig
 from vllm_kvflow.connector.metadata import KVFlowConnectorMetadata, KVFlowWorkerMetadata
 from vllm_kvflow.store.build import build_store
@@ -42,9 +45,14 @@ class KVFlowWorker:
                                  store_identity(vllm_config))
         self._kv_caches: dict[str, torch.Tensor] = {}
         self._pipeline: BlendPipeline | None = None
+        self._queue: WorkQueue | None = None
         self._views: dict | None = None
-        self._results: dict[str, tuple[LoadResult | dict, dict[str, Any]]] = {}
+        # Per request: its stats (a finished load's result, read in build_worker_meta:
+        # its GPU timings would otherwise wait for the load) and host-side extras.
+        self._results: dict[str, tuple[Finished | dict, dict[str, Any]]] = {}
+        self._done: set[str] = set()  # loads finished (or dropped) since get_finished
         self._failed_blocks: set[int] = set()
+        self._steps = 0
 
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
         self._kv_caches = dict(kv_caches)
@@ -66,6 +74,9 @@ class KVFlowWorker:
             model_id = f"{model_config.model}|{model_config.dtype}"
             self._pipeline = BlendPipeline(LayerwiseExecutor(adapter), self.store, self.config,
                                            model_id, sink)
+            from vllm_kvflow.patches.parallel import all_ranks
+
+            self._queue = WorkQueue(self._pipeline, step_budget(self.config, self.vllm_config), all_ranks)
         if self._views is None:
             self._views = self._cache_views()
         return self._pipeline
@@ -107,22 +118,52 @@ class KVFlowWorker:
                         block_size=v["block_size"], **v["extra"])
 
     def start_load_kv(self, metadata: KVFlowConnectorMetadata) -> None:
+        """Queue this step's new loads, then run the step's share of the queue."""
         for plan in metadata.loads:
-            t0 = time.perf_counter()
-            try:
-                pipeline = self._ready()
-                kv = self._paged_kv(plan.block_ids, pipeline.adapter.device)
-                with _maybe_profiled(plan.req_id):
-                    result = pipeline.run(plan, kv)
-            except Exception as e:  # noqa: BLE001 - any failure must degrade, not crash
-                logger.error("kvflow: load for %s failed, recomputing: %s\n%s", plan.req_id, e,
-                             traceback.format_exc())
-                self._failed_blocks.update(plan.block_ids)
-                result = {"error": f"{type(e).__name__}: {e}"}
-            # load_s: host time. The result itself is read in build_worker_meta, after
-            # the forward is launched (its GPU timings would otherwise wait for the load).
-            self._results[plan.req_id] = (result, {"load_s": time.perf_counter() - t0,
-                                                   "store": self.store.stats()})
+            self._submit(plan)
+        if self._queue is None or not len(self._queue):
+            return
+        t0 = time.perf_counter()
+        self._steps += 1
+        with _maybe_profiled(f"step{self._steps:06d}"):
+            finished = self._queue.step()
+        host_s = time.perf_counter() - t0
+        for item in finished:
+            self._finish(item.job.plan, item, host_s)
+
+    def _submit(self, plan: LoadPlan) -> None:
+        try:
+            pipeline = self._ready()
+            job = pipeline.new_job(plan, self._paged_kv(plan.block_ids, pipeline.adapter.device))
+            self._queue.submit(job)
+        except LoadRefused as e:
+            logger.warning("kvflow: load for %s refused, recomputing: %s", plan.req_id, e)
+            self._finish(plan, {"error": str(e), "fallback": e.reason}, 0.0)
+        except Exception as e:  # noqa: BLE001 - any failure must degrade, not crash
+            self._finish(plan, Finished(None, e), 0.0)
+
+    def _finish(self, plan: LoadPlan, outcome: Finished | dict, host_s: float) -> None:
+        """Record a load's outcome; a failed one marks its blocks for vLLM to recompute."""
+        error = outcome.error if isinstance(outcome, Finished) else outcome.get("error")
+        if error is not None:
+            if isinstance(error, BaseException):
+                logger.error("kvflow: load for %s failed, recomputing: %s\n%s", plan.req_id, error,
+                             "".join(traceback.format_exception(error)))
+                outcome = {"error": f"{type(error).__name__}: {error}"}
+            self._failed_blocks.update(plan.block_ids)
+        self._results[plan.req_id] = (outcome, {"load_s": host_s, "store": self.store.stats()})
+        self._done.add(plan.req_id)
+
+    def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
+        """(sending, receiving): the requests whose loads finished since the last call,
+        and aborted requests whose loads were dropped (vLLM holds their blocks until
+        they are reported here, so no write ever lands in a reused block)."""
+        if self._queue is not None:
+            for req_id in finished_req_ids or ():
+                if self._queue.cancel(req_id) is not None:
+                    self._done.add(req_id)
+        done, self._done = self._done, set()
+        return None, done or None
 
     def shutdown(self) -> None:
         self.store.close()  # queued disk writes land before the process goes
@@ -134,10 +175,22 @@ class KVFlowWorker:
     def build_worker_meta(self) -> KVFlowWorkerMetadata | None:
         if not self._results:
             return None
-        results = {req_id: {**(r.as_dict() if isinstance(r, LoadResult) else r), **extra}
-                   for req_id, (r, extra) in self._results.items()}
+        results = {}
+        for req_id, (outcome, extra) in self._results.items():
+            stats = outcome.job.result.as_dict() if isinstance(outcome, Finished) else outcome
+            results[req_id] = {**stats, **extra}
         self._results = {}
         return KVFlowWorkerMetadata(results)
+
+
+def step_budget(config: KVFlowConfig, vllm_config) -> StepBudget:
+    """The blend work one engine step may carry: the settings, by default a quarter of
+    the step's own token budget (vLLM's max_num_batched_tokens) for each kind."""
+    step_tokens = int(getattr(vllm_config.scheduler_config, "max_num_batched_tokens", 0) or 2048)
+    default = max(256, step_tokens // 4)
+    return StepBudget(blend_rows=config.max_blend_tokens_per_step or default,
+                      isolated_rows=config.max_isolated_tokens_per_step or default,
+                      max_isolated_per_prompt_token=config.max_isolated_tokens_per_prompt_token)
 
 
 def store_identity(vllm_config) -> str:
@@ -164,10 +217,10 @@ def store_identity(vllm_config) -> str:
 
 
 @contextlib.contextmanager
-def _maybe_profiled(req_id: str):
-    """KVFLOW_PROFILE_DIR=dir: profile each load with torch.profiler and write its top
-    operators (by host time and by device time) to dir/<request id>.txt. For finding
-    where a load's time goes on a new card or backend; off by default."""
+def _maybe_profiled(name: str):
+    """KVFLOW_PROFILE_DIR=dir: profile each step's blend work with torch.profiler and
+    write its top operators (by host time and by device time) to dir/<name>.txt. For
+    finding where a load's time goes on a new card or backend; off by default."""
     out_dir = os.environ.get("KVFLOW_PROFILE_DIR")
     if not out_dir:
         yield
@@ -181,7 +234,7 @@ def _maybe_profiled(req_id: str):
             torch.cuda.synchronize()  # a load does not wait for its GPU work: the profile must
     table = prof.key_averages()
     os.makedirs(out_dir, exist_ok=True)
-    safe = "".join(c if c.isalnum() or c in "-_" else "_" for c in req_id)[:80]
+    safe = "".join(c if c.isalnum() or c in "-_" else "_" for c in name)[:80]
     with open(os.path.join(out_dir, f"{safe}.txt"), "w") as f:
         f.write(table.table(sort_by="self_cpu_time_total", row_limit=40))
         if torch.cuda.is_available():
