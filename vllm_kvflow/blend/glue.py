@@ -6,7 +6,8 @@ like a chunk, and reused: a request whose chunks are all in the store then needs
 model pass at all before vLLM prefills the question. Glue at the very start of the
 prompt is computed with nothing before it, so its KV is exact; glue elsewhere is
 computed behind the sink, like a chunk, and is a recompute candidate like a chunk's
-tokens (the separators carry much of the cross-passage information flow, DESIGN §2).
+tokens (the separators carry much of the cross-passage information flow; see
+docs/ARCHITECTURE.md, Methods).
 
 A small LRU in worker memory, apart from the chunk store: glue is not a retrieved
 document, costs little to recompute, and must not show in the store's counters or on disk.
