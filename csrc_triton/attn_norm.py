@@ -1,4 +1,4 @@
-"""Attention-norm scoring of context tokens (DESIGN.md section 2, step 3).
+"""Attention-norm scoring of context tokens (infoflow's signal; docs/ARCHITECTURE.md, Methods).
 
 Question rows i (queries q[i, h] at positions q_pos[i]) attend causally to the keys of
 one sequence. With GQA keys expanded to query heads (head h reads KV head h // G):

@@ -30,7 +30,7 @@ head from the source, rotates K in float32, casts to the cache dtype and scatter
 to ``slot = block * block_size + offset`` (slot -1 = skip). Cache views are 4-D
 ``[num_blocks, block_size, num_kv_heads, head_dim]`` with arbitrary strides, so one
 kernel serves FLASH_ATTN (K and V interleaved per token row) and CPU_ATTN (per
-(block, head) page of keys then values); see VLLM_COMPAT.md.
+(block, head) page of keys then values); see docs/ARCHITECTURE.md, Version-specific code.
 
 The sources are either one gathered tensor [L, T, Hkv, D] with any strides
 (``load_chunk_kv_layers``) or, in the engine's GPU path, each chunk's own store tensors

@@ -1,8 +1,8 @@
 """HilbertA sparse attention: Triton forward kernel, host wrapper, torch reference.
 
-Sequence layout (DESIGN.md §3; vllm_kvflow.vision.hilbert builds it): N = S + N_local
-tokens, [shared | local]. The local part is cut into tiles of g tokens (the last tile may
-be shorter). With o = the layer's window offset:
+Sequence layout (HilbertA, arXiv 2509.26538; vllm_kvflow.vision.hilbert builds it):
+N = S + N_local tokens, [shared | local]. The local part is cut into tiles of g tokens
+(the last tile may be shorter). With o = the layer's window offset:
 
     shared query q < S      attends to every key                    (dense row)
     local query in tile t   attends to keys [0, S) and to the window

@@ -1,8 +1,8 @@
 """Partial-prefill attention: queries at arbitrary positions over a paged KV cache.
 
-The selective recompute (DESIGN.md section 2, step 5) refreshes only a subset of the
-context tokens. Their queries sit at arbitrary (sorted) global positions and attend to
-the whole mixed cache with the causal rule of full prefill:
+The selective recompute (docs/ARCHITECTURE.md, Methods: partial prefill) refreshes only
+a subset of the context tokens. Their queries sit at arbitrary (sorted) global positions
+and attend to the whole mixed cache with the causal rule of full prefill:
 
     out[i, h] = sum_{j <= pos_i, j < seq_len} softmax_j(q[i, h] . k[j, h/G] * scale) v[j, h/G]
 

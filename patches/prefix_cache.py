@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import hashlib
 
-from vllm_kvflow.store.chunk_store import int64_bytes
+from vllm_kvflow.store.entry import int64_bytes
 
 MARKER = "kvflow:"
 

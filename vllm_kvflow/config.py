@@ -37,7 +37,8 @@ class KVFlowConfig:
     namespace: str = ""
     # Scoring layers for infoflow: absolute indices (ints) or depth fractions in
     # [0, 1) (floats). None: 4 consecutive layers from 69% depth (the paper's 22-25
-    # of 32; on SmolLM2's 30 layers, 21-24 closed the most of the gap, issue #3 notes).
+    # of 32; on SmolLM2's 30 layers, 21-24 closed the most of the gap in an exploratory
+    # sweep, benchmarks/QUALITY_NOTES.md).
     scoring_layers: tuple[int | float, ...] | None = None
     # Seed of the `random` baseline.
     seed: int = 0

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# GPU engine runs (issue 7), from the repository root on the GPU machine once the vLLM
-# 0.26 site is unpacked (shared/gpu/README.md). Model dirs come from prepare_models.py.
+# GPU engine runs (exactness check, TTFT), from the repository root on the GPU machine
+# once the vLLM 0.26 site is unpacked in $HOME/site (see env.sh). Model dirs come from
+# prepare_models.py.
 #   bash benchmarks/gpu/run_engine_gpu.sh check MODELS_DIR OUTDIR [engine_check args]
 #   bash benchmarks/gpu/run_engine_gpu.sh ttft  MODELS_DIR OUTDIR [bench ttft args]
 set -o pipefail

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The issue-7 GPU runs, in the order they were made on a two-GPU machine (each step fits
+# The GPU engine runs, in the order they were made on a two-GPU machine (each step fits
 # one 10-minute device call; independent runs go side by side, one per GPU).
 #   bash benchmarks/gpu/suite.sh tests|engine|more|tp2|profile|tp2check MODELS OUT
 # MODELS: model dirs from prepare_models.py; OUT: where logs and JSON go.

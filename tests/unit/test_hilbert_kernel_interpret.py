@@ -103,7 +103,8 @@ def test_reference_one_tile_is_dense():
 
 
 def test_pair_count_matches_design():
-    # DESIGN.md §3: 1024^2 (4096 image + 512 text) -> 2.09x / 2.87x; 2048^2 -> 2.63x / 4.44x
+    # Pair-count bound against dense attention with 512 text tokens, 4 / 16 tiles:
+    # 1024^2 image (4096 tokens) -> 2.09x / 2.87x; 2048^2 (16384) -> 2.63x / 4.44x
     for (h, text), want in (((64, 512), (2.09, 2.87)), ((128, 512), (2.63, 4.44))):
         got = []
         for tiles in (4, 16):

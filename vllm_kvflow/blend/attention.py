@@ -1,6 +1,19 @@
-"""The torch attention of the recompute path: any query positions over a dense K/V with
-the causal mask key_pos <= query_pos. The reference the Triton kernel is tested
-against, the CPU path, and the path for a chunk computed in isolation on GPU."""
+"""Torch attention for the passes off the Triton kernels: any query positions over a
+dense K/V with the causal mask key_pos <= query_pos.
+
+Who runs it:
+- PagedKV.attend and DenseKV.attend (blend/paged.py) where the kernels are off, i.e. on
+  CPU without TRITON_INTERPRET=1: the recompute pass, and a chunk computed in isolation.
+  On CUDA both go to the Triton partial-attention kernel instead, in place.
+- PackedPagedKV.attend, always: CPU_ATTN's packed pages have no strided view for a kernel.
+- LayerwiseExecutor.score, the scoring pass on a scratch copy of the context's K/V (the
+  question's K/V never enter the request's cache), wherever the pipeline cannot score in
+  place. On CUDA the pipeline scores in place (blend/pass_graphs.py, kernels only); the
+  scratch pass runs there only as the reference tests/gpu checks that pass against.
+It is also what the kernels' engine wiring is checked against on CPU
+(tests/unit/test_kernels_interpret.py); the kernel's own reference is
+partial_attention_reference in csrc_triton/partial_attention.py.
+"""
 from __future__ import annotations
 
 import torch

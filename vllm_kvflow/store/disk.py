@@ -32,7 +32,7 @@ import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from vllm_kvflow.store.chunk_store import ChunkKV
+from vllm_kvflow.store.entry import ChunkKV
 
 logger = logging.getLogger("vllm_kvflow.store")
 

@@ -7,12 +7,10 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 import torch
 
-if TYPE_CHECKING:
-    from vllm_kvflow.store.chunk_store import ChunkKV
+from vllm_kvflow.store.entry import ChunkKV
 
 
 @dataclass

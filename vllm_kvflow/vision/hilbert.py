@@ -1,9 +1,10 @@
 """Generalized Hilbert order for any H x W token grid and the HilbertA sequence layout.
 
-HilbertA (DESIGN.md §3) makes 2-D neighbourhoods of image tokens contiguous 1-D ranges by
-reordering the tokens along a space-filling curve. The classic Hilbert curve only covers
-2^k x 2^k grids; vision encoders see arbitrary H x W patch grids, so this module builds a
-*generalized* Hilbert curve ("gilbert"-style) for rectangles and odd sizes:
+HilbertA (arXiv 2509.26538; docs/ARCHITECTURE.md, Methods) makes 2-D neighbourhoods of
+image tokens contiguous 1-D ranges by reordering the tokens along a space-filling curve.
+The classic Hilbert curve only covers 2^k x 2^k grids; vision encoders see arbitrary
+H x W patch grids, so this module builds a *generalized* Hilbert curve ("gilbert"-style)
+for rectangles and odd sizes:
 
     a region is given by an origin and two edge vectors, a = the major (longer) edge and
     b = the minor edge. A region one cell thick is walked straight. A region much longer
