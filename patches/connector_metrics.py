@@ -10,7 +10,8 @@ The payload's shape is `vllm_kvflow.connector.counters.ServingCounters.drain()`.
 Exported (labels model_name, engine, plus the one named):
   vllm:kvflow_requests_total, vllm:kvflow_chunk_hits_total, vllm:kvflow_chunk_misses_total,
   vllm:kvflow_chunks_unlocatable_total, vllm:kvflow_tokens_reused_total,
-  vllm:kvflow_tokens_recomputed_total, vllm:kvflow_fallbacks_total{reason},
+  vllm:kvflow_tokens_recomputed_total, vllm:kvflow_kernel_fallbacks_total,
+  vllm:kvflow_fallbacks_total{reason},
   vllm:kvflow_store_evictions_total{tier}, vllm:kvflow_store_bytes{tier},
   vllm:kvflow_store_entries{tier}.
 
@@ -40,6 +41,7 @@ _HELP = {
     "chunks_unlocatable": "Declared chunks not found in the prompt (prefilled normally).",
     "tokens_reused": "Chunk tokens whose KV came from the store.",
     "tokens_recomputed": "Chunk tokens recomputed over the blended cache.",
+    "kernel_fallbacks": "Chunk loads the fused kernel refused, written by the slower gather.",
 }
 
 

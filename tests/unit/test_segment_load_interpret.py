@@ -110,3 +110,39 @@ def test_interp_pipeline_in_place_write_equals_gathered_write(interp):
         out.append(torch.stack(raws))
     assert torch.equal(out[0].isnan(), out[1].isnan())
     torch.testing.assert_close(out[0].nan_to_num(0), out[1].nan_to_num(0), atol=1e-6, rtol=0)
+
+
+def test_interp_a_load_the_kernel_refuses_is_gathered_warned_and_counted(interp, caplog):
+    """An entry the fused kernel cannot read in place (not contiguous) is written by the
+    gather instead: same KV, one warning, and _write_chunks says it fell back (the
+    pipeline counts it as kernel_fallbacks in the stats and on /metrics)."""
+    import logging
+
+    from vllm_kvflow.blend import pipeline as pl
+    from vllm_kvflow.blend.paged import PagedKV
+    from vllm_kvflow.store import ChunkKV
+
+    torch.manual_seed(3)
+    L, H, D, NB, BS, n = 2, 2, 64, 6, 8, 9
+    rope = _rope_cache(64, D)
+    k = torch.randn(n, L, H, D).transpose(0, 1)  # [L, n, H, D], not contiguous
+    entry = ChunkKV(tuple(range(n)), k, torch.randn(L, n, H, D), 1)
+    pipe = types.SimpleNamespace(adapter=types.SimpleNamespace(device=torch.device("cpu"), num_layers=L),
+                                 cos_sin=rope, rotary_dim=D, is_neox=True,
+                                 _write_in_place=lambda *a: pl.BlendPipeline._write_in_place(pipe, *a),
+                                 _write_gathered=lambda *a: pl.BlendPipeline._write_gathered(pipe, *a))
+    loads = [(entry, 0, 3, 3, 3 + n)]
+    out = []
+    for contiguous in (False, True):
+        if contiguous:
+            loads = [(ChunkKV(entry.token_ids, k.contiguous(), entry.values, 1), 0, 3, 3, 3 + n)]
+        raws, keys, values = _flash_layers(L, NB, BS, H, D)
+        kv = PagedKV(keys, values, torch.tensor([4, 1, 5, 2]), BS)
+        pl._warned.clear()
+        with caplog.at_level(logging.WARNING, logger="vllm_kvflow"):
+            caplog.clear()
+            assert pl.BlendPipeline._write_chunks(pipe, loads, kv) is contiguous
+        assert ("refused a load" in caplog.text) is not contiguous
+        out.append(torch.stack(raws))
+    assert torch.equal(out[0].isnan(), out[1].isnan())
+    torch.testing.assert_close(out[0].nan_to_num(0), out[1].nan_to_num(0), atol=1e-6, rtol=0)

@@ -69,6 +69,7 @@ class LoadResult:
     tokens_recomputed: int = 0  # candidates recomputed over the mixed cache
     reorder: list[int] | None = None  # methods that reorder: the chunk order used
     batched_with: int = 0  # other requests in the same recompute pass
+    kernel_fallbacks: int = 0  # loads the fused kernel could not do (gathered instead)
     timer: _Timer | None = field(default=None, repr=False)  # -> timings_s in as_dict()
 
     def as_dict(self) -> dict:
@@ -240,6 +241,15 @@ _GATHER_BYTES = 1 << 30
 _STAGE_BYTES = 1 << 30
 
 
+_warned: set[str] = set()
+
+
+def _warn_once(message: str) -> None:
+    if message not in _warned:
+        _warned.add(message)
+        logger.warning(message)
+
+
 def capture_graphs(on_cuda: bool) -> bool:
     """Whether the in-place passes are captured in CUDA graphs: on CUDA unless
     KVFLOW_GRAPHS=0 (under tensor parallelism inside vLLM's graph_capture(), see
@@ -372,7 +382,8 @@ class BlendPipeline:
                     result.tokens_glue += seg.end - seg.first
                 if not seg.exact:
                     job.candidates.append((seg.first, seg.end))
-            self._write_chunks(loads, job.kv)
+            if not self._write_chunks(loads, job.kv):
+                result.kernel_fallbacks += 1
         num_candidates = sum(c1 - c0 for c0, c1 in job.candidates)
         result.candidate_tokens = num_candidates
         budget = budget_for(num_candidates, job.ratio)
@@ -455,15 +466,16 @@ class BlendPipeline:
         job.result.chunks_exact = sum(seg.exact for seg in job.segments if seg.is_chunk)
 
     # -- steps ----------------------------------------------------------------------------
-    def _write_chunks(self, loads, kv: PagedKV) -> None:
+    def _write_chunks(self, loads, kv: PagedKV) -> bool:
         """Write every segment's K (re-rotated) and V into the request's blocks.
 
         On the kernel path the kernel reads each segment where it lies (one launch for
         all layers and segments; host-tier entries are first copied to the device, at
         most _STAGE_BYTES at a time). Elsewhere the segments are gathered for a group of
-        layers at once and written by one fused call per group."""
+        layers at once and written by one fused call per group. False where the kernel
+        path was possible but refused the load (the gather did it, slower)."""
         if not loads:
-            return
+            return True
         device = self.adapter.device
         positions = _positions([(first, c1) for *_, first, c1 in loads], device)
         # A segment's tokens all move by the same distance: its start minus its local
@@ -475,10 +487,14 @@ class BlendPipeline:
         if kv.strided and use_kernels(positions):
             try:
                 self._write_in_place(loads, kv, positions, delta, cos_sin)
-                return
+                return True
             except ValueError as e:  # e.g. a non-contiguous entry: gather instead
-                logger.debug("kvflow: segment load not possible (%s); gathering", e)
+                _warn_once(f"kvflow: the fused chunk-load kernel refused a load ({e}); gathering "
+                           "instead, which is slower (counted as kernel_fallbacks)")
+                self._write_gathered(loads, kv, positions, delta, cos_sin)
+                return False
         self._write_gathered(loads, kv, positions, delta, cos_sin)
+        return True
 
     def _write_in_place(self, loads, kv: PagedKV, positions, delta, cos_sin) -> None:
         device = positions.device

@@ -15,9 +15,10 @@ _REQUEST_FIELDS = {
     "chunks_missed": "chunk_misses",
     "tokens_reused": "tokens_reused",
     "tokens_recomputed": "tokens_recomputed",
+    "kernel_fallbacks": "kernel_fallbacks",
 }
 COUNTERS = ("requests", "chunk_hits", "chunk_misses", "chunks_unlocatable",
-            "tokens_reused", "tokens_recomputed")
+            "tokens_reused", "tokens_recomputed", "kernel_fallbacks")
 
 
 def store_tiers(store: dict[str, Any], default_tier: str) -> dict[str, dict[str, int]]:
