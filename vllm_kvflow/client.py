@@ -37,7 +37,7 @@ class ServerError(RuntimeError):
 class QueryResult:
     text: str
     stats: dict[str, Any]  # kvflow_stats ({} if the server sent none)
-    ttft_s: float  # request sent -> first generated text (streamed)
+    ttft_s: float  # request sent -> first streamed event carrying a choice (the first token)
     latency_s: float  # request sent -> end of stream
     usage: dict[str, Any] = field(default_factory=dict)
 
@@ -159,7 +159,8 @@ class KVFlowClient:
               ratio: float | None = None, namespace: str | None = None,
               cache_salt: str | None = None, max_tokens: int = 64) -> QueryResult:
         """Ask `question` over `documents` (declared as chunks), streamed: TTFT is the
-        time to the first event carrying generated text."""
+        time to the first event carrying a choice, which the server sends once the first
+        token exists (its text may be empty: a special token, or dummy weights)."""
         body = self.chat_body(documents, question, method=method, ratio=ratio, namespace=namespace,
                               cache_salt=cache_salt, max_tokens=max_tokens)
         body["stream_options"] = {"include_usage": True}
@@ -167,11 +168,12 @@ class KVFlowClient:
         ttft = None
         t0 = time.perf_counter()
         for event in self.stream_events("/v1/chat/completions", body):
-            for choice in event.get("choices") or ():
+            choices = event.get("choices") or ()
+            if choices and ttft is None:
+                ttft = time.perf_counter() - t0
+            for choice in choices:
                 text = (choice.get("delta") or {}).get("content")
                 if text:
-                    if ttft is None:
-                        ttft = time.perf_counter() - t0
                     parts.append(text)
             usage = event.get("usage") or usage
             stats = (event.get("kv_transfer_params") or {}).get(STATS_KEY, stats)

@@ -36,8 +36,11 @@ def cpu_server_args(model: str, max_model_len: int, max_seqs: int, eager: bool =
 
 
 def vllm_command() -> list[str]:
-    """The `vllm` command of this interpreter's environment (the venv's bin/)."""
-    return [str(Path(sys.executable).parent / "vllm")]
+    """The `vllm` command of this interpreter's environment (the venv's bin/); where
+    vLLM was unpacked without its scripts (the GPU machine), the module that command
+    runs."""
+    script = Path(sys.executable).parent / "vllm"
+    return [str(script)] if script.exists() else [sys.executable, "-m", "vllm.entrypoints.cli.main"]
 
 
 class ServerProcess:

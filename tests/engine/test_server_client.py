@@ -186,13 +186,31 @@ def test_bench_load_smoke(server, tmp_path):
     from vllm_kvflow.bench import load
 
     out = tmp_path / "load.json"
-    rc = load.main(["--server", server, "--requests", "8", "--docs", "6", "--docs-per-request", "3",
-                    "--doc-words", "30", "--concurrency", "4", "--max-seconds", "200",
-                    "--max-tokens", "2", "--out", str(out)])
+    rc = load.main(["--server", server, "--requests", "8", "--warmup", "2", "--docs", "6",
+                    "--docs-per-request", "3", "--doc-words", "30", "--concurrency", "4",
+                    "--max-seconds", "200", "--max-tokens", "2", "--out", str(out)])
     result = json.loads(out.read_text())
     assert rc == 0
     full, reuse = result["summaries"]
     assert (full["method"], reuse["method"]) == ("full", "infoflow")
     assert full["completed"] == reuse["completed"] == 8 and full["errors"] == reuse["errors"] == 0
+    # Chunk statistics come from the stream, for every request.
+    assert full["with_stats"] == reuse["with_stats"] == 8
     assert full["chunk_hit_rate"] is None and reuse["chunk_hit_rate"] > 0
+    assert reuse["tokens_reused"] > 0 and reuse["tokens_recomputed"] > 0
     assert 0 < reuse["ttft_p50_s"] <= reuse["ttft_p99_s"]
+    assert reuse["first_wave"]["completed"] == 4
+    assert result["server_info"]["uptime_at_bench_start_s"] > 0
+
+
+def test_bench_load_probe_smoke(server, tmp_path):
+    from vllm_kvflow.bench import load
+
+    out = tmp_path / "probe.json"
+    rc = load.main(["--server", server, "--probe", "--probe-tokens", "40", "--probe-repeats", "2",
+                    "--probe-delay", "0.2", "--burst", "3", "--burst-docs", "2",
+                    "--burst-doc-words", "40", "--out", str(out)])
+    probe = json.loads(out.read_text())["probe"]
+    assert rc == 0 and probe["burst_errors"] == 0
+    assert probe["burst_chunks_missed"] == 6  # fresh documents: every chunk a miss
+    assert probe["alone_ttft_s"] > 0 and probe["during"] and probe["ratio_max"] > 0

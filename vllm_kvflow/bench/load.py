@@ -1,13 +1,22 @@
 """Load test against a server: concurrent RAG requests over a document pool with Zipf
-reuse, once per method (`full`: plain vLLM prefill, prefix cache as configured;
-`infoflow`: chunk reuse), the same request sequence each time.
+reuse, once per method and concurrency (`full`: plain vLLM prefill, prefix cache as
+configured; `none`, `infoflow`, ...: chunk reuse), the same request sequence each time,
+all against one server start.
 
-    kvflow bench load --spawn --requests 500 --docs 64 --zipf 1.1 --concurrency 8 \\
-        --max-seconds 240 --out load.json
+    kvflow bench load --spawn --requests 400 --docs 64 --zipf 1.1 --concurrency 8,32 \\
+        --methods full,none,infoflow --warmup 16 --out load.json
 
-Each phase stops submitting at --max-seconds (requests in flight finish and count).
-The chunk store starts cold for the first reuse phase; Zipf reuse is what makes hits.
-Reports throughput and TTFT (streamed, client side) p50/p99 per method; JSON + table.
+TTFT is the time to the first streamed event that carries a choice (the server sends
+it once the first token exists, whatever its text). Chunk statistics (hit rate, tokens
+reused and recomputed) come from the stream's kvflow_stats. The first --warmup requests
+of each phase are left out of the statistics; the first wave (the first `concurrency`
+measured requests) is also reported on its own. Each phase stops submitting at
+--max-seconds (requests in flight finish and count). The chunk store starts cold for the
+first reuse phase; Zipf reuse is what makes hits.
+
+`--probe` measures instead how a small request fares during a burst of all-miss
+requests: its TTFT alone, then sent while --burst requests of --burst-docs fresh
+documents each are being served.
 """
 from __future__ import annotations
 
@@ -15,9 +24,12 @@ import argparse
 import json
 import math
 import random
+import statistics
 import sys
 import tempfile
+import threading
 import time
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -66,54 +78,132 @@ def percentile(values: list[float], q: float) -> float | None:
     return v[lo] + (v[min(lo + 1, len(v) - 1)] - v[lo]) * (x - lo)
 
 
-def run_phase(client: KVFlowClient, pool, requests, method: str, concurrency: int,
-              max_seconds: float, max_tokens: int) -> dict:
-    records: list[dict] = []
-    start = time.perf_counter()
-    deadline = start + max_seconds
+def _record(client: KVFlowClient, question: str, docs: list[dict], method: str,
+            max_tokens: int, namespace: str | None = None) -> dict:
+    rec: dict = {"sent_s": time.time()}
+    try:
+        r = client.query(question, docs, method=method, max_tokens=max_tokens, namespace=namespace)
+        st = r.stats
+        rec.update(ttft_s=r.ttft_s, latency_s=r.latency_s,
+                   prompt_tokens=r.usage.get("prompt_tokens"),
+                   completion_tokens=r.usage.get("completion_tokens"), stats=bool(st),
+                   chunks_hit=st.get("chunks_hit", 0), chunks_missed=st.get("chunks_missed", 0),
+                   tokens_reused=st.get("tokens_reused", 0),
+                   tokens_recomputed=st.get("tokens_recomputed", 0), fallback=st.get("fallback"))
+    except (ServerError, OSError) as e:
+        rec["error"] = str(e)
+    return rec
 
-    def one(i: int, req: dict) -> dict:
-        if time.perf_counter() > deadline:
-            return {"i": i, "skipped": True}
-        rec = {"i": i, "docs": req["docs"]}
-        try:
-            r = client.query(req["question"], [pool[d] for d in req["docs"]], method=method,
-                             max_tokens=max_tokens)
-            st = r.stats
-            rec.update(ttft_s=r.ttft_s, latency_s=r.latency_s,
-                       prompt_tokens=r.usage.get("prompt_tokens"),
-                       completion_tokens=r.usage.get("completion_tokens"),
-                       chunks_hit=st.get("chunks_hit", 0), chunks_missed=st.get("chunks_missed", 0),
-                       tokens_reused=st.get("tokens_reused", 0),
-                       tokens_recomputed=st.get("tokens_recomputed", 0), fallback=st.get("fallback"))
-        except (ServerError, OSError) as e:
-            rec["error"] = str(e)
-        return rec
 
-    with ThreadPoolExecutor(concurrency) as pool_exec:
-        records = list(pool_exec.map(lambda a: one(*a), enumerate(requests)))
-    wall = time.perf_counter() - start
+def summarize(method: str, concurrency: int, records: list[dict], wall: float) -> dict:
     done = [r for r in records if "ttft_s" in r]
     ttfts = [r["ttft_s"] for r in done]
     lat = [r["latency_s"] for r in done]
     hits = sum(r["chunks_hit"] for r in done)
     misses = sum(r["chunks_missed"] for r in done)
-    summary = {
-        "method": method, "completed": len(done),
+    return {
+        "method": method, "concurrency": concurrency, "completed": len(done),
         "errors": sum("error" in r for r in records),
-        "skipped": sum(bool(r.get("skipped")) for r in records),
         "wall_s": wall, "throughput_rps": len(done) / wall if wall else None,
         "output_tok_s": sum(r["completion_tokens"] or 0 for r in done) / wall if wall else None,
         "ttft_p50_s": percentile(ttfts, 50), "ttft_p99_s": percentile(ttfts, 99),
         "ttft_mean_s": sum(ttfts) / len(ttfts) if ttfts else None,
         "latency_p50_s": percentile(lat, 50), "latency_p99_s": percentile(lat, 99),
+        "with_stats": sum(r["stats"] for r in done),
         "chunk_hit_rate": hits / (hits + misses) if hits + misses else None,
         "tokens_reused": sum(r["tokens_reused"] for r in done),
         "tokens_recomputed": sum(r["tokens_recomputed"] for r in done),
         "fallbacks": sum(bool(r.get("fallback")) for r in done),
     }
+
+
+def run_phase(client: KVFlowClient, pool, requests, method: str, concurrency: int,
+              max_seconds: float, max_tokens: int, warmup: int) -> dict:
+    """One method at one concurrency: warm-up requests (left out of the statistics),
+    then the measured ones; the first wave is also summarized alone."""
+    if warmup:
+        with ThreadPoolExecutor(concurrency) as ex:
+            list(ex.map(lambda req: _record(client, req["question"], [pool[d] for d in req["docs"]],
+                                             method, max_tokens), requests[:warmup]))
+    measured = requests[warmup:]
+    start = time.perf_counter()
+    deadline = start + max_seconds
+
+    def one(req: dict) -> dict:
+        if time.perf_counter() > deadline:
+            return {"skipped": True}
+        rec = _record(client, req["question"], [pool[d] for d in req["docs"]], method, max_tokens)
+        rec["docs"] = req["docs"]
+        return rec
+
+    with ThreadPoolExecutor(concurrency) as ex:
+        records = list(ex.map(one, measured))
+    wall = time.perf_counter() - start
+    records = [r for r in records if not r.get("skipped")]
+    summary = summarize(method, concurrency, records, wall)
+    summary["skipped"] = len(measured) - len(records)
+    wave = records[:concurrency]
+    wave_wall = max((r["sent_s"] + r["latency_s"] for r in wave if "latency_s" in r), default=start) \
+        - min((r["sent_s"] for r in wave), default=0)
+    summary["first_wave"] = summarize(method, concurrency, wave, wave_wall)
     return {"summary": summary, "records": records,
             "first_error": next((r["error"] for r in records if "error" in r), None)}
+
+
+def probe(client: KVFlowClient, args) -> dict:
+    """A small plain request alone, then during a burst of all-miss chunk requests."""
+    words = max(8, int(args.probe_tokens * 0.7))
+    filler = " ".join(f"w{i}" for i in range(words))
+    small_q = f"Repeat the first word of this list: {filler}"
+
+    def small() -> dict:
+        t0 = time.perf_counter()
+        ttft = None
+        body = {"model": client.model, "max_tokens": 4, "temperature": 0, "stream": True,
+                "messages": [{"role": "user", "content": small_q}]}
+        for event in client.stream_events("/v1/chat/completions", body):
+            if event.get("choices") and ttft is None:
+                ttft = time.perf_counter() - t0
+        return {"ttft_s": ttft, "latency_s": time.perf_counter() - t0}
+
+    small()  # untimed: first-request costs
+    alone = [small() for _ in range(args.probe_repeats)]
+    run = uuid.uuid4().hex[:8]
+    burst_docs = [[{"title": f"Burst {run} {i}.{j}",
+                    "text": " ".join(f"b{run}x{i}y{j}z{k}" for k in range(args.burst_doc_words))}
+                   for j in range(args.burst_docs)] for i in range(args.burst)]
+    burst_records: list[dict] = []
+    during: list[dict] = []
+
+    def burst_one(i: int) -> None:
+        burst_records.append(_record(client, "What is the first word?", burst_docs[i],
+                                     args.burst_method, 4, namespace=f"burst-{run}"))
+
+    threads = [threading.Thread(target=burst_one, args=(i,)) for i in range(args.burst)]
+    t0 = time.perf_counter()
+    for t in threads:
+        t.start()
+    time.sleep(args.probe_delay)
+    for _ in range(args.probe_repeats):
+        if all(not t.is_alive() for t in threads):
+            break
+        during.append(small())
+    for t in threads:
+        t.join()
+    burst_wall = time.perf_counter() - t0
+    alone_ttft = statistics.median(r["ttft_s"] for r in alone)
+    during_ttft = [r["ttft_s"] for r in during]
+    return {
+        "probe_tokens": args.probe_tokens, "burst": args.burst, "burst_docs": args.burst_docs,
+        "burst_method": args.burst_method, "burst_wall_s": burst_wall,
+        "burst_prompt_tokens": statistics.median(r.get("prompt_tokens") or 0 for r in burst_records),
+        "burst_chunks_missed": sum(r.get("chunks_missed", 0) for r in burst_records),
+        "burst_errors": sum("error" in r for r in burst_records),
+        "alone_ttft_s": alone_ttft, "alone": alone, "during": during,
+        "during_ttft_max_s": max(during_ttft) if during_ttft else None,
+        "during_ttft_median_s": statistics.median(during_ttft) if during_ttft else None,
+        "ratio_max": max(during_ttft) / alone_ttft if during_ttft else None,
+    }
 
 
 def _fmt(x, spec=".3f") -> str:
@@ -121,33 +211,63 @@ def _fmt(x, spec=".3f") -> str:
 
 
 def table(summaries: list[dict]) -> str:
-    head = ("| method | done | errors | wall s | req/s | TTFT p50 s | TTFT p99 s | "
-            "latency p50 s | chunk hit rate |")
-    rows = [head, "| --- " * 9 + "|"]
+    head = ("| method | C | done | errors | req/s | TTFT p50 s | TTFT p99 s | first wave TTFT p99 s | "
+            "latency p50 s | chunk hit rate | tokens reused | recomputed |")
+    rows = [head, "| --- " * 12 + "|"]
     for s in summaries:
-        rows.append(f"| {s['method']} | {s['completed']} | {s['errors']} | {_fmt(s['wall_s'], '.1f')} | "
-                    f"{_fmt(s['throughput_rps'])} | {_fmt(s['ttft_p50_s'])} | {_fmt(s['ttft_p99_s'])} | "
-                    f"{_fmt(s['latency_p50_s'])} | {_fmt(s['chunk_hit_rate'], '.2f')} |")
+        rows.append(f"| {s['method']} | {s['concurrency']} | {s['completed']} | {s['errors']} | "
+                    f"{_fmt(s['throughput_rps'], '.2f')} | {_fmt(s['ttft_p50_s'])} | {_fmt(s['ttft_p99_s'])} | "
+                    f"{_fmt(s['first_wave']['ttft_p99_s'])} | {_fmt(s['latency_p50_s'])} | "
+                    f"{_fmt(s['chunk_hit_rate'], '.2f')} | {s['tokens_reused']} | {s['tokens_recomputed']} |")
     return "\n".join(rows)
 
 
+def probe_table(p: dict) -> str:
+    return "\n".join([
+        "| probe | burst | TTFT alone s | TTFT during burst, median / max s | max / alone |",
+        "| --- | --- | --- | --- | --- |",
+        f"| {p['probe_tokens']} tokens, plain | {p['burst']} x {p['burst_docs']} fresh docs "
+        f"({p['burst_prompt_tokens']:.0f} tokens, {p['burst_method']}) | {_fmt(p['alone_ttft_s'])} | "
+        f"{_fmt(p['during_ttft_median_s'])} / {_fmt(p['during_ttft_max_s'])} | {_fmt(p['ratio_max'], '.2f')}x |"])
+
+
+def server_info(client: KVFlowClient) -> dict:
+    """When the server's process started (its /metrics), and the card and versions here."""
+    info: dict = {}
+    for line in client.metrics_text().splitlines():
+        if line.startswith("process_start_time_seconds"):
+            started = float(line.rsplit(" ", 1)[1])
+            info.update(process_started_at=started, uptime_at_bench_start_s=time.time() - started)
+    try:
+        from vllm_kvflow.bench.engine import environment
+
+        info.update(environment())
+    except ImportError:
+        pass
+    return info
+
+
 def run(args, base_url: str) -> dict:
-    client = KVFlowClient(base_url, args.model_name, timeout_s=max(args.max_seconds * 2, 120))
+    client = KVFlowClient(base_url, args.model_name, timeout_s=max(args.max_seconds * 2, 600))
+    info = server_info(client)
+    if args.probe:
+        return {"config": vars(args), "server": base_url, "server_info": info, "probe": probe(client, args)}
     pool = document_pool(args.docs, args.doc_words, args.seed)
-    requests = zipf_requests(pool, args.requests, args.docs_per_request, args.zipf, args.seed)
-    # Untimed: first-request costs (lazy init of the connector's pipeline), outside the pool.
-    extra = document_pool(args.docs + 1, args.doc_words, args.seed + 1)[-1:]
+    requests = zipf_requests(pool, args.requests + args.warmup, args.docs_per_request, args.zipf,
+                             args.seed)
     phases = []
-    for method in args.methods.split(","):
-        client.query("What is this about?", extra, method=method, max_tokens=1)
-        phase = run_phase(client, pool, requests, method, args.concurrency, args.max_seconds,
-                          args.max_tokens)
-        if phase["first_error"]:
-            print(f"kvflow bench load: {method}: first error: {phase['first_error']}", file=sys.stderr)
-        phases.append(phase)
+    for concurrency in [int(c) for c in str(args.concurrency).split(",")]:
+        for method in args.methods.split(","):
+            phase = run_phase(client, pool, requests, method, concurrency, args.max_seconds,
+                              args.max_tokens, args.warmup)
+            if phase["first_error"]:
+                print(f"kvflow bench load: {method}: first error: {phase['first_error']}", file=sys.stderr)
+            print(table([phase["summary"]]).splitlines()[-1], file=sys.stderr, flush=True)
+            phases.append(phase)
     summaries = [p["summary"] for p in phases]
-    return {"config": {k: v for k, v in vars(args).items()}, "server": base_url,
-            "summaries": summaries, "phases": {p["summary"]["method"]: p["records"] for p in phases}}
+    return {"config": vars(args), "server": base_url, "server_info": info, "summaries": summaries,
+            "phases": {f"{p['summary']['method']}@{p['summary']['concurrency']}": p["records"]
+                       for p in phases}}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -155,25 +275,34 @@ def main(argv: list[str] | None = None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     where = p.add_mutually_exclusive_group(required=True)
     where.add_argument("--server", help="base URL of a running server with the connector")
-    where.add_argument("--spawn", action="store_true", help="start a local server for the run")
+    where.add_argument("--spawn", action="store_true", help="start a local CPU server for the run")
     p.add_argument("--model", help="model to spawn (default: the embedded SmolLM2)")
     p.add_argument("--model-name", help="served model name (default: the server's first)")
     p.add_argument("--max-model-len", type=int, default=4096)
     p.add_argument("--max-seqs", type=int, default=None,
                    help="spawned CPU server: sequences of --max-model-len tokens its KV cache "
-                        "holds at once, sized in bytes from it (default: --concurrency)")
+                        "holds at once, sized in bytes from it (default: the largest --concurrency)")
     p.add_argument("--compile", action="store_true",
                    help="spawned server: torch.compile the model (minutes at start on CPU; default eager)")
-    p.add_argument("--requests", type=int, default=500, help="requests per method")
+    p.add_argument("--requests", type=int, default=500, help="measured requests per phase")
+    p.add_argument("--warmup", type=int, default=0, help="requests per phase before the measured ones")
     p.add_argument("--docs", type=int, default=64, help="document pool size")
     p.add_argument("--docs-per-request", type=int, default=4)
     p.add_argument("--doc-words", type=int, default=60)
     p.add_argument("--zipf", type=float, default=1.1, help="Zipf exponent of document reuse")
-    p.add_argument("--concurrency", type=int, default=8)
-    p.add_argument("--max-seconds", type=float, default=300, help="per method")
+    p.add_argument("--concurrency", default="8", help="one value or a list: 8,32,64")
+    p.add_argument("--max-seconds", type=float, default=300, help="per phase")
     p.add_argument("--max-tokens", type=int, default=8)
     p.add_argument("--methods", default="full,infoflow")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--probe", action="store_true", help="measure a small request during a miss burst")
+    p.add_argument("--probe-tokens", type=int, default=200)
+    p.add_argument("--probe-repeats", type=int, default=5)
+    p.add_argument("--probe-delay", type=float, default=1.0, help="seconds into the burst")
+    p.add_argument("--burst", type=int, default=32, help="all-miss requests in the burst")
+    p.add_argument("--burst-docs", type=int, default=8, help="fresh documents per burst request")
+    p.add_argument("--burst-doc-words", type=int, default=200)
+    p.add_argument("--burst-method", default="infoflow")
     p.add_argument("--out", help="JSON file for summaries and per-request records")
     args = p.parse_args(argv)
 
@@ -185,15 +314,26 @@ def main(argv: list[str] | None = None) -> int:
         model = args.model or str(default_model_path())
         log = Path(tempfile.mkdtemp(prefix="kvflow-load-")) / "server.log"
         print(f"starting server (log {log})", file=sys.stderr)
+        seqs = args.max_seqs or max(int(c) for c in str(args.concurrency).split(","))
+        if args.probe:
+            seqs = max(seqs, args.burst + 1)
+        t0 = time.perf_counter()
         with ServerProcess(model, log, vllm_kvflow.transfer_config(log_stats=False),
-                           cpu_server_args(model, args.max_model_len, args.max_seqs or args.concurrency,
-                                           eager=not args.compile,
+                           cpu_server_args(model, args.max_model_len, seqs, eager=not args.compile,
                                            size_flags="--max-model-len or --max-seqs")) as srv:
+            start_s = time.perf_counter() - t0
+            print(f"server up in {start_s:.1f} s", file=sys.stderr)
             result = run(args, srv.base_url)
+            result["server_info"]["start_to_healthy_s"] = start_s
     else:
         result = run(args, args.server)
-    print(table(result["summaries"]))
+    if args.probe:
+        print(probe_table(result["probe"]))
+    else:
+        print(table(result["summaries"]))
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=1))
         print(f"wrote {args.out}", file=sys.stderr)
+    if args.probe:
+        return 0 if result["probe"]["during"] and not result["probe"]["burst_errors"] else 1
     return 0 if all(s["completed"] for s in result["summaries"]) else 1
