@@ -81,7 +81,9 @@ if HAS_TRITON:
         return tl.load(k_base + off[None, :] + d[:, None] * c_kd,
                        mask=n_ok[None, :] & (d[:, None] < HEAD_DIM), other=0.0)
 
-    @triton.jit
+    # Arguments that change from call to call are not specialized on (Triton would
+    # compile again for each new "== 1" / "divisible by 16" pattern while serving).
+    @triton.jit(do_not_specialize=["Nq", "seq_len", "keys_per_split", "s_ps"])
     def _row_lse_kernel(
         q_ptr, qpos_ptr, k_cache, bt, part_ptr,
         Nq, seq_len, keys_per_split, qk_scale, block_size,
@@ -117,7 +119,7 @@ if HAS_TRITON:
         part = tl.where(l_i > 0.0, m_i + tl.log2(l_i), float("-inf"))
         tl.store(part_ptr + split * s_ps + qi * s_pt + head * s_ph, part, mask=row_ok)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["Nq", "num_context", "out_len"])
     def _column_norm_kernel(
         q_ptr, qpos_ptr, k_cache, bt, lse_ptr, out_ptr,
         Nq, num_context, out_len, qk_scale, inv_heads, block_size,

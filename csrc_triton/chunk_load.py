@@ -78,7 +78,9 @@ if HAS_TRITON:
         """(x1, x2) rotated by the angle whose (cos, sin) are given, in float32."""
         return x1 * cos - x2 * sin, x2 * cos + x1 * sin
 
-    @triton.jit
+    # T changes with every load: not specialized on (a new "== 1" / "divisible by 16"
+    # pattern would compile the kernel again while serving).
+    @triton.jit(do_not_specialize=["T", "s_kl", "s_vl"])
     def _load_chunk_kv_kernel(
         k_src, v_src, k_cache, v_cache, slot_ptr, delta_ptr, cos_sin_ptr,
         k_layer_off, v_layer_off,  # per-layer element offsets from k_cache / v_cache

@@ -105,7 +105,10 @@ if HAS_TRITON:
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         return acc, m_new, l_i
 
-    @triton.jit
+    # Arguments that change from call to call are not specialized on (Triton would
+    # compile again for each new "== 1" / "divisible by 16" pattern while serving).
+    @triton.jit(do_not_specialize=["num_seqs", "max_q_blocks", "num_splits", "keys_per_split",
+                                   "s_bt", "s_as", "s_ms"])
     def _partial_attention_kernel(
         q_ptr, k_cache, v_cache, out_ptr, block_table, seq_lens, cu_q, q_pos,
         part_acc, part_m, part_l,
@@ -214,7 +217,7 @@ if HAS_TRITON:
             tl.store(out_ptr + qi64[:, None] * s_ot + head[:, None] * s_oh + d[None, :] * s_od,
                      out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["num_splits", "s_as", "s_ms"])
     def _merge_splits_kernel(part_acc, part_m, part_l, out_ptr, num_splits,
                              s_as, s_at, s_ah, s_ms, s_mt, s_mh, s_ot, s_oh, s_od,
                              HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr,
@@ -286,6 +289,13 @@ def _default_config(head_dim: int, dtype: torch.dtype) -> dict:
     return dict(BLOCK_M=64, BLOCK_N=64, num_warps=8, num_stages=2)
 
 
+# Constexpr sizes kept fixed, so that every call compiles the same kernels (a new value
+# would compile again while serving): the sequences one launch may hold (its varlen
+# lookup table) and the key splits one merge may fold.
+MAX_SEQS = 31
+MAX_SPLITS = 64
+
+
 def _num_splits(programs: int, max_keys: int, block_n: int, n_sm: int) -> int:
     """Key splits per query block so that a small problem still fills the GPU.
 
@@ -296,7 +306,7 @@ def _num_splits(programs: int, max_keys: int, block_n: int, n_sm: int) -> int:
     """
     if programs >= 2 * n_sm:
         return 1
-    return max(1, min(-(-4 * n_sm // max(programs, 1)), max_keys // (8 * block_n)))
+    return max(1, min(-(-4 * n_sm // max(programs, 1)), max_keys // (8 * block_n), MAX_SPLITS))
 
 
 def partial_attention(q, key_cache, value_cache, block_table, seq_lens, cu_seqlens_q,
@@ -318,6 +328,8 @@ def partial_attention(q, key_cache, value_cache, block_table, seq_lens, cu_seqle
     Nq, Hq, D = q.shape
     Hkv = key_cache.shape[2]
     B = block_table.shape[0]
+    if B > MAX_SEQS:
+        raise ValueError(f"at most {MAX_SEQS} sequences per launch, got {B}")
     if out is None:
         out = torch.empty_like(q)
     elif out.shape != q.shape or out.dtype != q.dtype or out.device != q.device:
@@ -334,8 +346,8 @@ def partial_attention(q, key_cache, value_cache, block_table, seq_lens, cu_seqle
     q_blocks = triton.cdiv(Nq, block_q) + B - 1  # upper bound, known without a sync
     max_keys = block_table.shape[1] * key_cache.shape[1]
     n_sm = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 4
-    splits = cfg.get("splits") or _num_splits(triton.cdiv(Nq, block_q) * Hkv, max_keys,
-                                              block_n, n_sm)
+    splits = min(cfg.get("splits") or _num_splits(triton.cdiv(Nq, block_q) * Hkv, max_keys,
+                                                  block_n, n_sm), MAX_SPLITS)
     keys_per_split = triton.cdiv(triton.cdiv(max_keys, splits), block_n) * block_n
     splits = triton.cdiv(max_keys, keys_per_split)
     if splits > 1:
@@ -352,7 +364,7 @@ def partial_attention(q, key_cache, value_cache, block_table, seq_lens, cu_seqle
         block_table.stride(0), *part_acc.stride()[:3], *part_m.stride()[:3],
         G=G, G_PAD=G_PAD, HEAD_DIM=D,
         BLOCK_Q=block_q, BLOCK_N=block_n, BLOCK_D=block_d,
-        BLOCK_B=triton.next_power_of_2(B + 1),
+        BLOCK_B=MAX_SEQS + 1,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", SPLIT=splits > 1,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
@@ -360,7 +372,7 @@ def partial_attention(q, key_cache, value_cache, block_table, seq_lens, cu_seqle
         _merge_splits_kernel[(Nq, Hq)](
             part_acc, part_m, part_l, out, splits,
             *part_acc.stride()[:3], *part_m.stride(), *out.stride(),
-            HEAD_DIM=D, BLOCK_S=triton.next_power_of_2(splits), BLOCK_D=block_d,
+            HEAD_DIM=D, BLOCK_S=MAX_SPLITS, BLOCK_D=block_d,
             num_warps=4)
     return out
 

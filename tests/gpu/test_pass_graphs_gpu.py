@@ -176,3 +176,47 @@ def test_replayed_passes_never_wait_for_the_gpu():
     assert not done.query(), "the passes waited for the GPU"
     torch.cuda.synchronize()
     assert all(graph is not None for _, graph in graphs._entries.values()), "capture failed"
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16])
+def test_captured_batched_passes_equal_each_requests_eager_pass(dtype):
+    """Five requests, each with its own blocks, scored and recomputed in captured batched
+    passes (batch bucket 8) against each request's own eager pass; a second batch of
+    other sizes in the same buckets replays the graphs, and never waits for the GPU."""
+    from vllm_kvflow.blend.paged import PagedKV
+    from vllm_kvflow.blend.pass_graphs import PassGraphs, PrefillItem, ScoreItem
+
+    ex, keys, values, block_ids, BS = _setup(dtype, seed=4)
+    per = block_ids.numel() // 5
+    blocks = [block_ids[i * per:(i + 1) * per] for i in range(5)]  # 120 blocks = 1920 slots each
+    graphs = PassGraphs(ex, _clone(keys), _clone(values), BS, [1, 2])
+    for round_ in range(2):
+        gen = torch.Generator().manual_seed(round_)
+        contexts = [int(x) for x in torch.randint(900, 1800, (5,), generator=gen)]
+        lengths = [int(x) for x in torch.randint(3, 30, (5,), generator=gen)]
+        scores, prefills = [], []
+        for b, (context, n) in enumerate(zip(contexts, lengths)):
+            ids = torch.arange(10 * b, 10 * b + n, device="cuda")
+            kv = PagedKV([x.clone() for x in graphs.keys], [x.clone() for x in graphs.values], blocks[b], BS)
+            eager = ex.score(ids, torch.arange(context + 2, context + 2 + n, device="cuda"), kv, context, [1, 2])
+            scores.append((ScoreItem(ids, context + 2, context, blocks[b]), eager))
+        got = graphs.score_batch([item for item, _ in scores])
+        for g, (_, eager) in zip(got, scores):
+            torch.testing.assert_close(g, eager, rtol=2e-2, atol=1e-4)
+        reference = [x.clone() for x in graphs.keys + graphs.values]
+        L = len(graphs.keys)
+        for b, context in enumerate(contexts):
+            positions = torch.randperm(context, generator=gen)[:150 + 20 * b].sort().values.cuda()
+            ids = (positions * 7 + b) % 1000
+            ex.prefill(ids, positions, PagedKV(reference[:L], reference[L:], blocks[b], BS))
+            prefills.append(PrefillItem(ids, positions, context, blocks[b]))
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error" if round_ else 0)
+        try:
+            assert graphs.prefill_batch(prefills)
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+        for captured, want in zip(graphs.keys + graphs.values, reference):
+            torch.testing.assert_close(captured[block_ids], want[block_ids], rtol=2e-2, atol=2e-2)
+    assert {k[3] for k in graphs._entries} == {8}
+    assert all(graph is not None for _, graph in graphs._entries.values()), "capture failed"

@@ -193,15 +193,15 @@ def test_interp_graphs_stop_at_the_cap(interp, monkeypatch, caplog):
 
     keys, values = _layers(10, 16, 2, 32, seed=6)
     graphs = pg.PassGraphs(LayerwiseExecutor(Toy(4, 2, 32)), keys, values, 16, [1], capture=True)
-    buf = pg._Buffers.empty(16, 2048, 16, "cpu", scores=False)
+    buf = pg._Buffers.empty(16, 2048, 1, 16, "cpu", scores=False)
     monkeypatch.setattr(pg, "MAX_GRAPHS", 2)
     caplog.set_level(logging.INFO, logger="vllm_kvflow")
     # Below the cap a capture is attempted (on CPU it fails, is logged, and runs eagerly).
-    graphs._entries[("prefill", 16, 2048)] = (buf, object())
+    graphs._entries[("prefill", 16, 2048, 1)] = (buf, object())
     assert graphs._capture(buf, "prefill") is None
     assert "capture failed" in caplog.text
     caplog.clear()
-    graphs._entries[("prefill", 32, 2048)] = (buf, object())  # two graphs: the cap
+    graphs._entries[("prefill", 32, 2048, 1)] = (buf, object())  # two graphs: the cap
     assert graphs._capture(buf, "prefill") is None and graphs._capture(buf, "score") is None
     assert "capture failed" not in caplog.text
     assert caplog.text.count("further size buckets run eagerly") == 1  # logged once
@@ -233,3 +233,70 @@ def test_tensor_parallel_capture_runs_inside_vllms_graph_capture(monkeypatch):
     with parallel.graph_capture_stream("cuda:1") as stream:
         assert stream == "vllm-capture-stream" and events == [("enter", "cuda:1")]
     assert events == [("enter", "cuda:1"), ("exit", "cuda:1")]
+
+
+# Three requests with their own blocks (never block 0, the null block).
+BATCH_BLOCKS = [[6, 2, 7, 9, 4, 3, 8], [11, 13, 12, 1, 14, 15, 5], [17, 16, 10, 18, 19, 20, 21]]
+
+
+def test_interp_batched_score_equals_each_requests_eager_score(interp):
+    """Three questions of different lengths and contexts in one pass (batch bucket 4,
+    one padding request): each request's scores equal its own eager scoring."""
+    from vllm_kvflow.blend.executor import LayerwiseExecutor
+    from vllm_kvflow.blend.paged import PagedKV
+    from vllm_kvflow.blend.pass_graphs import PassGraphs, ScoreItem
+
+    D, BS, NB, Hq, Hkv = 32, 16, 22, 8, 2
+    ex = LayerwiseExecutor(Toy(Hq, Hkv, D))
+    layers = [0, 2]
+    keys, values = _layers(NB, BS, Hkv, D, seed=7)
+    shapes = [(50, 6), (70, 17), (33, 1)]  # (context, question tokens)
+    items, eager = [], []
+    for (context, n), blocks in zip(shapes, BATCH_BLOCKS):
+        ids = torch.arange(40, 40 + n) + context
+        q0 = context + 3
+        kv = PagedKV(_clone(keys), _clone(values), torch.tensor(blocks), BS)
+        eager.append(ex.score(ids, torch.arange(q0, q0 + n), kv, context, layers))
+        items.append(ScoreItem(ids, q0, context, torch.tensor(blocks)))
+    graphs = PassGraphs(ex, keys, values, BS, layers)
+    got = graphs.score_batch(items)
+    assert [g.shape[0] for g in got] == [c for c, _ in shapes]
+    for g, e in zip(got, eager):
+        torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-7)
+    assert list(graphs._entries) == [("score", 32 * 4, 2048, 4)]  # 17 rows -> slots of 32
+
+
+def test_interp_batched_recompute_equals_each_requests_eager_prefill(interp):
+    """Three requests' selected tokens packed into one pass (padding rows and a padding
+    request): every recomputed slot equals the request's own eager prefill, and nothing
+    else changes but the null block."""
+    from vllm_kvflow.blend.executor import LayerwiseExecutor
+    from vllm_kvflow.blend.paged import PagedKV
+    from vllm_kvflow.blend.pass_graphs import PassGraphs, PrefillItem
+
+    D, BS, NB, Hq, Hkv = 32, 16, 22, 4, 2
+    ex = LayerwiseExecutor(Toy(Hq, Hkv, D))
+    keys, values = _layers(NB, BS, Hkv, D, seed=8)
+    original = _clone(keys + values)
+    selections = [[3, 9, 10, 41, 57, 58], list(range(0, 90, 7)), [70]]
+    reference = _clone(keys + values)
+    L = len(keys)
+    items, touched = [], torch.zeros(NB, BS, dtype=torch.bool)
+    for selected, blocks in zip(selections, BATCH_BLOCKS):
+        positions = torch.tensor(selected)
+        ids = 7 * positions + len(selected)
+        kv = PagedKV(reference[:L], reference[L:], torch.tensor(blocks), BS)
+        ex.prefill(ids, positions, kv)  # in place in the shared reference caches
+        items.append(PrefillItem(ids, positions, 95, torch.tensor(blocks)))
+        for p in selected:
+            touched[blocks[p // BS], p % BS] = True
+    graphs = PassGraphs(ex, keys, values, BS, [1])
+    assert graphs.prefill_batch(items)
+    keep = ~touched
+    keep[0] = False
+    for got, want, before in zip(keys + values, reference, original):
+        torch.testing.assert_close(got[touched], want[touched], rtol=1e-5, atol=1e-6)
+        assert not torch.equal(got[touched], before[touched])
+        assert torch.equal(got[keep], before[keep])
+    (kind, rows, context, batch), = graphs._entries
+    assert (kind, rows, batch) == ("prefill", 32, 4)  # 20 rows -> 32, 3 requests -> 4

@@ -6,11 +6,12 @@ from vllm_kvflow.connector.counters import ServingCounters, merge, store_tiers
 def test_requests_fold_into_counts_and_fallbacks():
     c = ServingCounters("host")
     c.observe_request({"chunks_hit": 2, "chunks_missed": 1, "chunks_unlocatable": [3],
-                       "tokens_reused": 50, "tokens_recomputed": 7, "fallback": None})
+                       "tokens_reused": 50, "tokens_recomputed": 7, "kernel_fallbacks": 1,
+                       "fallback": None})
     c.observe_request({"fallback": "bad-request", "error": "span"})
     out = c.drain()
     assert out["counts"] == {"requests": 2, "chunk_hits": 2, "chunk_misses": 1, "chunks_unlocatable": 1,
-                             "tokens_reused": 50, "tokens_recomputed": 7}
+                             "tokens_reused": 50, "tokens_recomputed": 7, "kernel_fallbacks": 1}
     assert out["fallbacks"] == {"bad-request": 1}
     assert c.drain() is None  # reset
 

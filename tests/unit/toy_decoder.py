@@ -1,5 +1,6 @@
 """A toy decoder with the adapter surface LayerwiseExecutor uses (shape, num_layers,
-attn_modules, embed, layer_forward): its 'layers' are the attention hook plus a mix, so
+attn_modules, embed, layer_forward) and the few things BlendPipeline reads of a model
+(rope_cache, device, model): its 'layers' are the attention hook plus a mix, so
 executor passes can be checked on CPU (and on a GPU without vLLM) in a few lines."""
 from __future__ import annotations
 
@@ -20,6 +21,17 @@ class Toy:
         self.mix = torch.randn(3, Hq * D, hidden, generator=gen) * 0.1
         self.split = [Hq * D, Hkv * D, Hkv * D]
         self.hidden = hidden
+        self.model = torch.nn.Linear(1, 1)  # holds the dtype and device BlendPipeline reads
+
+    @property
+    def device(self):
+        return self.proj.device
+
+    def rope_cache(self):
+        D = self.shape.head_dim
+        freqs = 1.0 / (10000.0 ** (torch.arange(0, D, 2, dtype=torch.float64) / D))
+        angles = torch.outer(torch.arange(8192, dtype=torch.float64), freqs)
+        return torch.cat([angles.cos(), angles.sin()], -1).float(), D, True
 
     def embed(self, ids):
         return torch.nn.functional.one_hot(ids % self.hidden, self.hidden).float()

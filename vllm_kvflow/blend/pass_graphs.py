@@ -1,20 +1,26 @@
-"""The two in-place passes over a request's paged cache, replayed from CUDA graphs.
+"""The two in-place passes over requests' paged caches, replayed from CUDA graphs, for
+one request or a batch of them.
 
-Infoflow runs the model's own decoder layers twice on a few rows of a request: the
+Infoflow runs the model's own decoder layers twice on a few rows of each request: the
 scoring pass (the question, tens of tokens, through the first three quarters of the
 layers) and the partial recompute (the rho * T selected tokens, through all of them).
 Run eagerly, each layer launches ~15 kernels from Python: ~20 ms of host time per pass
-on an 8B model, more than the GPU work of a short pass (benchmarks/ENGINE_GPU_NOTES.md
-v3). A captured graph replays the launches without Python.
+on an 8B model, more than the GPU work of a short pass. A captured graph replays the
+launches without Python, and a batched pass carries the rows of up to MAX_BATCH
+requests through each layer's matrix products at once; attention stays per request
+(the partial-attention kernel is varlen over requests, the scoring kernel runs once per
+request slot).
 
-A graph fixes every shape and every kernel argument, so what changes between requests
-lives in static device buffers, refreshed before each replay: the rows' token ids, RoPE
-positions and attention positions, the block table, the sequence and context lengths.
-Graphs are keyed by (pass, row bucket, context bucket). Rows beyond the request's sit at
-attention position -1: they see no key (the kernels give them a zero output, so they add
-nothing to the scores) and write their K/V into slot 0 of vLLM's null block (block 0,
-never read unmasked). The block table is padded with block 0 up to the context bucket.
-Cache slots are derived from the attention positions inside the pass.
+A graph fixes every shape and every kernel argument, so what changes between replays
+lives in static device buffers, refreshed before each one: the rows' token ids, RoPE
+positions and attention positions, the request each row belongs to, the block tables,
+the sequence and context lengths. Graphs are keyed by (pass, row bucket, context
+bucket, batch bucket). Padding rows sit at attention position -1: they see no key (the
+kernels give them a zero output, so they add nothing to the scores) and write their K/V
+into slot 0 of vLLM's null block (block 0, never read unmasked). Block tables are padded
+with block 0 up to the context bucket; padding requests have no rows. Scoring gives each
+request a fixed slot of rows (its bucket), so the per-request scoring calls see static
+slices; the recompute packs the requests' rows one after another.
 
 Under tensor parallelism the graphs are captured inside vLLM's graph_capture() (see
 patches/parallel.py), so that the layers' all-reduce may be captured. Off the GPU
@@ -37,11 +43,13 @@ logger = logging.getLogger("vllm_kvflow")
 SCORE_ROWS = (16, 256)  # question buckets, powers of two; longer questions: exact size
 PREFILL_ROWS = (16, 4096)  # recompute buckets; above, the pass is GPU-bound: run eagerly
 MIN_CONTEXT = 2048  # smallest context bucket (keys)
-# Graphs kept per worker. Each bucket's first request pays its capture (an eager pass
-# and a capture pass) on its own TTFT; past this many, new buckets stay eager, so a
-# server seeing every size bucket does not keep paying captures (nor holding hundreds
-# of graphs).
-MAX_GRAPHS = 64
+# Requests per batched pass (the partial-attention kernel's varlen lookup holds up to
+# 31); batch buckets are powers of two up to it.
+MAX_BATCH = 16
+# Graphs kept per worker. Each bucket's first replay pays its capture (an eager pass and
+# a capture pass); past this many, new buckets stay eager, so a server seeing every
+# size bucket does not keep paying captures (nor holding hundreds of graphs).
+MAX_GRAPHS = 128
 
 
 def _pow2(n: int, lo: int) -> int:
@@ -63,45 +71,88 @@ def enabled() -> bool:
 
 
 @dataclass
+class ScoreItem:
+    """One request's question: token ids (device), its first RoPE position, the number
+    of context columns it scores, the request's blocks (device int64)."""
+
+    ids: torch.Tensor
+    q0: int
+    context_len: int
+    block_ids: torch.Tensor
+
+
+@dataclass
+class PrefillItem:
+    """One request's recompute: token ids and positions (sorted, device), the end of its
+    context, its blocks (device int64)."""
+
+    ids: torch.Tensor
+    positions: torch.Tensor
+    context_end: int
+    block_ids: torch.Tensor
+
+
+@dataclass
 class _Buffers:
     """The static inputs (and, for scoring, output) of one graph."""
 
     ids: torch.Tensor  # [rows] int64
     rope_pos: torch.Tensor  # [rows] int64
     att_pos: torch.Tensor  # [rows] int32, -1 for padding
-    table: torch.Tensor  # [1, context bucket // block_size] int32
-    seq_len: torch.Tensor  # [1] int32: keys the rows may see
-    num_context: torch.Tensor  # [1] int32: scored columns
-    cu_rows: torch.Tensor  # [2] int32: [0, rows]
-    total: torch.Tensor | None  # [context bucket] float32: summed scores (scoring only)
+    row_seq: torch.Tensor  # [rows] int64: the request of each row
+    table: torch.Tensor  # [batch, context bucket // block_size] int32
+    seq_len: torch.Tensor  # [batch] int32: keys each request's rows may see
+    num_context: torch.Tensor  # [batch] int32: scored columns
+    cu_rows: torch.Tensor  # [batch + 1] int32: row offsets of the requests
+    total: torch.Tensor | None  # [batch, context bucket] float32 (scoring only)
 
     @classmethod
-    def empty(cls, rows: int, context: int, block_size: int, device, scores: bool) -> "_Buffers":
-        def i32(*shape):
-            return torch.zeros(shape, dtype=torch.int32, device=device)
+    def empty(cls, rows: int, context: int, batch: int, block_size: int, device,
+              scores: bool) -> "_Buffers":
+        def zeros(*shape, dtype=torch.int32):
+            return torch.zeros(shape, dtype=dtype, device=device)
 
-        return cls(torch.zeros(rows, dtype=torch.long, device=device),
-                   torch.zeros(rows, dtype=torch.long, device=device),
-                   i32(rows), i32(1, context // block_size), i32(1), i32(1),
-                   torch.tensor([0, rows], dtype=torch.int32).to(device),
-                   torch.zeros(context, dtype=torch.float32, device=device) if scores else None)
+        return cls(zeros(rows, dtype=torch.long), zeros(rows, dtype=torch.long), zeros(rows),
+                   zeros(rows, dtype=torch.long), zeros(batch, context // block_size),
+                   zeros(batch), zeros(batch), zeros(batch + 1),
+                   zeros(batch, context, dtype=torch.float32) if scores else None)
 
-    def fill(self, ids, rope_pos, att_pos, block_ids, seq_len, num_context: int = 0) -> None:
-        """This request's rows (device tensors of n <= rows entries), padded; block_ids
-        the request's blocks (device int64); seq_len an int or a [1] device tensor."""
-        n = ids.numel()
-        for dst, src, pad in ((self.ids, ids, 0), (self.rope_pos, rope_pos, 0),
-                              (self.att_pos, att_pos, -1)):
-            dst[:n].copy_(src)
-            dst[n:].fill_(pad)
-        used = min(block_ids.numel(), self.table.shape[1])
-        self.table[0, :used].copy_(block_ids[:used])
-        self.table[0, used:].zero_()
-        if isinstance(seq_len, torch.Tensor):
-            self.seq_len.copy_(seq_len)
-        else:
-            self.seq_len.fill_(seq_len)
-        self.num_context.fill_(num_context)
+    @property
+    def batch(self) -> int:
+        return self.table.shape[0]
+
+    def fill(self, starts: list[int], ids, rope_pos, att_pos, block_ids, seq_lens,
+             num_context: list[int], cu_rows: list[int]) -> None:
+        """Request b's rows at starts[b] (device tensors per request), padded; block_ids
+        per request (device int64); seq_lens per request, an int or a [1] device tensor;
+        cu_rows the batch + 1 row offsets the attention kernel reads."""
+        self.att_pos.fill_(-1)
+        self.ids.zero_()
+        self.rope_pos.zero_()
+        self.table.zero_()
+        self.seq_len.zero_()
+        last = len(starts) - 1
+        self.row_seq.fill_(last)  # padding rows: the last request's, at position -1
+        for b, start in enumerate(starts):
+            n = ids[b].numel()
+            self.ids[start:start + n].copy_(ids[b])
+            self.rope_pos[start:start + n].copy_(rope_pos[b])
+            self.att_pos[start:start + n].copy_(att_pos[b])
+            self.row_seq[start:start + n].fill_(b)
+            used = min(block_ids[b].numel(), self.table.shape[1])
+            self.table[b, :used].copy_(block_ids[b][:used])
+            if isinstance(seq_lens[b], torch.Tensor):
+                self.seq_len[b:b + 1].copy_(seq_lens[b])
+            else:
+                self.seq_len[b].fill_(seq_lens[b])
+        # Scalars go in by fill_ (a launch each, no host copy: a copy from pageable host
+        # memory would make the host wait for the GPU).
+        self.num_context.zero_()
+        for b, n in enumerate(num_context):
+            if n:
+                self.num_context[b].fill_(n)
+        for b, offset in enumerate(cu_rows):
+            self.cu_rows[b].fill_(offset)
 
 
 class PassGraphs:
@@ -116,7 +167,7 @@ class PassGraphs:
         self.block_size = block_size
         self.scoring_layers = sorted(scoring_layers)
         self.capture = keys[0].is_cuda if capture is None else capture
-        self._entries: dict[tuple[str, int, int], tuple[_Buffers, object]] = {}
+        self._entries: dict[tuple, tuple[_Buffers, object]] = {}
         self._pool = None
         self._full_logged = False
 
@@ -125,53 +176,87 @@ class PassGraphs:
               block_ids: torch.Tensor) -> torch.Tensor:
         """Attention-norm scores [context_len], the mean over the scoring layers, of the
         question token_ids (at RoPE positions q0..) attending as if right after the
-        context (attention positions context_len..); see LayerwiseExecutor.score.
+        context (attention positions context_len..); see LayerwiseExecutor.score_groups.
         token_ids on the device: the pass then never waits for the GPU."""
-        n = token_ids.numel()
-        if n == 0:
+        return self.score_batch([ScoreItem(token_ids, q0, context_len, block_ids)])[0]
+
+    def score_batch(self, items: list[ScoreItem]) -> list[torch.Tensor]:
+        """score() for several requests, MAX_BATCH per pass."""
+        if any(it.ids.numel() == 0 for it in items):
             raise ValueError("scoring needs at least one question token")
+        out = []
+        for i in range(0, len(items), MAX_BATCH):
+            out += self._score_batch(items[i:i + MAX_BATCH])
+        return out
+
+    def _score_batch(self, items: list[ScoreItem]) -> list[torch.Tensor]:
         device = self.keys[0].device
-        ids = token_ids.to(device)
-        rope = torch.arange(q0, q0 + n, device=device)
-        att = torch.arange(context_len, context_len + n, device=device)
-        rows = _pow2(n, SCORE_ROWS[0]) if n <= SCORE_ROWS[1] else n  # beyond: exact, eager
-        context = _pow2(context_len + rows, max(MIN_CONTEXT, self.block_size))
-        buf = self._replay("score", rows, context, n <= SCORE_ROWS[1], ids, rope, att,
-                           block_ids, context_len + n, context_len)
-        return buf.total[:context_len] / len(self.scoring_layers)
+        longest = max(it.ids.numel() for it in items)
+        cached = longest <= SCORE_ROWS[1]
+        slot = _pow2(longest, SCORE_ROWS[0]) if cached else longest  # beyond: exact, eager
+        batch = _pow2(len(items), 1) if cached else len(items)
+        context = _pow2(max(it.context_len for it in items) + slot, max(MIN_CONTEXT, self.block_size))
+        ids, rope, att, seq_lens = [], [], [], []
+        for it in items:
+            n = it.ids.numel()
+            ids.append(it.ids.to(device))
+            rope.append(torch.arange(it.q0, it.q0 + n, device=device))
+            att.append(torch.arange(it.context_len, it.context_len + n, device=device))
+            seq_lens.append(it.context_len + n)
+        starts = [b * slot for b in range(len(items))]
+        cu_rows = [b * slot for b in range(batch + 1)]
+        buf = self._replay("score", slot * batch, context, batch, cached, starts, ids, rope, att,
+                           [it.block_ids for it in items], seq_lens,
+                           [it.context_len for it in items], cu_rows)
+        layers = len(self.scoring_layers)
+        return [buf.total[b, :it.context_len] / layers for b, it in enumerate(items)]
 
     def prefill(self, token_ids: torch.Tensor, positions: torch.Tensor, context_end: int,
                 block_ids: torch.Tensor) -> bool:
         """Recompute the tokens at `positions` (sorted, device, all below context_end) and
         write their K/V, as LayerwiseExecutor.prefill does; False (nothing done) where
         there are more than the largest bucket's rows: the eager pass is as fast there."""
-        n = positions.numel()
-        if n == 0 or n > PREFILL_ROWS[1]:
+        return self.prefill_batch([PrefillItem(token_ids, positions, context_end, block_ids)])
+
+    def prefill_batch(self, items: list[PrefillItem]) -> bool:
+        """prefill() for up to MAX_BATCH requests in one pass; False (nothing done) where
+        they have no rows or more rows together than the largest bucket."""
+        n = sum(it.positions.numel() for it in items)
+        if n == 0 or n > PREFILL_ROWS[1] or len(items) > MAX_BATCH:
             return False
+        items = [it for it in items if it.positions.numel()]
         rows = prefill_bucket(n)
-        context = _pow2(context_end, max(MIN_CONTEXT, self.block_size))
-        self._replay("prefill", rows, context, True, token_ids, positions, positions,
-                     block_ids, positions[-1:] + 1)
+        batch = _pow2(len(items), 1)
+        context = _pow2(max(it.context_end for it in items), max(MIN_CONTEXT, self.block_size))
+        starts, offset = [], 0
+        for it in items:
+            starts.append(offset)
+            offset += it.positions.numel()
+        # The padding rows join the last request (at position -1 they see nothing).
+        cu_rows = starts + [rows] * (batch + 1 - len(items))
+        self._replay("prefill", rows, context, batch, True, starts, [it.ids for it in items],
+                     [it.positions for it in items], [it.positions for it in items],
+                     [it.block_ids for it in items], [it.positions[-1:] + 1 for it in items],
+                     [0] * len(items), cu_rows)
         return True
 
     # -- graphs ------------------------------------------------------------------------------
-    def _replay(self, kind, rows, context, cached: bool, ids, rope, att, block_ids, seq_len,
-                num_context: int = 0) -> _Buffers:
-        """Fill the (kind, rows, context) buffers and run the pass: its graph, captured on
-        first use where capture is on; eagerly otherwise. Uncached buffers (a question
-        longer than every bucket) are built for this call and run eagerly."""
-        key = (kind, rows, context)
+    def _replay(self, kind, rows, context, batch, cached: bool, *fill_args) -> _Buffers:
+        """Fill the (kind, rows, context, batch) buffers and run the pass: its graph,
+        captured on first use where capture is on; eagerly otherwise. Uncached buffers (a
+        question longer than every bucket) are built for this call and run eagerly."""
+        key = (kind, rows, context, batch)
         entry = self._entries.get(key) if cached else None
         if entry is None:
-            buf = _Buffers.empty(rows, context, self.block_size, self.keys[0].device,
+            buf = _Buffers.empty(rows, context, batch, self.block_size, self.keys[0].device,
                                  scores=kind == "score")
-            buf.fill(ids, rope, att, block_ids, seq_len, num_context)
+            buf.fill(*fill_args)
             graph = self._capture(buf, kind) if cached else None
             if cached:
                 self._entries[key] = (buf, graph)
         else:
             buf, graph = entry
-            buf.fill(ids, rope, att, block_ids, seq_len, num_context)
+            buf.fill(*fill_args)
         if graph is not None:
             graph.replay()
         else:
@@ -219,20 +304,24 @@ class PassGraphs:
         scale = ex.shape.scale
         bs = self.block_size
         at = buf.att_pos.clamp(min=0).long()
-        slots = torch.where(buf.att_pos >= 0, buf.table[0, at // bs].long() * bs + at % bs, 0)
+        slots = torch.where(buf.att_pos >= 0, buf.table[buf.row_seq, at // bs].long() * bs + at % bs, 0)
         scoring = kind == "score"
         wanted = set(self.scoring_layers) if scoring else set()
         if scoring:
             buf.total.zero_()
-            capacity = buf.total.numel()
+            capacity = buf.total.shape[1]
+            slot = buf.ids.numel() // buf.batch
 
         def attend(layer, q, k, v):
             q, k, v = ex.split_heads(q, k, v)
             self.flat_keys[layer].index_copy_(0, slots, k.to(self.flat_keys[layer].dtype))
             self.flat_values[layer].index_copy_(0, slots, v.to(self.flat_values[layer].dtype))
             if layer in wanted:
-                buf.total.add_(attn_norm(q, self.keys[layer], buf.table[0], capacity, buf.att_pos,
-                                         buf.num_context, scale, max_context=capacity))
+                for b in range(buf.batch):
+                    rows = slice(b * slot, (b + 1) * slot)
+                    buf.total[b].add_(attn_norm(q[rows], self.keys[layer], buf.table[b], capacity,
+                                                buf.att_pos[rows], buf.num_context[b:b + 1], scale,
+                                                max_context=capacity))
             return partial_attention(q, self.keys[layer], self.values[layer], buf.table,
                                      buf.seq_len, buf.cu_rows, buf.att_pos, scale).flatten(1)
 

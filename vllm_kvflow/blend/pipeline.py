@@ -30,7 +30,7 @@ from vllm_kvflow.blend import pass_graphs
 from vllm_kvflow.blend.executor import LayerwiseExecutor, RowGroup
 from vllm_kvflow.blend.glue import GlueCache
 from vllm_kvflow.blend.paged import DenseKV, PagedKV, use_kernels
-from vllm_kvflow.blend.pass_graphs import PassGraphs
+from vllm_kvflow.blend.pass_graphs import PassGraphs, PrefillItem
 from vllm_kvflow.blend.selection import Method, SelectionInput, budget_for, method, select
 from vllm_kvflow.blend.signals import compute_signals
 from vllm_kvflow.config import KVFlowConfig, resolve_layers
@@ -410,21 +410,26 @@ class BlendPipeline:
 
     # -- 5. recompute -------------------------------------------------------------------------
     def recompute_batch(self, jobs: list[Job]) -> None:
-        """The selected tokens of every job, in one pass (a lone job on CUDA replays its
-        graph)."""
+        """The selected tokens of every job, in batched passes: replayed graphs of up to
+        MAX_BATCH requests where capture is on, else one eager pass over all of them."""
         jobs = [j for j in jobs if j.chosen is not None and j.chosen.numel()]
         if not jobs:
             return
         for job in jobs:
             job.result.batched_with = len(jobs) - 1
         with _timed(jobs, "recompute"):
-            if len(jobs) == 1:
-                job = jobs[0]
-                graphs = self._pass_graphs(job.kv)
-                if graphs is not None and graphs.capture and graphs.prefill(
-                        job.ids[job.chosen], job.chosen, job.plan.context_end, job.kv.block_ids):
-                    return
-            self.executor.prefill_groups([RowGroup(j.ids[j.chosen], j.chosen, j.kv) for j in jobs])
+            graphs = self._pass_graphs(jobs[0].kv)
+            if graphs is not None and graphs.capture:
+                eager = []
+                for i in range(0, len(jobs), pass_graphs.MAX_BATCH):
+                    batch = jobs[i:i + pass_graphs.MAX_BATCH]
+                    items = [PrefillItem(j.ids[j.chosen], j.chosen, j.plan.context_end, j.kv.block_ids)
+                             for j in batch]
+                    if not graphs.prefill_batch(items):
+                        eager += batch
+                jobs = eager
+            if jobs:
+                self.executor.prefill_groups([RowGroup(j.ids[j.chosen], j.chosen, j.kv) for j in jobs])
 
     def run(self, plan: LoadPlan, kv: PagedKV) -> LoadResult:
         """One request's whole load at once: every step above, nothing batched (tests,
@@ -464,6 +469,44 @@ class BlendPipeline:
         # Counts restart for the final layout; store traffic keeps the first lookups.
         job.result.tokens_reused = job.result.tokens_glue = 0
         job.result.chunks_exact = sum(seg.exact for seg in job.segments if seg.is_chunk)
+
+    # -- engine start ----------------------------------------------------------------------
+    def warm_up(self, keys: list[torch.Tensor], values: list[torch.Tensor], block_size: int) -> None:
+        """Compile, at engine start, every Triton kernel specialization serving can launch
+        (the kernels' varying arguments are not specialized on and their constexpr
+        sizes are fixed, so one call of each variant covers every later shape): the
+        chunk load read in place and gathered, the partial attention with and without key
+        splits (and their merge), and both scoring kernels, through the passes that use
+        them, on tiny inputs. Everything is written into vLLM's null block (block 0,
+        never read unmasked). No-op off the kernel path."""
+        kv = PagedKV(keys, values, torch.zeros(64, dtype=torch.long, device=keys[0].device), block_size)
+        if not (kv.strided and use_kernels(keys[0])):
+            return
+        device = keys[0].device
+        shape = self.adapter.shape
+        n = 3
+        zeros = torch.zeros(self.adapter.num_layers, n, shape.num_kv_heads, shape.head_dim,
+                            dtype=keys[0].dtype, device=device)
+        entry = ChunkKV(tuple(range(n)), zeros, zeros.clone(), len(self.sink_ids))
+        loads = [(entry, 0, 1, 1, 1 + n)]
+        positions = _positions([(1, 1 + n)], device)
+        delta = torch.ones(n, dtype=torch.long, device=device)
+        cos_sin = self.cos_sin.to(device)
+        self._write_in_place(loads, kv, positions, delta, cos_sin)
+        self._write_gathered(loads, kv, positions, delta, cos_sin)
+        # Isolated computes (a dense buffer: the partial attention without splits).
+        self.compute_isolated_many([((1, 2), self.sink_ids), ((3,), ())])
+        graphs = self._pass_graphs(kv)
+        ids = torch.zeros(4, dtype=torch.long, device=device)
+        # Scoring over a 2048-key bucket: the partial attention with splits and their
+        # merge, the row-lse and column-norm kernels (context count on the device).
+        from vllm_kvflow.blend.pass_graphs import ScoreItem
+
+        graphs.score_batch([ScoreItem(ids, 40, 40, kv.block_ids)])
+        graphs.prefill_batch([PrefillItem(ids, torch.arange(4, device=device), 40, kv.block_ids)])
+        self.executor.prefill_groups([RowGroup(ids, torch.arange(4, device=device), kv)])
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
 
     # -- steps ----------------------------------------------------------------------------
     def _write_chunks(self, loads, kv: PagedKV) -> bool:

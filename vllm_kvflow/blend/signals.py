@@ -80,15 +80,16 @@ def _question_rows(job: "Job", num_layers: int) -> float:
 @register("attn_norm", rows=_question_rows)
 def attention_norm(pipeline: "BlendPipeline", jobs: "list[Job]") -> list[torch.Tensor]:
     """InfoFlow KV's signal: the L2 norm over the question's rows of its head-averaged
-    attention to each context column, averaged over the scoring layers. A lone request
-    on the kernel path scores in place in its paged cache (a CUDA graph on GPU); several
-    score in one batched pass."""
-    if len(jobs) == 1:
-        job = jobs[0]
-        graphs = pipeline._pass_graphs(job.kv)
-        if graphs is not None:
-            q0, q1 = job.plan.question
-            return [sum_over_tp(graphs.score(job.ids[q0:q1], q0, job.plan.context_end, job.kv.block_ids))]
+    attention to each context column, averaged over the scoring layers. Requests
+    on the kernel path score in place in their paged caches, batched (CUDA graphs on
+    GPU); elsewhere in one batched pass over gathered keys."""
+    graphs = pipeline._pass_graphs(jobs[0].kv)
+    if graphs is not None:
+        from vllm_kvflow.blend.pass_graphs import ScoreItem
+
+        items = [ScoreItem(j.ids[j.plan.question[0]:j.plan.question[1]], j.plan.question[0],
+                           j.plan.context_end, j.kv.block_ids) for j in jobs]
+        return [sum_over_tp(s) for s in graphs.score_batch(items)]
     device = pipeline.adapter.device
     groups = [RowGroup(j.ids[j.plan.question[0]:j.plan.question[1]],
                        torch.arange(*j.plan.question, device=device), j.kv) for j in jobs]
