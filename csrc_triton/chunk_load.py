@@ -409,6 +409,32 @@ def rotate_keys_reference(k: torch.Tensor, delta_pos: torch.Tensor,
     return out.to(out_dtype or k.dtype)
 
 
+def rotate_segment_reference(k: torch.Tensor, delta: int, cos_sin_cache: torch.Tensor,
+                             rotary_dim: int, is_neox: bool, out: torch.Tensor) -> torch.Tensor:
+    """``R(delta) k`` into ``out`` for k [..., D] of one segment (all its tokens move by
+    the same delta): one (cos, sin) row broadcast over the rest. The CPU load path; equal
+    to rotate_keys_reference with that delta for every token."""
+    half = rotary_dim // 2
+    row = cos_sin_cache[abs(delta)].float()
+    cos, sin = row[:half], row[half:]
+    inv = torch.rsqrt(cos * cos + sin * sin)  # unit rotation (YaRN mscale cancels)
+    cos, sin = cos * inv, sin * inv * (-1.0 if delta < 0 else 1.0)
+    if is_neox:
+        x1, x2 = k[..., :half], k[..., half:rotary_dim]
+        o1, o2 = out[..., :half], out[..., half:rotary_dim]
+    else:
+        x1, x2 = k[..., 0:rotary_dim:2], k[..., 1:rotary_dim:2]
+        o1, o2 = out[..., 0:rotary_dim:2], out[..., 1:rotary_dim:2]
+    compute = torch.float64 if k.dtype == torch.float64 else torch.float32
+    a, b = x1.to(compute), x2.to(compute)
+    cos, sin = cos.to(compute), sin.to(compute)
+    o1.copy_(a * cos - b * sin)
+    o2.copy_(b * cos + a * sin)
+    if rotary_dim < k.shape[-1]:
+        out[..., rotary_dim:] = k[..., rotary_dim:]
+    return out
+
+
 def load_chunk_kv_reference(k_src, v_src, key_cache, value_cache, slot_mapping, delta_pos,
                             cos_sin_cache, rotary_dim, is_neox) -> None:
     """Torch equivalent of ``load_chunk_kv`` (same arguments, writes in place)."""

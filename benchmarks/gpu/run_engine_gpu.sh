@@ -4,6 +4,7 @@
 # prepare_models.py.
 #   bash benchmarks/gpu/run_engine_gpu.sh check MODELS_DIR OUTDIR [engine_check args]
 #   bash benchmarks/gpu/run_engine_gpu.sh ttft  MODELS_DIR OUTDIR [bench ttft args]
+#   bash benchmarks/gpu/run_engine_gpu.sh load  MODELS_DIR OUTDIR MODEL_DIR [bench load args]
 set -o pipefail
 what=$1 models=$2 out=$3; shift 3
 mkdir -p "$out"
@@ -17,6 +18,26 @@ case $what in
         --out "$out/check_$tag.json" "$@" > "$out/check_$tag.log" 2>&1
       echo "exit $?"; grep -A12 "^$models/$m on" "$out/check_$tag.log" || tail -n 30 "$out/check_$tag.log"
     done ;;
+  load)  # a server started as the README says (`vllm serve` with the connector), then
+         # `kvflow bench load` against it; first argument: the model dir
+    model=$1; shift
+    port=$((18000 + RANDOM % 2000))
+    cfg=$(bash "$env_sh" python3 -c 'import json, vllm_kvflow; print(json.dumps(vllm_kvflow.transfer_config(log_stats=False, store_device_gb=24.0)))')
+    log="$out/server${TAG:+_$TAG}.log"
+    t0=$(date +%s.%N)
+    bash "$env_sh" python3 -m vllm.entrypoints.cli.main serve "$model" --load-format dummy \
+      --port $port --max-model-len 8192 --gpu-memory-utilization 0.6 \
+      --kv-transfer-config "$cfg" > "$log" 2>&1 &
+    srv=$!
+    until bash "$env_sh" python3 -c "import urllib.request; urllib.request.urlopen('http://127.0.0.1:$port/health', timeout=2)" 2>/dev/null; do
+      kill -0 $srv 2>/dev/null || { echo "server died"; tail -n 40 "$log"; exit 1; }; sleep 2
+    done
+    echo "server up in $(python3 -c "print(round($(date +%s.%N) - $t0, 1))") s"
+    grep -h "kvflow: pipeline ready" "$log" | tail -n 1
+    bash "$env_sh" python3 -m vllm_kvflow.cli bench load --server "http://127.0.0.1:$port" "$@" 2>&1 \
+      | grep -v "INFO\|WARNING"
+    grep -c "Triton\|JIT\|compil" "$log" | sed 's/^/log lines mentioning Triton\/JIT\/compile after start: /'
+    kill $srv; wait $srv 2>/dev/null ;;
   ttft)
     bash "$env_sh" python3 -m vllm_kvflow.cli bench ttft --load-format dummy \
       --methods full,prefix-hit,none,cacheblend,infoflow --ratio 0.15 "$@" 2>&1 \

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU engine runs, in the order they were made on a two-GPU machine (each step fits
 # one 10-minute device call; independent runs go side by side, one per GPU).
-#   bash benchmarks/gpu/suite.sh tests|engine|more|tp2|profile|tp2check MODELS OUT
+#   bash benchmarks/gpu/suite.sh tests|engine|more|tp2|profile|tp2check|load|load64 MODELS OUT
 # MODELS: model dirs from prepare_models.py; OUT: where logs and JSON go.
 set -o pipefail
 step=$1 models=$2 out=$3
@@ -29,6 +29,18 @@ case $step in
     OUT=$out bash "$here/parallel.sh" \
       "$prof --context-tokens 8192 --methods none,prefix-hit,infoflow --out $out/profile" \
       "$prof --context-tokens 32768 --methods none,prefix-hit --out $out/profile" ;;
+  load)  # under load, one H200: full / none / infoflow at C = 8, 32 (one server start)
+    load="bash $here/run_engine_gpu.sh load $models $out $models/llama-3.1-8b"
+    $load --requests 300 --warmup 16 --docs 64 --docs-per-request 8 --doc-words 330 --zipf 1.1 \
+      --max-tokens 16 --concurrency 8,32 --methods full,none,infoflow --max-seconds 120 \
+      --out "$out/load_gpu_llama8b_H200.json" ;;
+  load64)  # C = 64, then a small request during a burst of 32 all-miss 4K-token requests
+    load="bash $here/run_engine_gpu.sh load $models $out $models/llama-3.1-8b"
+    TAG=64 $load --requests 300 --warmup 16 --docs 64 --docs-per-request 8 --doc-words 330 --zipf 1.1 \
+      --max-tokens 16 --concurrency 64 --methods full,none,infoflow --max-seconds 120 \
+      --out "$out/load_gpu_llama8b_c64_H200.json"
+    TAG=probe $load --probe --probe-tokens 200 --burst 32 --burst-docs 8 --burst-doc-words 330 \
+      --probe-repeats 5 --out "$out/probe_gpu_llama8b_H200.json" ;;
   tp2check)  # the tensor-parallel exactness check alone
     CHECK_MODELS=llama-3.1-8b TAG=tp2 bash "$here/run_engine_gpu.sh" check "$models" "$out/check" --dtype float16 --tp 2 ;;
   *) echo "unknown step $step" >&2; exit 2 ;;

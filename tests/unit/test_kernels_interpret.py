@@ -373,3 +373,23 @@ def test_interp_engine_wiring_kernels_equal_the_torch_path(interp):
     keys, values = kv.read(0, length)
     expected = interp.cl.rotate_keys_reference(k_src, delta, cache, D, True)
     assert rel_err(keys[at], expected) < 1e-6 and torch.equal(values[at], v_src)
+
+
+@pytest.mark.parametrize("is_neox,rotary_dim", [(True, 64), (False, 64), (True, 32)])
+def test_segment_rotation_equals_the_per_token_reference(is_neox, rotary_dim):
+    """The CPU load path rotates a segment (one delta for all its tokens and layers) with
+    one (cos, sin) row; it equals the per-token reference, for either delta sign."""
+    from vllm_kvflow.kernels.chunk_load import rotate_keys_reference, rotate_segment_reference
+
+    torch.manual_seed(0)
+    D = 64
+    freqs = 1.0 / (10000.0 ** (torch.arange(0, rotary_dim, 2, dtype=torch.float64) / rotary_dim))
+    ang = torch.outer(torch.arange(512, dtype=torch.float64), freqs)
+    cache = torch.cat([ang.cos(), ang.sin()], -1).float()
+    k = torch.randn(3, 11, 2, D)  # [layers, tokens, heads, D]
+    for delta in (0, 7, 300, -41):
+        out = torch.empty_like(k)
+        rotate_segment_reference(k, delta, cache, rotary_dim, is_neox, out=out)
+        want = torch.stack([rotate_keys_reference(k[layer], torch.full((11,), delta), cache, rotary_dim,
+                                                  is_neox) for layer in range(3)])
+        torch.testing.assert_close(out, want, rtol=0, atol=1e-6)

@@ -168,10 +168,14 @@ def probe(client: KVFlowClient, args) -> dict:
 
     small()  # untimed: first-request costs
     alone = [small() for _ in range(args.probe_repeats)]
+    # Fresh documents (never seen by the server: every chunk a miss), worded like the
+    # pool's, each opened by a tag unique to this run.
     run = uuid.uuid4().hex[:8]
-    burst_docs = [[{"title": f"Burst {run} {i}.{j}",
-                    "text": " ".join(f"b{run}x{i}y{j}z{k}" for k in range(args.burst_doc_words))}
-                   for j in range(args.burst_docs)] for i in range(args.burst)]
+    texts = document_pool(args.burst * args.burst_docs, args.burst_doc_words,
+                          seed=int(run, 16) % 100_000)
+    burst_docs = [[{"title": f"{d['title']} ({run})", "text": f"Record {run}-{i}-{j}. {d['text']}"}
+                   for j, d in enumerate(texts[i * args.burst_docs:(i + 1) * args.burst_docs])]
+                  for i in range(args.burst)]
     burst_records: list[dict] = []
     during: list[dict] = []
 
@@ -199,6 +203,7 @@ def probe(client: KVFlowClient, args) -> dict:
         "burst_prompt_tokens": statistics.median(r.get("prompt_tokens") or 0 for r in burst_records),
         "burst_chunks_missed": sum(r.get("chunks_missed", 0) for r in burst_records),
         "burst_errors": sum("error" in r for r in burst_records),
+        "burst_first_error": next((r["error"] for r in burst_records if "error" in r), None),
         "alone_ttft_s": alone_ttft, "alone": alone, "during": during,
         "during_ttft_max_s": max(during_ttft) if during_ttft else None,
         "during_ttft_median_s": statistics.median(during_ttft) if during_ttft else None,

@@ -226,6 +226,9 @@ class PackedPagedKV(PagedKV):
     # faster than our scatter, and packs exactly as the attention kernel reads.
     write_op: object | None = None
     op_caches: list | None = None
+    # vLLM's own CPU attention over those pages (patches/cpu_attn_layout), for queries
+    # at any positions: no gather of the context per layer.
+    attend_op: object | None = None
 
     def write(self, layer: int, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
         if self.write_op is not None:
@@ -251,6 +254,10 @@ class PackedPagedKV(PagedKV):
         return out[0], out[1]
 
     def attend(self, layer, q, positions, length, scale):
+        if self.attend_op is not None and positions.numel() and int(positions[-1]) + 1 == length:
+            key_cache, value_cache = self.op_caches[layer]
+            return self.attend_op(q.to(key_cache.dtype), key_cache, value_cache, self.block_ids,
+                                  positions, scale).to(q.dtype)
         k, v = self.read(layer, length)  # packed pages: no strided view for a kernel
         return masked_attention(q, k, v, positions, torch.arange(length, device=q.device), scale)
 
@@ -259,6 +266,33 @@ class PackedPagedKV(PagedKV):
 
         k = rotate_keys_reference(k_src, delta, cos_sin, rotary_dim, is_neox)
         self.write(layer, positions, k, v_src)
+
+    def load_rotated_segments(self, segments, positions, delta, cos_sin, rotary_dim,
+                              is_neox) -> None:
+        """Every layer of many chunks, each (keys, values, first, count) [L, T, H, D]: a
+        segment moves by one distance, so its rotation is one (cos, sin) pair for all
+        its tokens and layers, applied straight into a buffer of all layers; then one
+        write per layer through vLLM's op."""
+        from vllm_kvflow.kernels.chunk_load import rotate_segment_reference
+
+        if self.write_op is None:
+            raise ValueError("segment loads need vLLM's cache-write op")
+        n = positions.numel()
+        first_keys = segments[0][0]
+        num_layers, _, heads, head_dim = first_keys.shape
+        dtype = self.op_caches[0][0].dtype
+        k_all = torch.empty(num_layers, n, heads, head_dim, dtype=dtype)
+        v_all = torch.empty_like(k_all)
+        t = 0
+        for keys, values, first, count in segments:
+            rotate_segment_reference(keys[:, first:first + count], int(delta[t]), cos_sin,
+                                     rotary_dim, is_neox, out=k_all[:, t:t + count])
+            v_all[:, t:t + count] = values[:, first:first + count]
+            t += count
+        slots = self.slot_mapping(positions)
+        for layer in range(num_layers):
+            key_cache, value_cache = self.op_caches[layer]
+            self.write_op(k_all[layer], v_all[layer], key_cache, value_cache, slots)
 
 
 @dataclass

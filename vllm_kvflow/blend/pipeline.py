@@ -514,9 +514,11 @@ class BlendPipeline:
 
         On the kernel path the kernel reads each segment where it lies (one launch for
         all layers and segments; host-tier entries are first copied to the device, at
-        most _STAGE_BYTES at a time). Elsewhere the segments are gathered for a group of
-        layers at once and written by one fused call per group. False where the kernel
-        path was possible but refused the load (the gather did it, slower)."""
+        most _STAGE_BYTES at a time); CPU_ATTN pages take each segment rotated once for
+        all layers, then one write per layer by vLLM's op. Elsewhere the segments are
+        gathered for a group of layers at once and written by one fused call per group.
+        False where the in-place path was possible but refused the load (the gather did
+        it, slower)."""
         if not loads:
             return True
         device = self.adapter.device
@@ -527,7 +529,7 @@ class BlendPipeline:
                                        [c1 - first for *_, first, c1 in loads]),
                              dtype=torch.long).to(device, non_blocking=True)
         cos_sin = self.cos_sin.to(device)
-        if kv.strided and use_kernels(positions):
+        if (kv.strided and use_kernels(positions)) or getattr(kv, "write_op", None) is not None:
             try:
                 self._write_in_place(loads, kv, positions, delta, cos_sin)
                 return True

@@ -111,6 +111,7 @@ class KVFlowWorker:
             from vllm_kvflow.patches.cpu_attn_layout import (
                 cpu_cache_writer,
                 cpu_op_caches,
+                cpu_paged_attention,
                 page_permutation,
             )
 
@@ -121,6 +122,7 @@ class KVFlowWorker:
                          extra={"key_index": k_index.view(block_size, head_dim),
                                 "value_index": v_index.view(block_size, head_dim),
                                 "write_op": cpu_cache_writer(first.isa),
+                                "attend_op": cpu_paged_attention(first.isa),
                                 "op_caches": [cpu_op_caches(self._kv_caches[m.layer_name])
                                               for m in adapter.attn_modules]})
         else:
