@@ -41,6 +41,17 @@ class KVFlowConfig:
     seed: int = 0
     # Log one line of stats per request.
     log_stats: bool = True
+    # Limits on what one request may declare (README "Engine settings"). A declaration
+    # of more chunks is prefilled in full (fallback "bad-request"): each chunk costs a
+    # lookup, and a miss a model pass of its own, so thousands of tiny chunks cost many
+    # times the full prefill of the same prompt. 1024 is ~3x the chunks of a 32K-token
+    # prompt of 100-token passages.
+    max_chunks: int = 1024
+    # A located chunk shorter than this is not reused: its tokens are prefilled like the
+    # rest of the prompt (listed in the stats' chunks_too_short). A miss costs a whole
+    # model pass whatever its length, which for a few tokens costs more than prefilling
+    # them; real passages are tens to hundreds of tokens.
+    min_chunk_tokens: int = 16
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -52,6 +63,10 @@ class KVFlowConfig:
                 continue
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
                 raise ValueError(f"kvflow: {name} must be a number >= 0, got {value!r}")
+        for name in ("max_chunks", "min_chunk_tokens"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"kvflow: {name} must be an integer >= 1, got {value!r}")
         if self.store_disk_path is not None and (
                 not isinstance(self.store_disk_path, str) or not self.store_disk_path):
             raise ValueError("kvflow: store_disk_path must be a non-empty string")

@@ -51,7 +51,8 @@ class KVFlowScheduler:
             logger.warning("kvflow: request %s falls back to full prefill: %s", req_id, e)
             return 0, False
         stats.update(method=spec.method, ratio=spec.ratio, chunks=len(spec.chunks),
-                     chunks_unlocatable=spec.unlocatable, chunk_tokens=spec.num_chunk_tokens,
+                     chunks_unlocatable=spec.unlocatable, chunks_too_short=spec.too_short,
+                     chunk_tokens=spec.num_chunk_tokens,
                      context_tokens=spec.context_end)
         if spec.unlocatable:
             logger.warning("kvflow: request %s: chunks %s not found in the prompt",
