@@ -29,6 +29,9 @@ class KVFlowConfig:
     # Disk tier: a directory (None: no disk tier) and its capacity.
     store_disk_path: str | None = None
     store_disk_gb: float = 10.0
+    # Seconds the disk tier's start-up scan may take; files it has not read by then are
+    # treated as absent (a slow or huge directory must not hold up the engine's start).
+    store_disk_scan_s: float = 30.0
     # Fixed sink prefix chunks are computed behind, in isolation. None: [BOS].
     sink_token_ids: tuple[int, ...] | None = None
     # Default namespace folded into chunk identity (requests may add a cache_salt).
@@ -57,7 +60,8 @@ class KVFlowConfig:
         if self.method not in METHODS:
             raise ValueError(f"kvflow: method must be one of {METHODS}, got {self.method!r}")
         check_ratio(self.recompute_ratio)
-        for name in ("store_capacity_gb", "store_device_gb", "store_host_gb", "store_disk_gb"):
+        for name in ("store_capacity_gb", "store_device_gb", "store_host_gb", "store_disk_gb",
+                     "store_disk_scan_s"):
             value = getattr(self, name)
             if value is None and name in ("store_device_gb", "store_host_gb"):
                 continue
