@@ -259,3 +259,21 @@ def test_unreadable_corrupt_file_that_cannot_be_deleted_is_not_fatal(stores, mon
     monkeypatch.setattr(Path, "unlink", refuse)
     assert store.get("k", TOKENS) is None
     assert store.disk.stats()["corrupt_skipped"] == 1 and path.exists()
+
+
+def test_file_grown_behind_our_back_is_read_only_to_its_indexed_size(stores, monkeypatch):
+    store, path = _stored(stores)
+    size = path.stat().st_size
+    with open(path, "ab") as f:
+        f.truncate(size + (1 << 30))  # sparse: a gigabyte more than the index knows
+    reads = []
+    real_read = disk_module.read_regular_file
+
+    def counting_read(p, limit=-1):
+        data, st = real_read(p, limit)
+        reads.append(len(data))
+        return data, st
+
+    monkeypatch.setattr(disk_module, "read_regular_file", counting_read)
+    assert store.get("k", TOKENS) is None
+    assert reads == [size + 1] and store.disk.stats()["corrupt_skipped"] == 1

@@ -196,12 +196,15 @@ class DiskTier:
             pending = self._pending.get(key)
             if pending is not None:
                 return pending  # queued for writing: still the tier's to serve
-            if key not in self._index:
+            size = self._index.get(key)
+            if size is None:
                 return None
             self._index.move_to_end(key)
         path = self.file_for(key)
         try:
-            data, _ = read_regular_file(path)
+            # One byte more than indexed: a grown file is caught by the size check
+            # without reading all of whatever now sits under the name.
+            data, _ = read_regular_file(path, size + 1)
         except FileNotFoundError:
             self._forget(key)  # deleted behind our back
             return None
