@@ -291,20 +291,6 @@ def test_engine_is_alive_after_the_transport_batch(server, model_path):
 # -- tenants: a namespace or salt that spells another tenant's pair hits nothing -----------------------
 TENANT_DOCS = ["Harlo\nThe lighthouse of Harlo burns whale oil bought from the traders of Esk.",
                "Brevin\nThe granary of Brevin stores barley for the three winter months."]
-TENANT_PROMPT = "\n\n".join(TENANT_DOCS) + "\n\nQuestion: What does the lighthouse of Harlo burn?\nAnswer:"
-TENANT_KV = {"chunks": [{"text": d} for d in TENANT_DOCS]}
-
-
-@pytest.fixture(scope="module")
-def victim(server, model_path):
-    """Tenant-a's chunks, stored under namespace "acme" and cache salt "tenant-a"."""
-    def ask(variant="completions"):
-        return _send(server, model_path, variant, {"kvflow": {**TENANT_KV, "namespace": "acme"}},
-                     prompt=TENANT_PROMPT, cache_salt="tenant-a")[1]
-    assert ask()["chunks_missed"] == 2
-    assert ask()["chunks_hit"] == 2  # stored, and the victim's own requests find them
-    return ask
-
 
 ATTACKS = [
     ("namespace-spells-the-salt", {"namespace": "acme|salt=tenant-a"}, {}),
@@ -313,15 +299,27 @@ ATTACKS = [
 ]
 
 
-@pytest.mark.parametrize("variant", ["completions", "chat", "chat-stream"])
+@pytest.mark.parametrize("variant", ["completions", "chat-stream"])
 @pytest.mark.parametrize("kvflow,extra", [c[1:] for c in ATTACKS], ids=[c[0] for c in ATTACKS])
-def test_spelled_tenant_keys_never_hit_another_tenants_chunks(server, model_path, victim, variant,
+def test_spelled_tenant_keys_never_hit_another_tenants_chunks(server, model_path, request, variant,
                                                               kvflow, extra):
-    status, stats = _send(server, model_path, variant, {"kvflow": {**TENANT_KV, **kvflow}},
-                          prompt=TENANT_PROMPT, **extra)
+    """Tenant-a (namespace "acme", cache salt "tenant-a") stores two chunks; an attacker
+    without tenant-a's pair finds none of them. Fresh documents per case: an attacker's
+    own earlier misses would be its hits."""
+    docs = [f"{d} Ledger {request.node.callspec.id}." for d in TENANT_DOCS]
+    prompt = "\n\n".join(docs) + "\n\nQuestion: What does the lighthouse of Harlo burn?\nAnswer:"
+    chunks = {"chunks": [{"text": d} for d in docs]}
+
+    def victim():
+        return _send(server, model_path, "completions", {"kvflow": {**chunks, "namespace": "acme"}},
+                     prompt=prompt, cache_salt="tenant-a")[1]
+
+    assert victim()["chunks_missed"] == 2
+    status, stats = _send(server, model_path, variant, {"kvflow": {**chunks, **kvflow}},
+                          prompt=prompt, **extra)
     assert status == 200 and stats["fallback"] is None, stats
     assert stats["chunks_hit"] == 0 and stats["chunks_missed"] == 2, stats
-    assert victim(variant)["chunks_hit"] == 2
+    assert victim()["chunks_hit"] == 2  # the chunks are there, for their tenant
 
 
 # -- disk faults: a store file replaced by a FIFO or a directory is a miss, never an error ----------
