@@ -9,6 +9,11 @@ ratio, the declared spans and a digest of the prompt up to the question's end, b
 blend of the context depends on the question that follows it: only the same context and
 question blended the same way share blocks (a longer prompt with the same head may).
 
+The blend salt is a digest of those fields and the client's own salt, each
+length-prefixed, so no client salt or namespace can spell another tenant's blend. The
+client's salt is kept on the request when the blend salt replaces it (tenant_salt reads
+it back), never parsed out of a string the client chose.
+
 Exact blocks the request already hit (looked up before the connector runs) stay valid.
 Both vLLM versions compute hashes through `Request._block_hasher` into `block_hashes`
 (bytes digests, each chaining its prefix): the salted hashes are derived from them.
@@ -17,16 +22,21 @@ from __future__ import annotations
 
 import hashlib
 
-from vllm_kvflow.store.entry import int64_bytes
+from vllm_kvflow.store.entry import hash_fields, int64_bytes
 
-MARKER = "kvflow:"
+MARKER = "kvflow-blend:"
+# Where isolate_blended_blocks keeps the client's own cache salt on a vLLM Request.
+CLIENT_SALT_ATTR = "kvflow_client_salt"
 
 
 def blend_salt(prompt_token_ids, spec, tenant_salt: str | None) -> str:
-    """Salt naming how `spec` (a RequestSpec) blends this prompt's context."""
-    h = hashlib.blake2b(int64_bytes(list(prompt_token_ids[:spec.question[1]])), digest_size=16)
-    h.update(repr((spec.chunks, spec.question)).encode())
-    return f"{tenant_salt or ''}|{MARKER}{spec.method}:{spec.ratio!r}:{h.hexdigest()}"
+    """Salt naming how `spec` (a RequestSpec) blends this prompt's context, for the
+    tenant whose own salt is tenant_salt (None or empty: no salt, as in vLLM)."""
+    h = hashlib.blake2b(digest_size=16)
+    hash_fields(h, tenant_salt or None, spec.method, repr(float(spec.ratio)),
+                repr((list(spec.chunks), tuple(spec.question))),
+                int64_bytes(list(prompt_token_ids[:spec.question[1]])))
+    return f"{MARKER}{h.hexdigest()}"
 
 
 def isolate_blended_blocks(request, salt: str) -> bool:
@@ -40,6 +50,8 @@ def isolate_blended_blocks(request, salt: str) -> bool:
     hasher = getattr(request, "_block_hasher", None)
     if hasher is None:
         return False
+    if not hasattr(request, CLIENT_SALT_ATTR):
+        setattr(request, CLIENT_SALT_ATTR, request.cache_salt)
     request.cache_salt = salt
     hashes = request.block_hashes
     if hashes and all(isinstance(h, bytes) for h in hashes):
@@ -55,8 +67,7 @@ def isolate_blended_blocks(request, salt: str) -> bool:
 
 
 def tenant_salt(request) -> str | None:
-    """The client's own cache salt, without the blend tag this module may have added."""
-    salt = getattr(request, "cache_salt", None)
-    if salt and f"|{MARKER}" in salt:
-        salt = salt.split(f"|{MARKER}")[0] or None
-    return salt
+    """The client's own cache salt (None or empty: none), also after
+    isolate_blended_blocks replaced the request's salt with a blend salt."""
+    salt = getattr(request, CLIENT_SALT_ATTR, getattr(request, "cache_salt", None))
+    return salt or None

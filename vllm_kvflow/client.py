@@ -191,4 +191,5 @@ def stats_line(stats: dict[str, Any]) -> str:
             f"chunks={stats.get('chunks')} hit={stats.get('chunks_hit', 0)} "
             f"missed={stats.get('chunks_missed', 0)} "
             f"unlocatable={len(stats.get('chunks_unlocatable') or [])} "
+            f"too_short={len(stats.get('chunks_too_short') or [])} "
             f"tokens reused={stats.get('tokens_reused', 0)} recomputed={stats.get('tokens_recomputed', 0)}")

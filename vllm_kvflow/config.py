@@ -31,6 +31,9 @@ class KVFlowConfig:
     # Disk tier: a directory (None: no disk tier) and its capacity.
     store_disk_path: str | None = None
     store_disk_gb: float = 10.0
+    # Seconds the disk tier's start-up scan may take; files it has not read by then are
+    # treated as absent (a slow or huge directory must not hold up the engine's start).
+    store_disk_scan_s: float = 30.0
     # Fixed sink prefix chunks are computed behind, in isolation. None: [BOS].
     sink_token_ids: tuple[int, ...] | None = None
     # Default namespace folded into chunk identity (requests may add a cache_salt).
@@ -55,12 +58,24 @@ class KVFlowConfig:
     max_isolated_tokens_per_prompt_token: float = 4.0
     # Loads queued at once; further requests wait in vLLM's queue until one finishes.
     max_pending_loads: int = 256
+    # Limits on what one request may declare (README "Engine settings"). A declaration
+    # of more chunks is prefilled in full (fallback "bad-request"): each chunk costs a
+    # lookup, and a miss a model pass of its own, so thousands of tiny chunks cost many
+    # times the full prefill of the same prompt. 1024 is ~3x the chunks of a 32K-token
+    # prompt of 100-token passages.
+    max_chunks: int = 1024
+    # A located chunk shorter than this is not reused: its tokens are prefilled like the
+    # rest of the prompt (listed in the stats' chunks_too_short). A miss costs a whole
+    # model pass whatever its length, which for a few tokens costs more than prefilling
+    # them; real passages are tens to hundreds of tokens.
+    min_chunk_tokens: int = 16
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise ValueError(f"kvflow: method must be one of {METHODS}, got {self.method!r}")
         check_ratio(self.recompute_ratio)
-        for name in ("store_capacity_gb", "store_device_gb", "store_host_gb", "store_disk_gb"):
+        for name in ("store_capacity_gb", "store_device_gb", "store_host_gb", "store_disk_gb",
+                     "store_disk_scan_s"):
             value = getattr(self, name)
             if value is None and name in ("store_device_gb", "store_host_gb"):
                 continue
@@ -77,6 +92,10 @@ class KVFlowConfig:
         if isinstance(limit, bool) or not isinstance(limit, (int, float)) or not limit > 0:
             raise ValueError("kvflow: max_isolated_tokens_per_prompt_token must be a number > 0, "
                              f"got {limit!r}")
+        for name in ("max_chunks", "min_chunk_tokens"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"kvflow: {name} must be an integer >= 1, got {value!r}")
         if self.store_disk_path is not None and (
                 not isinstance(self.store_disk_path, str) or not self.store_disk_path):
             raise ValueError("kvflow: store_disk_path must be a non-empty string")

@@ -20,9 +20,10 @@ def register() -> None:
 
     model_hook.install()
 
-    from vllm_kvflow.patches import stream_stats
+    from vllm_kvflow.patches import declaration_guard, stream_stats
 
     stream_stats.install()  # patches the API server's stream generators on their import
+    declaration_guard.install()  # and its entry points: 400 for untransportable declarations
 
 
 def log_through_vllm() -> None:

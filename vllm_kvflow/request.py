@@ -27,6 +27,17 @@ STATS_KEY = "kvflow_stats"
 _KEYS = {"chunks", "chunk_spans", "question", "method", "ratio", "namespace"}
 _CHUNK_FORMS = ("span", "text", "token_ids")
 
+# The deepest a valid declaration nests: the kvflow object > `chunks` > a chunk object >
+# its span. Deeper values are malformed, and one nested hundreds deep breaks vLLM's
+# transport itself (RecursionError while pickling kills the engine core).
+MAX_NESTING = 4
+# The chunks of a 128K-token prompt take ~0.5 MB declared by text and ~1 MB by token ids;
+# a larger value is not a chunk declaration, only memory and serialization work for the
+# engine core, which every other request waits on.
+MAX_DECLARATION_BYTES = 8 << 20
+_SCALAR_BYTES = 8  # what a number, bool, null or container head counts toward the size
+_SCALARS = {int, float, bool, type(None)}
+
 
 class RequestError(ValueError):
     """A malformed chunk declaration; the message is reported to the client."""
@@ -42,6 +53,7 @@ class RequestSpec:
     ratio: float
     namespace: str
     unlocatable: list[int] = field(default_factory=list)
+    too_short: list[int] = field(default_factory=list)  # located, shorter than min_chunk_tokens
 
     @property
     def context_end(self) -> int:
@@ -50,6 +62,59 @@ class RequestSpec:
     @property
     def num_chunk_tokens(self) -> int:
         return sum(e - s for s, e in self.chunks)
+
+
+def check_transportable(value: Any, root: str = PARAMS_KEY) -> None:
+    """Raise RequestError unless value nests at most MAX_NESTING containers deep, takes at
+    most about MAX_DECLARATION_BYTES encoded, and holds only strings that encode to UTF-8
+    (JSON can carry lone surrogates such as "\\ud800"; msgpack cannot). Iterative: a
+    hostile value may nest far deeper than Python's recursion limit."""
+    size = 0
+    # (value, its nesting depth, the path of its container, its key there): the path is
+    # only spelled out for an error, not for each of a long list's token ids.
+    stack: list[tuple[Any, int, str, Any]] = [(value, 1, "", None)]
+    while stack:
+        item, depth, parent, key = stack.pop()
+        if isinstance(item, str):
+            size += _utf8_size(item, parent, key, root)
+        elif isinstance(item, (dict, list, tuple)):
+            where = _path(parent, key)
+            if depth > MAX_NESTING:
+                raise RequestError(f"{root}{where}: nested more than {MAX_NESTING} levels "
+                                   "deep (no valid declaration nests deeper)")
+            size += _SCALAR_BYTES
+            if not isinstance(item, dict) and set(map(type, item)) <= _SCALARS:
+                pairs = ()  # token ids, spans: counted without a loop over each
+                size += _SCALAR_BYTES * len(item)
+            else:
+                pairs = item.items() if isinstance(item, dict) else enumerate(item)
+            for k, sub in pairs:
+                if isinstance(k, str):
+                    size += _utf8_size(k, where, None, root, is_key=True)
+                if isinstance(sub, (str, dict, list, tuple)):
+                    stack.append((sub, depth + 1, where, k))
+                else:
+                    size += _SCALAR_BYTES
+        else:
+            size += _SCALAR_BYTES
+        if size > MAX_DECLARATION_BYTES:
+            raise RequestError(f"{root}: larger than {MAX_DECLARATION_BYTES >> 20} MiB "
+                               "encoded (a chunk declaration is about the size of its prompt)")
+
+
+def _path(parent: str, key: Any) -> str:
+    if key is None:
+        return parent
+    return f"{parent}[{key}]" if isinstance(key, int) else f"{parent}.{ascii(key)[1:-1]}"
+
+
+def _utf8_size(text: str, parent: str, key: Any, root: str, is_key: bool = False) -> int:
+    try:
+        return len(text.encode("utf-8"))
+    except UnicodeEncodeError as e:
+        where = f"{parent} (a key)" if is_key else _path(parent, key)
+        raise RequestError(f"{root}{where}: not valid Unicode text (lone surrogate "
+                           f"{ascii(text[e.start])} at index {e.start})") from None
 
 
 def find_subsequence(haystack: Sequence[int], needle: Sequence[int], start: int = 0) -> int:
@@ -121,6 +186,7 @@ def _declared_chunks(params: dict) -> list:
 def parse_request(params: Any, prompt_ids: Sequence[int], config: KVFlowConfig,
                   tokenize: Callable[[str], list[int]] | None = None) -> RequestSpec:
     """Validate `params` (the value under PARAMS_KEY) against the prompt's token ids."""
+    check_transportable(params)
     if not isinstance(params, dict):
         raise RequestError(f"kv_transfer_params[{PARAMS_KEY!r}] must be an object")
     unknown = sorted(set(params) - _KEYS)
@@ -139,7 +205,10 @@ def parse_request(params: Any, prompt_ids: Sequence[int], config: KVFlowConfig,
 
     prompt = list(prompt_ids)
     declared = _declared_chunks(params)
-    spans: list[tuple[int, int]] = []
+    if len(declared) > config.max_chunks:
+        raise RequestError(f"{len(declared)} chunks declared, more than max_chunks="
+                           f"{config.max_chunks} (an engine setting)")
+    spans: list[tuple[int, int, int]] = []  # (start, end, declaration index)
     unlocatable: list[int] = []
     cursor = 0
     for i, item in enumerate(declared):
@@ -151,7 +220,7 @@ def parse_request(params: Any, prompt_ids: Sequence[int], config: KVFlowConfig,
                                f"{{'token_ids': [...]}}; got {item!r}")
         (form, value), = item.items()
         if form == "span":
-            spans.append(_span(value, len(prompt), what))
+            spans.append((*_span(value, len(prompt), what), i))
             continue
         needle = (_token_list(value, what) if form == "token_ids"
                   else _text_tokens(value, tokenize, what))
@@ -159,25 +228,26 @@ def parse_request(params: Any, prompt_ids: Sequence[int], config: KVFlowConfig,
         if at < 0:
             unlocatable.append(i)
             continue
-        spans.append((at, at + len(needle)))
+        spans.append((at, at + len(needle), i))
         cursor = at + len(needle)
 
     spans.sort()
-    for (s0, e0), (s1, e1) in zip(spans, spans[1:]):
+    for (s0, e0, _), (s1, e1, _) in zip(spans, spans[1:]):
         if s1 < e0:
             raise RequestError(f"chunks overlap: [{s0}, {e0}) and [{s1}, {e1})")
     if not spans:
         raise RequestError(f"no chunk could be located in the prompt (unlocatable: {unlocatable})")
     # vLLM must compute at least the last prompt token itself to produce logits.
-    last_start, last_end = spans[-1]
-    if last_end >= len(prompt):
-        if len(prompt) - 1 <= last_start:
-            spans.pop()
-        else:
-            spans[-1] = (last_start, len(prompt) - 1)
-        if not spans:
-            raise RequestError("the only chunk is the prompt's last token; nothing to reuse")
-    ctx_end = spans[-1][1]
+    s, e, i = spans[-1]
+    spans[-1] = (s, min(e, len(prompt) - 1), i)
+    shortest = config.min_chunk_tokens
+    too_short = sorted(i for s, e, i in spans if e - s < shortest)
+    chunks = [(s, e) for s, e, _ in spans if e - s >= shortest]
+    if not chunks:
+        raise RequestError(f"no chunk of at least min_chunk_tokens={shortest} tokens (an "
+                           "engine setting) before the prompt's last token (too short: "
+                           f"{too_short}, unlocatable: {unlocatable})")
+    ctx_end = chunks[-1][1]
 
     question = (ctx_end, len(prompt))
     if "question" in params:
@@ -194,4 +264,4 @@ def parse_request(params: Any, prompt_ids: Sequence[int], config: KVFlowConfig,
             raise RequestError("question must be {'span': [s, e]} or {'text': str}")
         if question[0] < ctx_end:
             raise RequestError("question must come after the last chunk")
-    return RequestSpec(spans, question, method, ratio, namespace, unlocatable)
+    return RequestSpec(chunks, question, method, ratio, namespace, unlocatable, too_short)

@@ -27,7 +27,8 @@ def test_salt_depends_on_method_ratio_spans_and_head_not_tail():
     assert base != blend_salt(ids, _spec(ratio=0.3), None)
     assert base != blend_salt(ids, _spec(question=(8, 11)), None)
     assert base != blend_salt([7] + ids[1:], _spec(), None)
-    assert blend_salt(ids, _spec(), "tenant-a").startswith("tenant-a|")
+    assert base != blend_salt(ids, _spec(), "tenant-a")
+    assert base == blend_salt(ids, _spec(), "")  # an empty salt is no salt, as in vLLM
 
 
 def test_isolation_rehashes_once_and_keeps_the_tenant_salt():
@@ -37,6 +38,7 @@ def test_isolation_rehashes_once_and_keeps_the_tenant_salt():
     assert req.block_hashes == [f"{salt}/0", f"{salt}/1"] and req.calls == 1
     assert isolate_blended_blocks(req, salt) and req.calls == 1  # idempotent on retry
     assert tenant_salt(req) == "tenant-a" and tenant_salt(_request()) is None
+    assert tenant_salt(_request("")) is None
     assert not isolate_blended_blocks(SimpleNamespace(cache_salt=None, block_hashes=[]), salt)
 
 
@@ -62,3 +64,18 @@ def test_byte_hashes_are_derived_not_recomputed():
     assert len(set(a.block_hashes) | set(c.block_hashes) | set(exact)) == 9
     assert all(isinstance(h, bytes) and len(h) == 32 for h in a.block_hashes)
     assert a.cache_salt == "s1"
+
+
+def test_the_client_salt_is_kept_not_parsed_out_of_the_blend_salt():
+    """Salts shaped like the blend salt or like the old `<salt>|kvflow:` tag come back
+    exactly as the client sent them, before and after the request is re-salted."""
+    ids = list(range(12))
+    for client in ("tenant-a|kvflow:x", "|kvflow:", "kvflow-blend:", blend_salt(ids, _spec(), "t"),
+                   "a|salt=b", "東京\ud800"):
+        req = _request(client)
+        assert tenant_salt(req) == client
+        salt = blend_salt(ids, _spec(), tenant_salt(req))
+        assert isolate_blended_blocks(req, salt) and req.cache_salt == salt != client
+        assert tenant_salt(req) == client
+        assert isolate_blended_blocks(req, blend_salt(ids, _spec(), tenant_salt(req)))
+        assert req.calls == 1 and tenant_salt(req) == client  # asked again: unchanged

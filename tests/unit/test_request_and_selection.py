@@ -6,7 +6,9 @@ from vllm_kvflow.config import KVFlowConfig, resolve_layers
 from vllm_kvflow.request import RequestError, find_subsequence, parse_request
 
 PROMPT = list(range(100, 140))
-CFG = KVFlowConfig()
+# A 40-token toy prompt with chunks of 1-10 tokens; the minimum chunk length is tested
+# in test_declaration_limits.py.
+CFG = KVFlowConfig(min_chunk_tokens=1)
 
 
 def test_spans_texts_and_token_ids_are_located_in_order():

@@ -28,8 +28,12 @@ def test_key_is_stable_across_input_types_and_releases():
     assert key == chunk_key("m", "ns", (1,), (5, 6, 70000))
     assert key == chunk_key("m", "ns", np.array([1]), np.array([5, 6, 70000], dtype=np.int32))
     import hashlib
-    expected = hashlib.sha256(b"m\0ns\0" + (1).to_bytes(8, "little") + b"\0"
-                              + b"".join(t.to_bytes(8, "little") for t in (5, 6, 70000))).hexdigest()
+
+    def field(tag, data):  # tag, little-endian 8-byte length, data
+        return tag + len(data).to_bytes(8, "little") + data
+    expected = hashlib.sha256(
+        field(b"S", b"m") + field(b"S", b"ns") + field(b"B", (1).to_bytes(8, "little"))
+        + field(b"B", b"".join(t.to_bytes(8, "little") for t in (5, 6, 70000)))).hexdigest()
     assert key == expected
     assert chunk_key("m", "ns", [1], []) != chunk_key("m", "ns", [1], [0])
 

@@ -21,6 +21,7 @@ from vllm_kvflow.connector.counters import ServingCounters
 from vllm_kvflow.connector.metadata import KVFlowConnectorMetadata, KVFlowWorkerMetadata
 from vllm_kvflow.patches.prefix_cache import blend_salt, isolate_blended_blocks, tenant_salt
 from vllm_kvflow.request import PARAMS_KEY, STATS_KEY, RequestError, RequestSpec, parse_request
+from vllm_kvflow.store.entry import tenant_namespace
 
 logger = logging.getLogger("vllm_kvflow")
 
@@ -60,7 +61,8 @@ class KVFlowScheduler:
             logger.warning("kvflow: request %s falls back to full prefill: %s", req_id, e)
             return 0, False
         stats.update(method=spec.method, ratio=spec.ratio, chunks=len(spec.chunks),
-                     chunks_unlocatable=spec.unlocatable, chunk_tokens=spec.num_chunk_tokens,
+                     chunks_unlocatable=spec.unlocatable, chunks_too_short=spec.too_short,
+                     chunk_tokens=spec.num_chunk_tokens,
                      context_tokens=spec.context_end)
         if spec.unlocatable:
             logger.warning("kvflow: request %s: chunks %s not found in the prompt",
@@ -100,9 +102,10 @@ class KVFlowScheduler:
 
     @staticmethod
     def _namespace(request, spec: RequestSpec) -> str:
-        # Tenants that salt their prefix cache are isolated in the chunk store too.
-        salt = tenant_salt(request)
-        return f"{spec.namespace}|salt={salt}" if salt else spec.namespace
+        # Tenants that salt their prefix cache are isolated in the chunk store (and the
+        # glue cache) too; the two fields are encoded apart, so that no namespace or
+        # salt can spell another tenant's pair.
+        return tenant_namespace(spec.namespace, tenant_salt(request))
 
     def build_connector_meta(self, scheduler_output) -> KVFlowConnectorMetadata:
         meta = KVFlowConnectorMetadata(loads=list(self._pending.values()))

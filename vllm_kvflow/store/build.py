@@ -22,5 +22,6 @@ def build_store(config: KVFlowConfig, device: str, identity: str) -> ChunkStore:
     if config.store_disk_path is not None:
         from vllm_kvflow.store.disk import DiskTier  # needs safetensors; only when asked for
 
-        disk = DiskTier(config.store_disk_path, config.store_disk_bytes, identity)
+        disk = DiskTier(config.store_disk_path, config.store_disk_bytes, identity,
+                        scan_seconds=config.store_disk_scan_s)
     return ChunkStore(tiers=tiers, disk=disk)

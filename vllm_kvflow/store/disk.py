@@ -10,6 +10,13 @@ dtype, layout, rank: KV of another model or layout is never used), `local_start`
 - Start-up indexes this identity's files (header and size only, oldest first by mtime,
   so LRU order survives a restart); every read checks size, header and checksum.
 - A truncated or corrupt file is logged, deleted and counted, never used.
+- Only regular files are ever opened (a FIFO would block the reader; a device could be
+  anything), checked before and after opening. A file that cannot be read (a directory
+  or FIFO under its name, permissions, an I/O error) is dropped from the index, logged
+  and counted (`read_errors`) and left in place; its chunk is recomputed, and the
+  write-through replaces it where it can.
+- The start-up scan is bounded in time (`scan_seconds`): it reads the newest files
+  first, and what it has not read by then is logged, counted and treated as absent.
 - Crash: queued, unwritten chunks are lost (they are recomputed on their next miss);
   a half-written temp file is never indexed and is swept on the next start.
 One process per (directory, identity): processes of different identity (other models,
@@ -22,7 +29,9 @@ import hashlib
 import json
 import logging
 import os
+import stat
 import threading
+import time
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +49,7 @@ FORMAT = "kvflow-chunk-v1"
 SUFFIX = ".safetensors"
 MAX_HEADER_BYTES = 1 << 20  # ours are < 1 KiB; a larger length field is corruption
 DEFAULT_QUEUE_BYTES = 256 << 20
+DEFAULT_SCAN_SECONDS = 30.0
 
 
 class CorruptFile(Exception):
@@ -48,6 +58,10 @@ class CorruptFile(Exception):
 
 class ForeignFile(Exception):
     """A well-formed file of another model identity: skipped, left in place."""
+
+
+class NotRegularFile(OSError):
+    """A directory, FIFO, device, socket or link under a store file's name."""
 
 
 @dataclass
@@ -60,6 +74,8 @@ class DiskCounters:
     write_errors: int = 0
     writes_dropped: int = 0  # write-through skipped because the queue was full
     rejected_too_large: int = 0
+    read_errors: int = 0  # unreadable (not a regular file, permissions, I/O): dropped, left
+    scan_unindexed: int = 0  # files the start-up scan had no time left to index: absent
 
 
 def _tensor_bytes(t: torch.Tensor) -> memoryview:
@@ -73,6 +89,40 @@ def checksum(fields: dict[str, str], tensors: dict[str, torch.Tensor]) -> str:
         h.update(f"|{name}|{t.dtype}|{tuple(t.shape)}|".encode())
         h.update(_tensor_bytes(t))
     return h.hexdigest()
+
+
+def read_regular_file(path: Path, limit: int = -1) -> tuple[bytes, os.stat_result]:
+    """Up to limit bytes (-1: all) of the regular file at path, and its stat. Anything
+    else raises NotRegularFile without being opened; O_NONBLOCK and a second check on
+    the open descriptor cover a FIFO swapped in between (its open does not wait for a
+    writer), O_NOFOLLOW a link."""
+    kind = _kind(os.lstat(path).st_mode)
+    if kind is not None:
+        raise NotRegularFile(f"{path} is {kind}, not a regular file")
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        st = os.fstat(fd)
+        kind = _kind(st.st_mode)
+        if kind is not None:
+            raise NotRegularFile(f"{path} is {kind}, not a regular file")
+        f = os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+    with f:
+        return f.read(limit), st
+
+
+def _kind(mode: int) -> str | None:
+    """None for a regular file, else what it is."""
+    if stat.S_ISREG(mode):
+        return None
+    for test, name in ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"),
+                       (stat.S_ISLNK, "a symbolic link"), (stat.S_ISSOCK, "a socket"),
+                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device")):
+        if test(mode):
+            return name
+    return f"of mode {oct(mode)}"
 
 
 def parse_header(prefix: bytes) -> tuple[dict[str, str], int]:
@@ -95,9 +145,10 @@ def parse_header(prefix: bytes) -> tuple[dict[str, str], int]:
 
 class DiskTier:
     def __init__(self, path: str | os.PathLike, capacity_bytes: int, identity: str,
-                 queue_bytes: int = DEFAULT_QUEUE_BYTES):
+                 queue_bytes: int = DEFAULT_QUEUE_BYTES, scan_seconds: float = DEFAULT_SCAN_SECONDS):
         if capacity_bytes < 0:
             raise ValueError(f"capacity_bytes must be >= 0, got {capacity_bytes}")
+        self.scan_seconds = scan_seconds
         self.path = Path(path)
         self.path.mkdir(parents=True, exist_ok=True)
         self.capacity_bytes = capacity_bytes
@@ -145,16 +196,25 @@ class DiskTier:
             pending = self._pending.get(key)
             if pending is not None:
                 return pending  # queued for writing: still the tier's to serve
-            if key not in self._index:
+            size = self._index.get(key)
+            if size is None:
                 return None
             self._index.move_to_end(key)
         path = self.file_for(key)
         try:
-            data = path.read_bytes()
-            os.utime(path)  # mtime is the LRU rank a restart sees
+            # One byte more than indexed: a grown file is caught by the size check
+            # without reading all of whatever now sits under the name.
+            data, _ = read_regular_file(path, size + 1)
         except FileNotFoundError:
             self._forget(key)  # deleted behind our back
             return None
+        except OSError as e:
+            self._read_fault(path, key, e)
+            return None
+        try:
+            os.utime(path)  # mtime is the LRU rank a restart sees
+        except OSError:
+            pass  # readable but not ours to touch: only the rank after a restart is lost
         try:
             return self._decode(key, data)
         except CorruptFile as e:
@@ -262,7 +322,7 @@ class DiskTier:
         while self._bytes > self.capacity_bytes and self._index:
             key, size = self._index.popitem(last=False)
             self._bytes -= size
-            self.file_for(key).unlink(missing_ok=True)
+            _unlink(self.file_for(key))
             self.counters.evictions += 1
             if self.on_evict is not None:
                 self.on_evict(key)
@@ -270,7 +330,7 @@ class DiskTier:
     def discard(self, key: str) -> None:
         """Forget key and delete its file (a queued write still lands; rare and harmless)."""
         self._forget(key)
-        self.file_for(key).unlink(missing_ok=True)
+        _unlink(self.file_for(key))
 
     def flush(self) -> None:
         with self._cond:
@@ -287,33 +347,39 @@ class DiskTier:
 
     # -- start-up and bad files ---------------------------------------------------------------
     def _scan(self) -> None:
+        deadline = time.monotonic() + self.scan_seconds
         self._sweep_temp_files()
-        files = []
-        for path in self.path.glob(f"*.{self.tag}{SUFFIX}"):
+        files, listed_all = self._list_files(deadline)
+        files.sort(reverse=True)  # newest first: if time runs out, the recently used are in
+        found, unread = [], 0
+        for done, (mtime, path) in enumerate(files):
+            if time.monotonic() > deadline:
+                unread = len(files) - done
+                break
             try:
-                files.append((path.stat().st_mtime_ns, path))
-            except FileNotFoundError:
-                continue
-        for _, path in sorted(files):
-            try:
-                with open(path, "rb") as f:
-                    meta, size = parse_header(f.read(8 + MAX_HEADER_BYTES))
-                    actual = os.fstat(f.fileno()).st_size
-                if size != actual:
-                    raise CorruptFile(f"size {actual} B, header says {size} B (truncated?)")
+                prefix, st = read_regular_file(path, 8 + MAX_HEADER_BYTES)
+                meta, size = parse_header(prefix)
+                if size != st.st_size:
+                    raise CorruptFile(f"size {st.st_size} B, header says {size} B (truncated?)")
                 self._check_meta(meta, None)
                 key = meta.get("key", "")
                 if self.file_for(key) != path:
                     raise CorruptFile("file name does not match the key in its header")
+            except FileNotFoundError:
+                continue
+            except OSError as e:
+                self._read_fault(path, None, e)
+                continue
             except CorruptFile as e:
                 self._reject(path, None, str(e))
                 continue
             except ForeignFile as e:
                 self._skip_foreign(path, None, str(e))
                 continue
-            except OSError as e:
-                logger.warning("kvflow: cannot read %s, skipped: %s", path, e)
-                continue
+            found.append((mtime, key, size))
+        if unread or not listed_all:
+            self._scan_ran_out(unread, listed_all)
+        for _, key, size in sorted(found):  # oldest first: the LRU order of the last run
             self._index[key] = size
             self._bytes += size
         with self._cond:
@@ -321,6 +387,41 @@ class DiskTier:
         if self._index:
             logger.info("kvflow: disk tier %s: %d chunks, %d B from a previous run",
                         self.path, len(self._index), self._bytes)
+
+    def _list_files(self, deadline: float) -> tuple[list[tuple[int, Path]], bool]:
+        """(mtime, path) of the regular files named like ours (others are read faults),
+        and whether the whole directory was listed before the deadline."""
+        suffix = f".{self.tag}{SUFFIX}"
+        files = []
+        try:
+            with os.scandir(self.path) as entries:
+                for entry in entries:
+                    if time.monotonic() > deadline:
+                        return files, False
+                    if entry.name.startswith(".") or not entry.name.endswith(suffix):
+                        continue
+                    path = Path(entry.path)
+                    try:
+                        st = entry.stat(follow_symlinks=False)
+                        kind = _kind(st.st_mode)
+                        if kind is not None:
+                            raise NotRegularFile(f"{path} is {kind}, not a regular file")
+                    except FileNotFoundError:
+                        continue
+                    except OSError as e:
+                        self._read_fault(path, None, e)
+                        continue
+                    files.append((st.st_mtime_ns, path))
+        except OSError as e:
+            logger.warning("kvflow: disk tier %s: cannot list the directory (%s); starting "
+                           "with the %d files listed", self.path, e, len(files))
+        return files, True
+
+    def _scan_ran_out(self, unread: int, listed_all: bool) -> None:
+        self.counters.scan_unindexed += unread
+        logger.warning("kvflow: disk tier %s: start-up scan stopped at its %.1f s limit; "
+                       "%d listed files not indexed%s, treated as absent", self.path,
+                       self.scan_seconds, unread, "" if listed_all else " and the rest unlisted")
 
     def _sweep_temp_files(self) -> None:
         """Delete temp files of our identity left by a writer that died mid-write."""
@@ -334,7 +435,8 @@ class DiskTier:
                 pass
             except (ValueError, PermissionError):
                 continue
-            path.unlink(missing_ok=True)
+            if not path.is_symlink() and path.is_file():
+                _unlink(path)
 
     def _reject(self, path: Path, key: str | None, why: str) -> None:
         logger.warning("kvflow: corrupt chunk file %s skipped and deleted: %s", path, why)
@@ -342,7 +444,17 @@ class DiskTier:
             self.counters.corrupt_skipped += 1
         if key is not None:
             self._forget(key)
-        path.unlink(missing_ok=True)
+        _unlink(path)
+
+    def _read_fault(self, path: Path, key: str | None, error: OSError) -> None:
+        """Drop an unreadable file's entry. Logged once per entry: once dropped, the key
+        is not looked up on disk again unless a new write of it succeeds."""
+        logger.warning("kvflow: cannot read chunk file %s, dropped from the disk tier (its "
+                       "chunk is recomputed): %s", path, error)
+        with self._cond:
+            self.counters.read_errors += 1
+        if key is not None:
+            self._forget(key)
 
     def _skip_foreign(self, path: Path, key: str | None, why: str) -> None:
         logger.warning("kvflow: chunk file %s of another model skipped: %s", path, why)
@@ -362,3 +474,12 @@ class DiskTier:
             return {"entries": len(self._index), "bytes": self._bytes,
                     "capacity_bytes": self.capacity_bytes, "queued": len(self._pending),
                     "queued_bytes": self._pending_bytes, **self.counters.__dict__}
+
+
+def _unlink(path: Path) -> None:
+    """Delete a file of ours; one that cannot be deleted (a directory under its name, a
+    read-only directory) is logged and left, never fatal to a read or to the writer."""
+    try:
+        path.unlink(missing_ok=True)
+    except OSError as e:
+        logger.warning("kvflow: cannot delete %s: %s", path, e)

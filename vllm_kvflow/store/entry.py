@@ -15,15 +15,34 @@ import torch
 
 
 def chunk_key(model_id: str, namespace: str, sink_ids, token_ids) -> str:
-    """Content hash of a chunk; position-independent by construction."""
+    """Content hash of a chunk; position-independent by construction. `namespace` is
+    what tenant_namespace() built; the fields are length-prefixed, so no namespace can
+    spell another's fields."""
     h = hashlib.sha256()
-    for part in (model_id, namespace):
-        h.update(part.encode())
-        h.update(b"\0")
-    h.update(int64_bytes(sink_ids))
-    h.update(b"\0")
-    h.update(int64_bytes(token_ids))
+    hash_fields(h, model_id, namespace, int64_bytes(sink_ids), int64_bytes(token_ids))
     return h.hexdigest()
+
+
+def tenant_namespace(namespace: str, salt: str | None) -> str:
+    """One string naming a (namespace, cache salt) pair, different for different pairs
+    whatever characters either holds: each field is prefixed by its length. An empty
+    salt is no salt, as in vLLM's prefix cache."""
+    fields = (namespace, salt) if salt else (namespace,)
+    return "".join(f"{len(f)}:{f}" for f in fields)
+
+
+def hash_fields(h, *fields: str | bytes | None) -> None:
+    """Feed fields to hash h so that different tuples of fields never feed it the same
+    bytes: each is tagged (absent, text, bytes) and length-prefixed. Text encodes as
+    UTF-8, lone surrogates included (surrogatepass), so every string has an identity."""
+    for field in fields:
+        if field is None:
+            h.update(b"N")
+            continue
+        tag, data = (b"S", field.encode("utf-8", "surrogatepass")) if isinstance(field, str) \
+            else (b"B", bytes(field))
+        h.update(tag + len(data).to_bytes(8, "little"))
+        h.update(data)
 
 
 def int64_bytes(ids) -> bytes:
