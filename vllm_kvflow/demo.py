@@ -9,12 +9,13 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 import sys
 
 from vllm_kvflow.bench.dataset import generate as make_dataset
-from vllm_kvflow.bench.engine import make_llm, time_first_token
+from vllm_kvflow.bench.engine import environment, make_llm, time_first_token
 from vllm_kvflow.rag import build_rag_prompt
 
 
@@ -27,6 +28,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-tokens", type=int, default=24)
     p.add_argument("--max-model-len", type=int, default=4096,
                    help="the engine's context length (its KV cache is sized from it)")
+    p.add_argument("--out", help="also write the timings and answers as JSON here")
     a = p.parse_args(argv)
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # keep the demo's output readable
 
@@ -43,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
         warm = build_rag_prompt(tok, "Index only.", it["passages"], method="none")
         time_first_token(llm, warm.vllm_prompt(), warm.kv_transfer_params)
 
-    rows = []
+    rows, records = [], []
     for i, it in enumerate(pool, 1):
         passages = it["passages"][::-1] if i % 2 else it["passages"]  # a new order: still hits
         answers = {}
@@ -57,6 +59,9 @@ def main(argv: list[str] | None = None) -> int:
             answers[method] = (ttft, text, stats, len(rp.prompt_token_ids))
         (t_full, a_full, _, n), (t_kv, a_kv, st, _) = answers["full"], answers[a.method]
         rows.append((t_full, t_kv))
+        records.append({"question": it["question"], "gold": it["answers"][0], "prompt_tokens": n,
+                        "full": {"ttft_s": t_full, "answer": a_full},
+                        a.method: {"ttft_s": t_kv, "answer": a_kv, "stats": st}})
         print(f"\nQ{i}: {it['question']}   (gold: {it['answers'][0]}, {n} prompt tokens)")
         print(f"  full prefill      TTFT {t_full:6.3f} s   {a_full!r}")
         print(f"  {a.method:<8} rho={a.ratio:<4} TTFT {t_kv:6.3f} s   {a_kv!r}")
@@ -67,6 +72,13 @@ def main(argv: list[str] | None = None) -> int:
     med_kv = statistics.median(r[1] for r in rows)
     print(f"\nmedian TTFT: full prefill {med_full:.3f} s, {a.method} {med_kv:.3f} s "
           f"-> {med_full / med_kv:.2f}x faster to the first token")
+    if a.out:
+        with open(a.out, "w") as f:
+            json.dump({**environment(), "command": "kvflow demo " + " ".join(argv or sys.argv[1:]),
+                       "method": a.method, "ratio": a.ratio, "median_ttft_full_s": med_full,
+                       f"median_ttft_{a.method}_s": med_kv, "speedup": med_full / med_kv,
+                       "questions": records}, f, indent=1)
+        print(f"wrote {a.out}")
     return 0
 
 

@@ -85,10 +85,32 @@ def time_first_token(llm, prompt: dict, kv_params: dict | None) -> tuple[float, 
     return time.perf_counter() - t0, out
 
 
+# CPU flags that decide vLLM's CPU kernels (and so every CPU figure): AVX2 only, AVX512,
+# its bf16 dot products, AMX tiles.
+CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16")
+
+
+def cpu_description() -> str:
+    """The CPU model, the cores this process may use and the flags that matter, e.g.
+    'AMD EPYC, 2 cores, avx2' (from /proc/cpuinfo)."""
+    model, flags = platform.processor() or platform.machine(), set()
+    try:
+        for line in open("/proc/cpuinfo"):
+            key, _, value = line.partition(":")
+            if key.strip() == "model name":
+                model = value.strip()
+            elif key.strip() == "flags":
+                flags = set(value.split())
+    except OSError:
+        pass
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    have = [f for f in CPU_FLAGS if f in flags]
+    return f"{model}, {cores} cores, {'+'.join(have) or 'no AVX2'}"
+
+
 def environment() -> dict[str, Any]:
     import torch
     import vllm
 
-    card = torch.cuda.get_device_name() if torch.cuda.is_available() else (
-        f"CPU {platform.processor() or platform.machine()} x{os.cpu_count()}")
+    card = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU {cpu_description()}"
     return {"card": card, "vllm": vllm.__version__, "torch": torch.__version__}
