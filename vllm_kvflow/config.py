@@ -50,7 +50,8 @@ class KVFlowConfig:
     # Blend work one engine step may carry (loads are asynchronous: vLLM keeps
     # scheduling other requests meanwhile), in rows through the model's layers: the
     # signal and recompute passes of ready requests, and the isolated computes of store
-    # misses. None: a quarter of vLLM's max_num_batched_tokens each.
+    # misses. None: an eighth of vLLM's max_num_batched_tokens each. A lone request, with
+    # no other in the step's forward, runs whole.
     max_blend_tokens_per_step: int | None = None
     max_isolated_tokens_per_step: int | None = None
     # Isolated computes one request may cause, at most this multiple of its prompt's

@@ -128,6 +128,43 @@ def check_partial(llm, tok) -> dict:
     return {"stats": s, "ok": s.get("fallback") is None and 0 < s["tokens_recomputed"] < s["candidate_tokens"]}
 
 
+def check_concurrent(llm, tok, n: int = 24) -> dict:
+    """The asynchronous load path under concurrency: n requests over overlapping
+    passages, on a cold store (a namespace of their own), submitted together (misses
+    computed once, loads and passes batched) and then one at a time (all hits): the same
+    greedy tokens and the same number of recomputed tokens."""
+    from vllm import SamplingParams
+
+    from vllm_kvflow.bench.dataset import generate
+    from vllm_kvflow.rag import build_rag_prompt
+
+    pool = [p for it in generate(4, num_passages=6, passage_words=60, seed=21) for p in it["passages"]]
+    built = []
+    for r in range(n):
+        passages = [pool[(r + 5 * k) % len(pool)] for k in range(5)]
+        p = build_rag_prompt(tok, f"Which city exports item {r}?", passages, method="infoflow", ratio=0.15)
+        p.kv_transfer_params["kvflow"]["namespace"] = "concurrent-check"
+        built.append(p)
+
+    def run(batch):
+        sps = [SamplingParams(temperature=0.0, max_tokens=6, extra_args={
+            "kv_transfer_params": p.kv_transfer_params}) for p in batch]
+        return llm.generate([p.vllm_prompt() for p in batch], sps, use_tqdm=False)
+
+    together = run(built)
+    alone = [run([p])[0] for p in built]
+    st_together = [o.kv_transfer_params["kvflow_stats"] for o in together]
+    st_alone = [o.kv_transfer_params["kvflow_stats"] for o in alone]
+    same = sum(list(a.outputs[0].token_ids) == list(b.outputs[0].token_ids)
+               and sa["tokens_recomputed"] == sb["tokens_recomputed"]
+               for a, b, sa, sb in zip(together, alone, st_together, st_alone))
+    return {"requests": n, "identical": same,
+            "misses_together": sum(s["chunks_missed"] for s in st_together),
+            "max_batched_with": max(s.get("batched_with", 0) for s in st_together),
+            "fallbacks": sum(bool(s.get("fallback")) for s in st_together + st_alone),
+            "ok": same == n and not any(s.get("fallback") for s in st_together + st_alone)}
+
+
 def _randomize_on_worker(worker) -> None:
     """collective_rpc target: each tensor-parallel worker randomizes its own shards."""
     from vllm_kvflow.bench.engine import randomize_weights
@@ -160,7 +197,8 @@ def main() -> int:
               "ratio_one": check_ratio_one(llm, tok, args.prompts, args.max_tokens),
               # The worker (and its cache) lives in this process only without TP.
               "rerotated_keys": check_rerotated_keys(tok) if args.tp == 1 else None,
-              "partial": check_partial(llm, tok)}
+              "partial": check_partial(llm, tok),
+              "concurrent": check_concurrent(llm, tok)}
     print(f"\n{args.model} on {report['card']} (vLLM {report['vllm']})")
     rows = report["ratio_one"]
     floor = rows[1]
@@ -186,7 +224,11 @@ def main() -> int:
     p = report["partial"]["stats"]
     print(f"  infoflow 0.15: recomputed {p.get('tokens_recomputed')}/{p.get('candidate_tokens')} "
           f"fallback {p.get('fallback')}")
-    ok &= k["ok"] and k["values_equal"] and report["partial"]["ok"]
+    c = report["concurrent"]
+    print(f"  {c['requests']} concurrent requests (cold store: {c['misses_together']} misses, "
+          f"passes batched up to {c['max_batched_with'] + 1} requests): {c['identical']} identical "
+          f"to one at a time, {c['fallbacks']} fallbacks")
+    ok &= k["ok"] and k["values_equal"] and report["partial"]["ok"] and c["ok"]
     report["pass"] = bool(ok)
     with open(args.out, "w") as f:
         json.dump(report, f, indent=1)

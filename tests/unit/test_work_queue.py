@@ -1,13 +1,17 @@
 """The worker's work queue (blend/work_queue.py) with a stand-in pipeline: per-step
 budgets, misses computed once for every request that waits for them, requests whose
-chunks all hit never wait behind misses, the per-request amplification limit, aborts,
-and failures that fail only the requests they touch."""
+chunks all hit never wait behind misses, a large recompute spread over steps while
+smaller requests go on, the per-request amplification limit, aborts, and failures that
+fail only the requests they touch. And, with a toy decoder, that recomputing a
+selection in position-ordered slices equals recomputing it at once."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
 import pytest
+import torch
 
+from toy_decoder import Toy
 from vllm_kvflow.blend.pipeline import IsolatedCompute, LoadPlan, LoadResult, Segment
 from vllm_kvflow.blend.selection import method
 from vllm_kvflow.blend.work_queue import SEGMENT_OVERHEAD_ROWS, LoadRefused, StepBudget, WorkQueue
@@ -20,6 +24,7 @@ class FakeJob:
     result: LoadResult = field(default_factory=LoadResult)
     segments: list = field(default_factory=list)
     chosen: object = None
+    recomputed: int = 0
 
     @property
     def req_id(self):
@@ -28,18 +33,20 @@ class FakeJob:
     def missing(self):
         return [s for s in self.segments if s.entry is None]
 
-    def recompute_rows(self):
-        return self.plan.ratio_rows
+    def rows_left(self):
+        return 0 if self.chosen is None else len(self.chosen) - self.recomputed
 
 
 class FakePipeline:
-    """Chunks are strings; the store is a set; 'computing' a chunk puts it there."""
+    """Chunks are strings; the store is a set; 'computing' a chunk puts it there. A job
+    selects plan.selected_rows rows (its question costs plan.question rows)."""
 
     def __init__(self, stored=(), fail_keys=()):
         self.store = set(stored)
         self.fail_keys = set(fail_keys)
         self.computed: list[list[str]] = []  # one list per isolated pass
-        self.blended: list[list[str]] = []  # one list per recompute pass
+        self.selected: list[list[str]] = []  # one list per selection pass
+        self.passes: list[list[tuple[str, int, int]]] = []  # one list per recompute pass
         self.adapter = type("A", (), {"num_layers": 30})()
 
     def resolve(self, job):
@@ -69,20 +76,30 @@ class FakePipeline:
             raise RuntimeError("bad load")
 
     def select_batch(self, jobs):
-        pass
+        self.selected.append([j.req_id for j in jobs])
+        for j in jobs:
+            j.chosen = list(range(j.plan.selected_rows))
 
-    def recompute_batch(self, jobs):
-        self.blended.append([j.req_id for j in jobs])
+    def recompute_slices(self, slices):
+        self.passes.append([(j.req_id, a, b) for j, a, b in slices])
 
 
-def job(req_id, chunks, rows=100, method_name="none", prompt_len=1000):
+def job(req_id, chunks, rows=100, method_name="infoflow", prompt_len=1000):
+    # the question is one token: infoflow's signal costs 0.75 rows
     plan = LoadPlan(req_id, [0] * prompt_len, [(0, 1)], (1, 2), method_name, 0.15, "", 0, [1])
-    plan.chunk_names, plan.ratio_rows = chunks, rows
+    plan.chunk_names, plan.selected_rows = chunks, rows
     return FakeJob(plan, method(method_name))
 
 
 def chunk(name, n=200):
     return name.ljust(n, ".")  # a chunk of n "tokens"
+
+
+def drain(q):
+    done = []
+    while len(q):
+        done += [f.job.req_id for f in q.step()]
+    return done
 
 
 def test_all_hit_requests_never_wait_behind_misses():
@@ -92,12 +109,8 @@ def test_all_hit_requests_never_wait_behind_misses():
     q.submit(job("hit", [chunk("a"), chunk("b")]))
     done = [f.job.req_id for f in q.step()]
     assert done == ["hit"]  # first step: the hit is blended, one miss computed
-    assert pipe.computed == [[chunk("x")]]  # the isolated budget admits one 232-row compute
-    steps = 1
-    while len(q):
-        done += [f.job.req_id for f in q.step()]
-        steps += 1
-    assert done == ["hit", "miss"] and steps == 3
+    assert pipe.computed == [[chunk("x")]]  # the isolated budget admits one 233-row compute
+    assert drain(q) == ["miss"] and len(pipe.computed) == 3
 
 
 def test_a_chunk_missed_by_many_requests_is_computed_once():
@@ -108,30 +121,58 @@ def test_a_chunk_missed_by_many_requests_is_computed_once():
     finished = q.step()
     assert sorted(f.job.req_id for f in finished) == [f"r{i}" for i in range(5)]
     assert sum(keys.count(chunk("shared")) for keys in pipe.computed) == 1
-    assert pipe.blended == [[f"r{i}" for i in range(5)]]  # one batched pass
+    assert pipe.selected == [[f"r{i}" for i in range(5)]]  # one batched selection
+    assert pipe.passes == [[(f"r{i}", 0, 100) for i in range(5)]]  # one batched recompute
 
 
-def test_blend_budget_bounds_each_step_but_admits_one():
+def test_a_large_recompute_spreads_over_steps_while_small_requests_go_on():
+    """Budget 300 rows: 'huge' (1000 rows) recomputes in position-ordered slices over
+    steps; 'small', arriving later, is selected at once and shares the rows fairly, so
+    it finishes in its first step instead of after 'huge'."""
+    pipe = FakePipeline(stored={chunk("a")})
+    q = WorkQueue(pipe, StepBudget(blend_rows=300, isolated_rows=1000))
+    q.submit(job("huge", [chunk("a")], rows=1000))
+    assert q.step() == [] and pipe.passes[-1] == [("huge", 0, 299)]  # 0.75 row of scoring
+    q.submit(job("small", [chunk("a")], rows=50))
+    assert [f.job.req_id for f in q.step()] == ["small"]
+    assert pipe.passes[-1] == [("huge", 299, 548), ("small", 0, 50)]  # 249 + 50 + 0.75
+    assert drain(q) == ["huge"]
+    slices = [s for p in pipe.passes for s in p if s[0] == "huge"]
+    assert slices[0][1] == 0 and slices[-1][2] == 1000 and all(
+        s1[2] == s2[1] for s1, s2 in zip(slices, slices[1:]))  # position order, complete
+    assert all(sum(b - a for _, a, b in p) <= 300 for p in pipe.passes)
+
+
+def test_fair_shares_fill_from_the_smallest():
+    from vllm_kvflow.blend.work_queue import fair_shares
+
+    jobs = [job(n, [], rows=r) for n, r in (("a", 500), ("b", 20), ("c", 90))]
+    for j in jobs:
+        j.chosen = list(range(j.plan.selected_rows))
+    got = {j.req_id: take for j, take in fair_shares(jobs, 300)}
+    assert got == {"b": 20, "c": 90, "a": 190}
+    got = {j.req_id: take for j, take in fair_shares(jobs, 2)}
+    assert got == {"a": 1, "b": 1}  # fewer rows than requests: the oldest first
+
+
+def test_blend_budget_bounds_each_steps_rows():
     pipe = FakePipeline(stored={chunk("a")})
     q = WorkQueue(pipe, StepBudget(blend_rows=250, isolated_rows=1000))
     for i in range(5):
         q.submit(job(f"r{i}", [chunk("a")], rows=100))
-    q.submit(job("huge", [chunk("a")], rows=5000))
-    sizes = []
-    while len(q):
-        q.step()
-        sizes.append(len(pipe.blended[-1]))
-    assert sizes == [2, 2, 1, 1]  # 2 x 100 rows fit 250; 'huge' alone, over budget
+    drain(q)
+    assert all(sum(b - a for _, a, b in p) <= 250 for p in pipe.passes)
+    assert sum(b - a for p in pipe.passes for _, a, b in p) == 500
 
 
 def test_isolated_work_per_request_is_limited():
     pipe = FakePipeline()
     q = WorkQueue(pipe, StepBudget(blend_rows=1000, isolated_rows=1000, max_isolated_per_prompt_token=4))
-    tiny = [f"{i:04d}" for i in range(200)]  # 200 one-token-ish chunks over a 100-token prompt
+    tiny = [f"{i:04d}" for i in range(200)]  # 200 tiny chunks over a 100-token prompt
     with pytest.raises(LoadRefused) as e:
         q.submit(job("amplify", tiny, prompt_len=100))
     assert e.value.reason == "isolated-compute-limit" and len(q) == 0
-    rows = 3 * (chunk("a").__len__() + 1 + SEGMENT_OVERHEAD_ROWS)
+    rows = 3 * (len(chunk("a")) + 1 + SEGMENT_OVERHEAD_ROWS)
     q.submit(job("fine", [chunk("a"), chunk("b"), chunk("c")], prompt_len=rows // 4 + 1))
 
 
@@ -141,8 +182,7 @@ def test_cancel_drops_the_request_and_work_only_it_waits_for():
     q.submit(job("keep", [chunk("shared")]))
     q.submit(job("gone", [chunk("shared"), chunk("mine")]))
     assert q.cancel("gone").req_id == "gone" and q.cancel("gone") is None
-    while len(q):
-        q.step()
+    drain(q)
     assert chunk("mine") not in pipe.store and chunk("shared") in pipe.store
 
 
@@ -166,3 +206,38 @@ def test_tensor_parallel_ranks_agree_on_hits():
     q.submit(job("r", [chunk("a"), chunk("b")]))
     q.step()
     assert pipe.computed == [[chunk("a")]]
+
+
+def test_recompute_in_position_ordered_slices_equals_recompute_at_once():
+    """The exactness of spreading a recompute over steps, on a toy decoder: the selected
+    tokens recomputed in three slices leave the same KV as one pass."""
+    from vllm_kvflow.blend.executor import LayerwiseExecutor
+    from vllm_kvflow.blend.paged import DenseKV
+
+    torch.manual_seed(0)
+    ex = LayerwiseExecutor(Toy(4, 2, 16))
+    n = 60
+    ids = torch.randint(0, 1000, (n,))
+    base = DenseKV(torch.randn(3, n, 2, 16), torch.randn(3, n, 2, 16))  # 'reused' KV
+    chosen = torch.tensor(sorted(torch.randperm(n)[:25].tolist()))
+    once = DenseKV(base.keys.clone(), base.values.clone())
+    ex.prefill(ids[chosen], chosen, once)
+    sliced = DenseKV(base.keys.clone(), base.values.clone())
+    for a, b in ((0, 7), (7, 8), (8, 25)):
+        ex.prefill(ids[chosen[a:b]], chosen[a:b], sliced)
+    torch.testing.assert_close(sliced.keys, once.keys, rtol=0, atol=1e-6)
+    torch.testing.assert_close(sliced.values, once.values, rtol=0, atol=1e-6)
+    assert not torch.allclose(once.keys[:, chosen], base.keys[:, chosen])  # it recomputed
+
+
+def test_a_lone_request_runs_whole_when_nobody_else_runs():
+    """No other request in the step's forward and one request queued: nobody waits for
+    the step, so its misses and its recompute run whole (its TTFT alone); with another
+    request running, the same request is bounded."""
+    pipe = FakePipeline()
+    q = WorkQueue(pipe, StepBudget(blend_rows=100, isolated_rows=100))
+    q.submit(job("alone", [chunk("x"), chunk("y")], rows=1000))
+    assert [f.job.req_id for f in q.step(others_running=False)] == ["alone"]
+    assert pipe.computed == [[chunk("x"), chunk("y")]] and pipe.passes == [[("alone", 0, 1000)]]
+    q.submit(job("busy", [chunk("x")], rows=1000))
+    assert q.step(others_running=True) == [] and pipe.passes[-1] == [("busy", 0, 99)]

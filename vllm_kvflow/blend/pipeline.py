@@ -123,7 +123,8 @@ class Job:
     ids: torch.Tensor | None = None  # the prompt on the device (None: nothing reads it)
     candidates: list[tuple[int, int]] = field(default_factory=list)
     inp: SelectionInput | None = None
-    chosen: torch.Tensor | None = None
+    chosen: torch.Tensor | None = None  # the positions to recompute, sorted
+    recomputed: int = 0  # how many of them are done (in position order)
 
     @property
     def req_id(self) -> str:
@@ -136,9 +137,9 @@ class Job:
     def missing(self) -> list[Segment]:
         return [s for s in self.segments if s.entry is None]
 
-    def recompute_rows(self) -> int:
-        """Rows of the recompute pass, known once the segments are (the budget)."""
-        return budget_for(sum(s.end - s.first for s in self.segments if not s.exact), self.ratio)
+    def rows_left(self) -> int:
+        """Selected tokens not recomputed yet (0 before the selection)."""
+        return 0 if self.chosen is None else int(self.chosen.numel()) - self.recomputed
 
 
 def reordered_layout(token_ids: list[int], chunks: list[tuple[int, int]], order: list[int]):
@@ -409,27 +410,36 @@ class BlendPipeline:
             job.result.tokens_recomputed = int(job.chosen.numel())
 
     # -- 5. recompute -------------------------------------------------------------------------
-    def recompute_batch(self, jobs: list[Job]) -> None:
-        """The selected tokens of every job, in batched passes: replayed graphs of up to
-        MAX_BATCH requests where capture is on, else one eager pass over all of them."""
-        jobs = [j for j in jobs if j.chosen is not None and j.chosen.numel()]
-        if not jobs:
+    def recompute_slices(self, slices: list[tuple[Job, int, int]]) -> None:
+        """Recompute chosen[start:end] of each job, in batched passes: replayed graphs of
+        up to MAX_BATCH requests where capture is on, else one eager pass over all. A
+        job's selected tokens may come in several slices, in position order (exact: a
+        token attends only to earlier positions, which earlier slices have written)."""
+        slices = [(j, a, b) for j, a, b in slices if b > a]
+        if not slices:
             return
+        jobs = [j for j, _, _ in slices]
         for job in jobs:
-            job.result.batched_with = len(jobs) - 1
+            job.result.batched_with = max(job.result.batched_with, len(jobs) - 1)
         with _timed(jobs, "recompute"):
             graphs = self._pass_graphs(jobs[0].kv)
             if graphs is not None and graphs.capture:
                 eager = []
-                for i in range(0, len(jobs), pass_graphs.MAX_BATCH):
-                    batch = jobs[i:i + pass_graphs.MAX_BATCH]
-                    items = [PrefillItem(j.ids[j.chosen], j.chosen, j.plan.context_end, j.kv.block_ids)
-                             for j in batch]
+                for i in range(0, len(slices), pass_graphs.MAX_BATCH):
+                    batch = slices[i:i + pass_graphs.MAX_BATCH]
+                    items = [PrefillItem(j.ids[j.chosen[a:b]], j.chosen[a:b], j.plan.context_end,
+                                         j.kv.block_ids) for j, a, b in batch]
                     if not graphs.prefill_batch(items):
                         eager += batch
-                jobs = eager
-            if jobs:
-                self.executor.prefill_groups([RowGroup(j.ids[j.chosen], j.chosen, j.kv) for j in jobs])
+                slices = eager
+            if slices:
+                self.executor.prefill_groups([RowGroup(j.ids[j.chosen[a:b]], j.chosen[a:b], j.kv)
+                                              for j, a, b in slices])
+
+    def recompute_batch(self, jobs: list[Job]) -> None:
+        """Every job's whole selection in one batched pass."""
+        self.recompute_slices([(j, j.recomputed, int(j.chosen.numel())) for j in jobs
+                               if j.chosen is not None])
 
     def run(self, plan: LoadPlan, kv: PagedKV) -> LoadResult:
         """One request's whole load at once: every step above, nothing batched (tests,

@@ -7,13 +7,20 @@ worker reports it done. Each engine step the worker runs a bounded part of this 
 - isolated computes (store and glue-cache misses), first come first served, at most
   `isolated_rows` rows per step, many chunks per batched pass; a chunk that several
   requests miss is computed once and becomes a hit for all of them;
-- requests whose chunks are all present, first come first served, at most `blend_rows`
-  rows (recompute rows plus what their signals cost) per step: their loads, then their
-  signals, selections and recomputes, each a batched pass over all of them.
+- at most `blend_rows` rows of blend work: new requests whose chunks are all present
+  (first come first served, within half of it): their loads, signals and selections,
+  one batched pass per signal; then the recomputes of every selected request, the rows
+  shared fairly between them, in one batched pass to which each request contributes a
+  slice of its selected tokens.
 
-Each budget admits at least one item per step, so every request progresses. A request
-waits for its own work and for work queued before it, never for a whole wave's, and
-requests whose chunks are all hits never wait behind misses. Nothing here knows vLLM.
+A request's recompute may take several steps: its selected tokens are recomputed in
+position order, a slice per step, which is exact (a token only attends to earlier
+positions, whose new K/V earlier slices have already written, and to itself). So a step
+carries bounded work however large a request is, and small requests and decoding go on
+at their pace during a burst. Each budget admits at least one item per step, so every
+request progresses; a request waits for its own work and for work queued before it,
+never for a whole wave's, and requests whose chunks are all hits never wait behind
+misses. Nothing here knows vLLM.
 """
 from __future__ import annotations
 
@@ -125,28 +132,37 @@ class WorkQueue:
         return job
 
     # -- one engine step ------------------------------------------------------------------------
-    def step(self) -> list[Finished]:
-        """Run this step's share of the work; the jobs that finished (or failed)."""
-        finished = self._run_isolated()
-        ready = [j for j in self._jobs.values() if not j.missing()]
-        batch, rows = [], 0.0
+    def step(self, others_running: bool = True) -> list[Finished]:
+        """Run this step's share of the work; the jobs that finished (or failed). With
+        no other request in the step's forward and one request queued, nobody waits for
+        this step: that request's work runs whole (a lone request's TTFT)."""
+        alone = not others_running and len(self._jobs) == 1
+        finished = self._run_isolated(unbounded=alone)
+        budget = float("inf") if alone else self.budget.blend_rows
+        # 1. New requests whose chunks are all present: load, signals, selection, first
+        #    come first served, within half the budget (at least one request), so that
+        #    a burst of arrivals cannot stall the recomputes under way.
         num_layers = self.pipeline.adapter.num_layers
-        for job in ready:
-            cost = job_rows(job, num_layers)
-            if batch and rows + cost > self.budget.blend_rows:
-                break
-            batch.append(job)
-            rows += cost
-        if batch:
-            for job in batch:
-                del self._jobs[job.req_id]
-            finished += self._blend(batch)
-        return finished
-
-    def _run_isolated(self) -> list[Finished]:
+        fresh, rows = [], 0.0
+        for job in self._jobs.values():
+            if job.chosen is None and not job.missing():
+                cost = selection_rows(job, num_layers)
+                if fresh and rows + cost > budget / 2:
+                    break
+                fresh.append(job)
+                rows += cost
+        finished += self._select(fresh)
+        # 2. The rest goes to the recomputes, shared fairly: every request with tokens
+        #    left gets an equal share, and what a small one does not need goes to the
+        #    others (so a small request finishes at once beside a large one).
+        active = [j for j in self._jobs.values() if j.rows_left() > 0]
+        if alone:
+            return finished + self._recompute([[j, j.rows_left()] for j in active])
+        return finished + self._recompute(fair_shares(active, max(1, int(budget - rows))))
+    def _run_isolated(self, unbounded: bool = False) -> list[Finished]:
         batch, rows = [], 0
         for task in self._tasks.values():
-            if batch and rows + task.rows > self.budget.isolated_rows:
+            if batch and rows + task.rows > self.budget.isolated_rows and not unbounded:
                 break
             batch.append(task)
             rows += task.rows
@@ -171,9 +187,10 @@ class WorkQueue:
         job = self.cancel(req_id)
         return Finished(job, error)
 
-    def _blend(self, jobs: list[Job]) -> list[Finished]:
-        """Load, select and recompute a batch of ready jobs. A job whose own load fails
-        falls back alone; a failure of a batched pass fails the batch."""
+    def _select(self, jobs: list[Job]) -> list[Finished]:
+        """Load and select a batch of ready jobs; those with nothing to recompute are
+        done. A job whose own load fails falls back alone; a failure of a batched pass
+        fails the batch."""
         loaded, finished = [], []
         for job in jobs:
             try:
@@ -181,18 +198,59 @@ class WorkQueue:
                 loaded.append(job)
             except Exception as e:  # noqa: BLE001
                 logger.exception("kvflow: load for %s failed", job.req_id)
-                finished.append(Finished(job, e))
+                finished.append(self._fail(job.req_id, e))
         try:
             self.pipeline.select_batch(loaded)
-            self.pipeline.recompute_batch(loaded)
         except Exception as e:  # noqa: BLE001
-            logger.exception("kvflow: blend pass over %d requests failed", len(loaded))
-            return finished + [Finished(job, e) for job in loaded]
-        return finished + [Finished(job) for job in loaded]
+            logger.exception("kvflow: selection pass over %d requests failed", len(loaded))
+            return finished + [self._fail(job.req_id, e) for job in loaded]
+        for job in loaded:
+            if job.rows_left() == 0:
+                del self._jobs[job.req_id]
+                finished.append(Finished(job))
+        return finished
+
+    def _recompute(self, slices: list[list]) -> list[Finished]:
+        """One batched pass over each job's next `take` selected tokens; the jobs whose
+        recompute ends here are done."""
+        if not slices:
+            return []
+        try:
+            self.pipeline.recompute_slices([(job, job.recomputed, job.recomputed + take)
+                                            for job, take in slices])
+        except Exception as e:  # noqa: BLE001
+            logger.exception("kvflow: recompute pass over %d requests failed", len(slices))
+            return [self._fail(job.req_id, e) for job, _ in slices]
+        finished = []
+        for job, take in slices:
+            job.recomputed += take
+            if job.rows_left() == 0:
+                del self._jobs[job.req_id]
+                finished.append(Finished(job))
+        return finished
 
 
-def job_rows(job: Job, num_layers: int) -> float:
-    """A ready job's cost in the blend budget: its recompute rows and its signals'
-    (twice for a method that reorders: it selects once before its final layout)."""
-    rows = job.recompute_rows() + signal_rows(job, num_layers)
+def fair_shares(jobs: list[Job], rows: int) -> list[list]:
+    """[job, take] pairs giving `rows` to jobs by max-min fairness (water filling over
+    their remaining tokens); with fewer rows than jobs, the oldest get one each."""
+    if rows < len(jobs):
+        return [[job, 1] for job in jobs[:rows]]
+    order = sorted(range(len(jobs)), key=lambda i: jobs[i].rows_left())
+    takes = [0] * len(jobs)
+    left = rows
+    for rank, i in enumerate(order):
+        share = left // (len(order) - rank)
+        takes[i] = min(jobs[i].rows_left(), share)
+        left -= takes[i]
+    for i in range(len(jobs)):  # rows still unassigned (integer shares): oldest first
+        extra = min(left, jobs[i].rows_left() - takes[i])
+        takes[i] += extra
+        left -= extra
+    return [[job, take] for job, take in zip(jobs, takes) if take > 0]
+
+
+def selection_rows(job: Job, num_layers: int) -> float:
+    """What a ready job's signals cost in the blend budget (twice for a method that
+    reorders: it selects once before its final layout)."""
+    rows = signal_rows(job, num_layers)
     return 2 * rows if job.method.reorders else rows

@@ -108,7 +108,9 @@ class KVFlowScheduler:
         return tenant_namespace(spec.namespace, tenant_salt(request))
 
     def build_connector_meta(self, scheduler_output) -> KVFlowConnectorMetadata:
-        meta = KVFlowConnectorMetadata(loads=list(self._pending.values()))
+        meta = KVFlowConnectorMetadata(
+            loads=list(self._pending.values()),
+            scheduled_tokens=int(getattr(scheduler_output, "total_num_scheduled_tokens", 0) or 0))
         self._awaiting_result.update(self._pending)
         self._pending.clear()
         return meta

@@ -144,7 +144,7 @@ class KVFlowWorker:
         t0 = time.perf_counter()
         self._steps += 1
         with _maybe_profiled(f"step{self._steps:06d}"):
-            finished = self._queue.step()
+            finished = self._queue.step(others_running=metadata.scheduled_tokens > 0)
         host_s = time.perf_counter() - t0
         for item in finished:
             self._finish(item.job.plan, item, host_s)
@@ -202,10 +202,11 @@ class KVFlowWorker:
 
 
 def step_budget(config: KVFlowConfig, vllm_config) -> StepBudget:
-    """The blend work one engine step may carry: the settings, by default a quarter of
-    the step's own token budget (vLLM's max_num_batched_tokens) for each kind."""
+    """The blend work one engine step may carry: the settings, by default an eighth of
+    the step's own token budget (vLLM's max_num_batched_tokens) for each kind, so that a
+    step with blend work takes at most about a quarter longer than vLLM's own largest."""
     step_tokens = int(getattr(vllm_config.scheduler_config, "max_num_batched_tokens", 0) or 2048)
-    default = max(256, step_tokens // 4)
+    default = max(128, step_tokens // 8)
     return StepBudget(blend_rows=config.max_blend_tokens_per_step or default,
                       isolated_rows=config.max_isolated_tokens_per_step or default,
                       max_isolated_per_prompt_token=config.max_isolated_tokens_per_prompt_token)
