@@ -55,6 +55,11 @@ class StepBudget:
     max_isolated_per_prompt_token: float = 4.0
 
 
+def isolated_rows(compute: IsolatedCompute) -> int:
+    """An isolated compute's cost in the budgets: its rows and the segment overhead."""
+    return compute.rows + SEGMENT_OVERHEAD_ROWS
+
+
 @dataclass
 class _Task:
     compute: IsolatedCompute
@@ -62,7 +67,7 @@ class _Task:
 
     @property
     def rows(self) -> int:
-        return self.compute.rows + SEGMENT_OVERHEAD_ROWS
+        return isolated_rows(self.compute)
 
 
 @dataclass
@@ -89,9 +94,6 @@ class WorkQueue:
     def __len__(self) -> int:
         return len(self._jobs)
 
-    def pending_isolated_rows(self) -> int:
-        return sum(t.rows for t in self._tasks.values())
-
     # -- arrivals and departures --------------------------------------------------------------
     def submit(self, job: Job) -> None:
         """Look the job's chunks up and queue what it misses. Raises LoadRefused when it
@@ -103,7 +105,7 @@ class WorkQueue:
             if here and not everywhere:  # another rank misses it: compute it here too
                 seg.entry = None
                 missing.append(self.pipeline.isolated_compute_for(seg))
-        rows = sum(t.rows + SEGMENT_OVERHEAD_ROWS for t in missing)
+        rows = sum(isolated_rows(t) for t in missing)
         limit = self.budget.max_isolated_per_prompt_token * len(job.plan.token_ids)
         if rows > limit:
             raise LoadRefused("isolated-compute-limit",
