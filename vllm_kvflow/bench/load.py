@@ -111,33 +111,38 @@ def summarize(method: str, concurrency: int, records: list[dict], wall: float) -
         "latency_p50_s": percentile(lat, 50), "latency_p99_s": percentile(lat, 99),
         "with_stats": sum(r["stats"] for r in done),
         "chunk_hit_rate": hits / (hits + misses) if hits + misses else None,
+        "chunks_missed": misses,
         "tokens_reused": sum(r["tokens_reused"] for r in done),
         "tokens_recomputed": sum(r["tokens_recomputed"] for r in done),
         "fallbacks": sum(bool(r.get("fallback")) for r in done),
     }
 
 
-def run_phase(client: KVFlowClient, pool, requests, method: str, concurrency: int,
+def run_phase(clients: list[KVFlowClient], pool, requests, method: str, concurrency: int,
               max_seconds: float, max_tokens: int, warmup: int) -> dict:
     """One method at one concurrency: warm-up requests (left out of the statistics),
-    then the measured ones; the first wave is also summarized alone."""
+    then the measured ones; the first wave is also summarized alone. With several
+    servers (replicas), request i goes to server i mod n."""
+    def send(i: int, req: dict) -> dict:
+        rec = _record(clients[i % len(clients)], req["question"], [pool[d] for d in req["docs"]],
+                      method, max_tokens)
+        rec.update(docs=req["docs"], server=i % len(clients))
+        return rec
+
     if warmup:
         with ThreadPoolExecutor(concurrency) as ex:
-            list(ex.map(lambda req: _record(client, req["question"], [pool[d] for d in req["docs"]],
-                                             method, max_tokens), requests[:warmup]))
+            list(ex.map(send, range(warmup), requests[:warmup]))
     measured = requests[warmup:]
     start = time.perf_counter()
     deadline = start + max_seconds
 
-    def one(req: dict) -> dict:
+    def one(i: int, req: dict) -> dict:
         if time.perf_counter() > deadline:
             return {"skipped": True}
-        rec = _record(client, req["question"], [pool[d] for d in req["docs"]], method, max_tokens)
-        rec["docs"] = req["docs"]
-        return rec
+        return send(warmup + i, req)
 
     with ThreadPoolExecutor(concurrency) as ex:
-        records = list(ex.map(one, measured))
+        records = list(ex.map(one, range(len(measured)), measured))
     wall = time.perf_counter() - start
     records = [r for r in records if not r.get("skipped")]
     summary = summarize(method, concurrency, records, wall)
@@ -253,7 +258,11 @@ def server_info(client: KVFlowClient) -> dict:
 
 
 def run(args, base_url: str) -> dict:
-    client = KVFlowClient(base_url, args.model_name, timeout_s=max(args.max_seconds * 2, 600))
+    """base_url: one server, or several separated by commas (replicas of one model,
+    requests alternating between them)."""
+    clients = [KVFlowClient(url, args.model_name, timeout_s=max(args.max_seconds * 2, 600))
+               for url in base_url.split(",")]
+    client = clients[0]
     info = server_info(client)
     if args.probe:
         return {"config": vars(args), "server": base_url, "server_info": info, "probe": probe(client, args)}
@@ -263,7 +272,7 @@ def run(args, base_url: str) -> dict:
     phases = []
     for concurrency in [int(c) for c in str(args.concurrency).split(",")]:
         for method in args.methods.split(","):
-            phase = run_phase(client, pool, requests, method, concurrency, args.max_seconds,
+            phase = run_phase(clients, pool, requests, method, concurrency, args.max_seconds,
                               args.max_tokens, args.warmup)
             if phase["first_error"]:
                 print(f"kvflow bench load: {method}: first error: {phase['first_error']}", file=sys.stderr)
@@ -279,7 +288,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="kvflow bench load", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     where = p.add_mutually_exclusive_group(required=True)
-    where.add_argument("--server", help="base URL of a running server with the connector")
+    where.add_argument("--server", help="base URL of a running server with the connector; several "
+                       "replicas: URLs separated by commas, requests alternate between them")
     where.add_argument("--spawn", action="store_true", help="start a local CPU server for the run")
     p.add_argument("--model", help="model to spawn (default: the embedded SmolLM2)")
     p.add_argument("--model-name", help="served model name (default: the server's first)")
