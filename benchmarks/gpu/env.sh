@@ -11,6 +11,7 @@ META="$HOME/kvflow_meta/vllm_kvflow-0.1.0.dist-info"
 mkdir -p "$META"
 printf 'Metadata-Version: 2.1\nName: vllm_kvflow\nVersion: 0.1.0\n' > "$META/METADATA"
 printf '[vllm.general_plugins]\nkvflow = vllm_kvflow.plugin:register\n' > "$META/entry_points.txt"
-export PYTHONPATH="$ROOT:$HOME/kvflow_meta:$HOME/site" VLLM_USE_FLASHINFER_SAMPLER=0 HF_HUB_OFFLINE=1 \
+# PYTHONPATH_EXTRA: more folders of carried packages (e.g. the redis client).
+export PYTHONPATH="$ROOT:$HOME/kvflow_meta:$HOME/site${PYTHONPATH_EXTRA:+:$PYTHONPATH_EXTRA}" VLLM_USE_FLASHINFER_SAMPLER=0 HF_HUB_OFFLINE=1 \
        VLLM_NO_USAGE_STATS=1 DO_NOT_TRACK=1 PYTHONUNBUFFERED=1
 exec "$@"
