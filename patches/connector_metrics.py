@@ -13,7 +13,7 @@ Exported (labels model_name, engine, plus the one named):
   vllm:kvflow_tokens_recomputed_total, vllm:kvflow_kernel_fallbacks_total,
   vllm:kvflow_fallbacks_total{reason},
   vllm:kvflow_store_evictions_total{tier}, vllm:kvflow_store_bytes{tier},
-  vllm:kvflow_store_entries{tier}.
+  vllm:kvflow_store_entries{tier}, vllm:kvflow_store_remote_errors_total{kind}.
 
 A vLLM without these classes (older releases) gets None from every hook: no metrics,
 nothing else changes.
@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from vllm_kvflow.connector.counters import COUNTERS, merge
+from vllm_kvflow.store.remote import ERROR_KINDS
 
 try:
     from vllm.distributed.kv_transfer.kv_connector.v1.metrics import (
@@ -65,11 +66,14 @@ if KVConnectorStats is not None:
             out = {f"kvflow_{k}": v for k, v in self.data.get("counts", {}).items()}
             out.update({f"kvflow_fallback_{r}": n for r, n in self.data.get("fallbacks", {}).items()})
             out.update({f"kvflow_store_bytes_{t}": s["bytes"] for t, s in self.data.get("store", {}).items()})
+            out.update({f"kvflow_store_remote_errors_{k}": n
+                        for k, n in self.data.get("remote_errors", {}).items()})
             return out
 
         def is_empty(self) -> bool:
             d = self.data
-            return not (any(d.get("counts", {}).values()) or d.get("store") or d.get("evictions"))
+            return not (any(d.get("counts", {}).values()) or d.get("store") or d.get("evictions")
+                        or d.get("remote_errors"))
 
 
 if KVConnectorPromMetrics is not None:
@@ -92,10 +96,16 @@ if KVConnectorPromMetrics is not None:
             self._entries = self._gauge_cls(
                 name=PREFIX + "store_entries", labelnames=names + ["tier"],
                 documentation="Chunks held by the chunk store, by tier.", multiprocess_mode="mostrecent")
+            self._remote_errors = self._counter_cls(
+                name=PREFIX + "store_remote_errors", labelnames=names + ["kind"],
+                documentation="Remote chunk tier faults (each a local miss), by kind.")
             # Counters show 0 before their first event, so a scrape can diff against them.
+            remote = _remote_configured(vllm_config)
             for labels in per_engine_labelvalues.values():
                 for counter in self._counters.values():
                     counter.labels(*labels)
+                for kind in ERROR_KINDS if remote else ():
+                    self._remote_errors.labels(*labels, kind)
 
         def observe(self, transfer_stats_data: dict[str, Any], engine_idx: int = 0):
             labels = self.per_engine_labelvalues[engine_idx]
@@ -106,9 +116,17 @@ if KVConnectorPromMetrics is not None:
                 self._fallbacks.labels(*labels, reason).inc(n)
             for tier, n in transfer_stats_data.get("evictions", {}).items():
                 self._evictions.labels(*labels, tier).inc(n)
+            for kind, n in transfer_stats_data.get("remote_errors", {}).items():
+                self._remote_errors.labels(*labels, kind).inc(n)
             for tier, snap in transfer_stats_data.get("store", {}).items():
                 self._bytes.labels(*labels, tier).set(snap["bytes"])
                 self._entries.labels(*labels, tier).set(snap["entries"])
+
+
+def _remote_configured(vllm_config) -> bool:
+    transfer = getattr(vllm_config, "kv_transfer_config", None)
+    extra = getattr(transfer, "kv_connector_extra_config", None) or {}
+    return bool(extra.get("store_remote_url"))
 
 
 def make_prom_metrics(vllm_config, metric_types, labelnames, per_engine_labelvalues):

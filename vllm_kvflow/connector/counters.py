@@ -23,12 +23,20 @@ COUNTERS = ("requests", "chunk_hits", "chunk_misses", "chunks_unlocatable",
 
 def store_tiers(store: dict[str, Any], default_tier: str) -> dict[str, dict[str, int]]:
     """{tier: {"bytes", "entries", "evictions"}} from a worker's store snapshot: a
-    tiered store reports `{"tiers": {name: {...}}}`, a single-tier one flat fields."""
+    tiered store reports `{"tiers": {name: {...}}}`, a single-tier one flat fields.
+    The remote tier is left out: its size is the server's, not known here."""
     tiers = store.get("tiers")
     if not isinstance(tiers, dict):
         tiers = {default_tier: store}
     return {name: {k: int(t.get(k, 0) or 0) for k in ("bytes", "entries", "evictions")}
-            for name, t in tiers.items() if isinstance(t, dict)}
+            for name, t in tiers.items() if isinstance(t, dict) and name != "remote"}
+
+
+def remote_errors(store: dict[str, Any]) -> dict[str, int]:
+    """{kind: count since the worker started} of the remote tier's faults, or {}."""
+    remote = (store.get("tiers") or {}).get("remote")
+    errors = remote.get("errors") if isinstance(remote, dict) else None
+    return {k: int(n or 0) for k, n in errors.items()} if isinstance(errors, dict) else {}
 
 
 class ServingCounters:
@@ -39,6 +47,8 @@ class ServingCounters:
         self._store: dict[str, dict[str, int]] = {}  # latest snapshot per tier
         self._evictions: dict[str, int] = {}  # since the last drain, per tier
         self._seen_evictions: dict[str, int] = {}  # the store's cumulative count
+        self._remote_errors: dict[str, int] = {}  # since the last drain, per kind
+        self._seen_remote_errors: dict[str, int] = {}
 
     def observe_request(self, stats: dict[str, Any]) -> None:
         self._counts["requests"] += 1
@@ -57,15 +67,23 @@ class ServingCounters:
                 self._evictions[tier] = self._evictions.get(tier, 0) + snap["evictions"] - seen
             self._seen_evictions[tier] = snap["evictions"]
             self._store[tier] = {"bytes": snap["bytes"], "entries": snap["entries"]}
+        for kind, n in remote_errors(store).items():
+            seen = self._seen_remote_errors.get(kind, 0)
+            if n > seen:
+                self._remote_errors[kind] = self._remote_errors.get(kind, 0) + n - seen
+            self._seen_remote_errors[kind] = n
 
     def drain(self) -> dict[str, Any] | None:
         """Everything since the last drain (store: latest snapshot), or None if nothing."""
-        if not any(self._counts.values()) and not self._store and not self._evictions:
+        if not any(self._counts.values()) and not self._store and not self._evictions \
+                and not self._remote_errors:
             return None
         out = {"counts": self._counts, "fallbacks": self._fallbacks,
-               "store": self._store, "evictions": self._evictions}
+               "store": self._store, "evictions": self._evictions,
+               "remote_errors": self._remote_errors}
         self._counts = dict.fromkeys(COUNTERS, 0)
         self._fallbacks, self._store, self._evictions = {}, {}, {}
+        self._remote_errors = {}
         return out
 
 
@@ -77,4 +95,5 @@ def merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
     return {"counts": add(a.get("counts", {}), b.get("counts", {})),
             "fallbacks": add(a.get("fallbacks", {}), b.get("fallbacks", {})),
             "store": {**a.get("store", {}), **b.get("store", {})},
-            "evictions": add(a.get("evictions", {}), b.get("evictions", {}))}
+            "evictions": add(a.get("evictions", {}), b.get("evictions", {})),
+            "remote_errors": add(a.get("remote_errors", {}), b.get("remote_errors", {}))}

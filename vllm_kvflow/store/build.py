@@ -1,4 +1,5 @@
-"""The worker's chunk store, from the settings: memory tiers, then the optional disk tier."""
+"""The worker's chunk store, from the settings: memory tiers, then the optional disk
+and remote tiers."""
 from __future__ import annotations
 
 import logging
@@ -12,7 +13,8 @@ logger = logging.getLogger("vllm_kvflow.store")
 
 def build_store(config: KVFlowConfig, device: str, identity: str) -> ChunkStore:
     """device: the worker's device ("cpu", "cuda:0", ...); identity: model, dtype, KV
-    layout and rank, written into disk files so another model's KV is never loaded."""
+    layout and rank, written into disk files and remote keys and values so another
+    model's KV is never loaded."""
     on_device = not str(device).startswith("cpu")
     if not on_device and config.store_device_gb is not None:
         logger.warning("kvflow: store_device_gb is ignored on CPU (host RAM is the first tier)")
@@ -24,4 +26,12 @@ def build_store(config: KVFlowConfig, device: str, identity: str) -> ChunkStore:
 
         disk = DiskTier(config.store_disk_path, config.store_disk_bytes, identity,
                         scan_seconds=config.store_disk_scan_s)
-    return ChunkStore(tiers=tiers, disk=disk)
+    remote = None
+    if config.store_remote_url is not None:
+        from vllm_kvflow.store.remote import RemoteTier  # needs redis; only when asked for
+
+        remote = RemoteTier(config.store_remote_url, identity, config.store_remote_bytes,
+                            connect_timeout_s=config.store_remote_connect_timeout_s,
+                            timeout_s=config.store_remote_timeout_s,
+                            queue_bytes=int(config.store_remote_queue_mb * (1 << 20)))
+    return ChunkStore(tiers=tiers, disk=disk, remote=remote)

@@ -7,7 +7,9 @@ the token ids, not only the hash.
 Memory tiers (tiers.py) are LRU in bytes and exclusive: what one evicts is demoted to
 the next, and a hit in a lower tier is promoted to the first. The disk tier (disk.py) is
 write-through: every new chunk is queued for a background write, so a restart finds it
-whether or not it was ever evicted; demotion to disk is then a no-op.
+whether or not it was ever evicted; demotion to disk is then a no-op. The remote tier
+(remote.py, a Redis/Valkey server shared by replicas) is below the disk, written
+through in the same way; a hit there is promoted to memory (and written to disk).
 """
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ from vllm_kvflow.store.tiers import MemoryTier
 
 if TYPE_CHECKING:
     from vllm_kvflow.store.disk import DiskTier
+    from vllm_kvflow.store.remote import RemoteTier
 
 
 @dataclass
@@ -39,11 +42,13 @@ class ChunkStore:
 
     ChunkStore(capacity_bytes) is one host-memory tier, as before tiers existed.
     len() and nbytes count the memory tiers (what is resident); stats() has every tier.
-    Not thread-safe: one per worker process (the disk tier's writer thread is internal).
+    Not thread-safe: one per worker process (the writer threads of the disk and remote
+    tiers are internal). `in` and len() never ask the remote tier (no network there).
     """
 
     def __init__(self, capacity_bytes: int | None = None, counters: StoreCounters | None = None,
-                 *, tiers: list[MemoryTier] | None = None, disk: DiskTier | None = None):
+                 *, tiers: list[MemoryTier] | None = None, disk: DiskTier | None = None,
+                 remote: RemoteTier | None = None):
         if (capacity_bytes is None) == (tiers is None):
             raise ValueError("give exactly one of capacity_bytes or tiers")
         self.tiers = list(tiers) if tiers is not None else [MemoryTier("host", capacity_bytes)]
@@ -51,6 +56,7 @@ class ChunkStore:
             raise ValueError("a chunk store needs at least one memory tier")
         self.counters = counters or StoreCounters()
         self.disk = disk
+        self.remote = remote
         if disk is not None:
             disk.on_evict = self._count_eviction
 
@@ -95,6 +101,14 @@ class ChunkStore:
             self.disk.counters.hits += 1
             # The file stays: the disk tier is write-through, so it already holds it.
             return self._hit(self._insert(0, key, entry) or entry)
+        entry = self.remote.get(key) if self.remote is not None else None
+        if entry is not None:
+            if not self._verify(entry, tokens):
+                return None
+            self.remote.counters.hits += 1
+            if self.disk is not None:
+                self.disk.enqueue(key, entry, wait=False)
+            return self._hit(self._insert(0, key, entry) or entry)
         self.counters.misses += 1
         return None
 
@@ -107,7 +121,8 @@ class ChunkStore:
         # Write-through never blocks the request path: a full queue drops the write
         # (the entry is queued again, waiting, if it is ever demoted out of memory).
         on_disk = self.disk is not None and self.disk.enqueue(key, entry, wait=False)
-        if stored is None and not on_disk:
+        remote = self.remote is not None and self.remote.enqueue(key, entry)
+        if stored is None and not on_disk and not remote:
             self.counters.rejected_too_large += 1
             return False
         self.counters.inserts += 1
@@ -119,27 +134,33 @@ class ChunkStore:
             tier.pop(key)
         if self.disk is not None:
             self.disk.discard(key)
+        if self.remote is not None:
+            self.remote.discard(key)
 
     def clear(self) -> None:
-        """Empty the memory tiers (the disk tier keeps its files: discard() removes one)."""
+        """Empty the memory tiers (disk and remote keep theirs: discard() removes one)."""
         for tier in self.tiers:
             tier.clear()
 
     def flush(self) -> None:
-        """Wait until queued disk writes are on disk."""
-        if self.disk is not None:
-            self.disk.flush()
+        """Wait until queued disk and remote writes are done."""
+        for tier in (self.disk, self.remote):
+            if tier is not None:
+                tier.flush()
 
     def close(self) -> None:
-        """Flush and stop the disk writer (called on worker shutdown and at exit)."""
-        if self.disk is not None:
-            self.disk.close()
+        """Flush and stop the disk and remote writers (on worker shutdown and at exit)."""
+        for tier in (self.disk, self.remote):
+            if tier is not None:
+                tier.close()
 
     def stats(self) -> dict:
         """Resident entries/bytes, the store counters, and each tier's own stats."""
         tiers = {t.name: t.stats() for t in self.tiers}
         if self.disk is not None:
             tiers["disk"] = self.disk.stats()
+        if self.remote is not None:
+            tiers["remote"] = self.remote.stats()
         return {"entries": len(self), "bytes": self.nbytes, **self.counters.as_dict(),
                 "tiers": tiers}
 

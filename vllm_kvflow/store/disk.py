@@ -1,9 +1,8 @@
 """Disk tier of the chunk store: one safetensors file per chunk, in one directory.
 
-File `<sha256(key)[:32]>.<tag>.safetensors`, tag = sha256(identity)[:16]: tensors
-`keys`, `values`, `token_ids`; header metadata `format`, `key`, `identity` (model,
-dtype, layout, rank: KV of another model or layout is never used), `local_start` and
-`checksum` = sha256 over those fields and every tensor's dtype, shape and bytes.
+File `<sha256(key)[:32]>.<tag>.safetensors`, tag = sha256(identity)[:16], in the
+self-checking format of chunk_format.py (header with model identity, key, token ids
+and a checksum over all of it; KV of another model or layout is never used).
 
 - Writes run on a background thread from a queue bounded in bytes; each goes to a temp
   file, is fsynced, then renamed, so a final name only ever holds a complete file.
@@ -26,7 +25,6 @@ from __future__ import annotations
 
 import atexit
 import hashlib
-import json
 import logging
 import os
 import stat
@@ -37,27 +35,23 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-import torch
-from safetensors.torch import load as st_load
-from safetensors.torch import save as st_save
-
+from vllm_kvflow.store.chunk_format import (
+    MAX_HEADER_BYTES,
+    CorruptEntry,
+    ForeignEntry,
+    check_meta,
+    decode,
+    encode,
+    parse_header,
+)
 from vllm_kvflow.store.entry import ChunkKV
 
 logger = logging.getLogger("vllm_kvflow.store")
 
-FORMAT = "kvflow-chunk-v1"
 SUFFIX = ".safetensors"
-MAX_HEADER_BYTES = 1 << 20  # ours are < 1 KiB; a larger length field is corruption
 DEFAULT_QUEUE_BYTES = 256 << 20
 DEFAULT_SCAN_SECONDS = 30.0
-
-
-class CorruptFile(Exception):
-    pass
-
-
-class ForeignFile(Exception):
-    """A well-formed file of another model identity: skipped, left in place."""
+__all__ = ["DiskTier", "parse_header"]  # parse_header: for tools reading files directly
 
 
 class NotRegularFile(OSError):
@@ -76,19 +70,6 @@ class DiskCounters:
     rejected_too_large: int = 0
     read_errors: int = 0  # unreadable (not a regular file, permissions, I/O): dropped, left
     scan_unindexed: int = 0  # files the start-up scan had no time left to index: absent
-
-
-def _tensor_bytes(t: torch.Tensor) -> memoryview:
-    return memoryview(t.contiguous().reshape(-1).view(torch.uint8).numpy())
-
-
-def checksum(fields: dict[str, str], tensors: dict[str, torch.Tensor]) -> str:
-    h = hashlib.sha256(json.dumps(fields, sort_keys=True).encode())
-    for name in sorted(tensors):
-        t = tensors[name]
-        h.update(f"|{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        h.update(_tensor_bytes(t))
-    return h.hexdigest()
 
 
 def read_regular_file(path: Path, limit: int = -1) -> tuple[bytes, os.stat_result]:
@@ -123,24 +104,6 @@ def _kind(mode: int) -> str | None:
         if test(mode):
             return name
     return f"of mode {oct(mode)}"
-
-
-def parse_header(prefix: bytes) -> tuple[dict[str, str], int]:
-    """(metadata, total file size the header implies) from a file's first bytes."""
-    if len(prefix) < 8:
-        raise CorruptFile("shorter than the header length field")
-    n = int.from_bytes(prefix[:8], "little")
-    if not 2 <= n <= MAX_HEADER_BYTES or len(prefix) < 8 + n:
-        raise CorruptFile(f"bad header length {n}")
-    try:
-        header = json.loads(prefix[8:8 + n])
-        meta = header.pop("__metadata__")
-        end = max(int(t["data_offsets"][1]) for t in header.values())
-        if not isinstance(meta, dict):
-            raise TypeError("metadata is not a dict")
-    except (ValueError, KeyError, TypeError, IndexError) as e:  # bad JSON/UTF-8/fields
-        raise CorruptFile(f"unreadable header: {e}") from None
-    return meta, 8 + n + end
 
 
 class DiskTier:
@@ -216,37 +179,12 @@ class DiskTier:
         except OSError:
             pass  # readable but not ours to touch: only the rank after a restart is lost
         try:
-            return self._decode(key, data)
-        except CorruptFile as e:
+            return decode(data, key, self.identity)
+        except CorruptEntry as e:
             self._reject(path, key, str(e))
-        except ForeignFile as e:
+        except ForeignEntry as e:
             self._skip_foreign(path, key, str(e))
         return None
-
-    def _decode(self, key: str, data: bytes) -> ChunkKV:
-        meta, size = parse_header(data[:8 + MAX_HEADER_BYTES])
-        if size != len(data):
-            raise CorruptFile(f"size {len(data)} B, header says {size} B (truncated?)")
-        self._check_meta(meta, key)
-        try:
-            tensors = st_load(data)
-        except Exception as e:  # noqa: BLE001 - safetensors raises its own error types
-            raise CorruptFile(f"safetensors: {e}") from None
-        fields = {k: meta[k] for k in ("format", "key", "identity", "local_start")}
-        if set(tensors) != {"keys", "values", "token_ids"} or checksum(fields, tensors) != meta.get("checksum"):
-            raise CorruptFile("checksum mismatch")
-        keys, values, ids = tensors["keys"], tensors["values"], tensors["token_ids"]
-        if keys.dim() != 4 or keys.shape != values.shape or keys.shape[1] != ids.numel():
-            raise CorruptFile(f"inconsistent shapes {tuple(keys.shape)} {tuple(values.shape)}")
-        return ChunkKV(tuple(ids.tolist()), keys, values, int(meta["local_start"]))
-
-    def _check_meta(self, meta: dict[str, str], key: str | None) -> None:
-        if meta.get("format") != FORMAT:
-            raise CorruptFile(f"format {meta.get('format')!r}")
-        if meta.get("identity") != self.identity:
-            raise ForeignFile(f"identity {meta.get('identity')!r}, expected {self.identity!r}")
-        if key is not None and meta.get("key") != key:
-            raise CorruptFile("key in header does not match")
 
     # -- writes ------------------------------------------------------------------------------
     def enqueue(self, key: str, entry: ChunkKV, wait: bool) -> bool:
@@ -299,12 +237,7 @@ class DiskTier:
                 self._cond.notify_all()
 
     def _write_file(self, key: str, entry: ChunkKV) -> int:
-        tensors = {"keys": entry.keys.detach().cpu().contiguous(),
-                   "values": entry.values.detach().cpu().contiguous(),
-                   "token_ids": torch.tensor(entry.token_ids, dtype=torch.int64)}
-        fields = {"format": FORMAT, "key": key, "identity": self.identity,
-                  "local_start": str(entry.local_start)}
-        data = st_save(tensors, metadata={**fields, "checksum": checksum(fields, tensors)})
+        data = encode(key, self.identity, entry)
         final = self.file_for(key)
         tmp = final.with_name(f".{final.name}.{os.getpid()}.tmp")
         try:
@@ -360,20 +293,20 @@ class DiskTier:
                 prefix, st = read_regular_file(path, 8 + MAX_HEADER_BYTES)
                 meta, size = parse_header(prefix)
                 if size != st.st_size:
-                    raise CorruptFile(f"size {st.st_size} B, header says {size} B (truncated?)")
-                self._check_meta(meta, None)
+                    raise CorruptEntry(f"size {st.st_size} B, header says {size} B (truncated?)")
+                check_meta(meta, self.identity, None)
                 key = meta.get("key", "")
                 if self.file_for(key) != path:
-                    raise CorruptFile("file name does not match the key in its header")
+                    raise CorruptEntry("file name does not match the key in its header")
             except FileNotFoundError:
                 continue
             except OSError as e:
                 self._read_fault(path, None, e)
                 continue
-            except CorruptFile as e:
+            except CorruptEntry as e:
                 self._reject(path, None, str(e))
                 continue
-            except ForeignFile as e:
+            except ForeignEntry as e:
                 self._skip_foreign(path, None, str(e))
                 continue
             found.append((mtime, key, size))
