@@ -79,6 +79,16 @@ def rel(a, b):
     return float((a.double() - b.double()).norm() / b.double().norm())
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tensors here are tiny: one thread runs them fastest, and on a busy machine extra
+    OpenMP threads only spin (restored afterwards)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 # -- order and plans -------------------------------------------------------------------------
 @pytest.mark.parametrize("llm_h,llm_w", [(8, 8), (5, 7), (1, 9), (13, 4), (37, 37)])
 def test_window_order_matches_the_loops(llm_h, llm_w):
