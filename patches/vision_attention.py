@@ -14,7 +14,8 @@ blocks, a HilbertEncoderAttention in place of the op (vision/encoder_attention.p
 instance-level forward that tells them the frames of the call (grid_thw). A forward
 without grid_thw (vLLM's encoder CUDA graphs replay with metadata only) runs the stock op,
 with a warning. A torch-compiled encoder (compile_mm_encoder) is refused: the op reads
-its frames from Python state that a compiled graph would freeze.
+its frames from Python state that a compiled graph would freeze; so is FP8 encoder
+attention (the kernel takes 16- or 32-bit q, k, v).
 
 The setting comes from kv_connector_extra_config of the engine's kvflow connector (read
 through vLLM's current config while the model is built). `enable` / `disable` switch an
@@ -98,10 +99,13 @@ def enable(encoder, settings: HilbertASettings | None = None, *, kernel: str | N
         raise ValueError("vision_attention 'hilberta' runs the vision encoder eagerly; turn off "
                          "compile_mm_encoder in the compilation config (blocks "
                          f"{compiled[:4]} are torch-compiled)")
+    blocks = family.full_blocks(encoder)
+    if any(getattr(encoder.blocks[i].attn.attn, "fp8_enabled", False) for i in blocks):
+        raise ValueError("vision_attention 'hilberta' takes the encoder's bf16/fp16 q, k, v; "
+                         "turn off mm_encoder_attn_dtype 'fp8'")
     merge = int(encoder.spatial_merge_size)
     ctx = EncoderContext(merge, family.window_units(encoder), settings or HilbertASettings(),
                          unit_order=family.unit_order(encoder), kernel=kernel)
-    blocks = family.full_blocks(encoder)
     for ordinal, index in enumerate(blocks):
         attn = encoder.blocks[index].attn
         stock = attn.attn

@@ -124,6 +124,11 @@ def test_compiled_or_unknown_encoders_are_refused():
     with pytest.raises(ValueError, match="compile_mm_encoder"):
         va.enable(enc, SMALL)
 
+    enc = _encoder()
+    enc.blocks[5].attn.attn.fp8_enabled = True
+    with pytest.raises(ValueError, match="fp8"):
+        va.enable(enc, SMALL)
+
     class OtherEncoder(torch.nn.Module):
         blocks = []
 
