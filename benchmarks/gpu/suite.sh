@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU engine runs, in the order they were made on a two-GPU machine (each step fits
 # one 10-minute device call; independent runs go side by side, one per GPU).
-#   bash benchmarks/gpu/suite.sh tests|engine|more|tp2|profile|tp2check|load|load64 MODELS OUT
+#   bash benchmarks/gpu/suite.sh tests|engine|more|tp2|profile|tp2check|load|load64|vision MODELS OUT
 # MODELS: model dirs from prepare_models.py; OUT: where logs and JSON go.
 set -o pipefail
 step=$1 models=$2 out=$3
@@ -41,6 +41,11 @@ case $step in
       --out "$out/load_gpu_llama8b_c64_H200.json"
     TAG=probe $load --probe --probe-tokens 200 --burst 32 --burst-docs 8 --burst-doc-words 330 \
       --probe-repeats 5 --out "$out/probe_gpu_llama8b_H200.json" ;;
+  vision)  # HilbertA in vLLM's Qwen2.5-VL vision encoder (7B shapes, random weights): its GPU
+           # tests, then encoder and attention times at 1024^2 and 2048^2 (MODELS unused)
+    bash "$here/env.sh" python3 -m pytest tests/gpu/test_vision_encoder_gpu.py -q 2>&1 | tail -n 15
+    bash "$here/env.sh" python3 benchmarks/gpu/vision_encoder_bench.py \
+      --out "$out/vision_encoder_H200.json" 2>&1 | grep -v " INFO \| WARNING " | tail -n 20 ;;
   tp2check)  # the tensor-parallel exactness check alone
     CHECK_MODELS=llama-3.1-8b TAG=tp2 bash "$here/run_engine_gpu.sh" check "$models" "$out/check" --dtype float16 --tp 2 ;;
   *) echo "unknown step $step" >&2; exit 2 ;;
