@@ -38,8 +38,8 @@ class ImageInput:
 
 def _check_images(images: Sequence[ImageInput] | None, prompt_len: int, what: str):
     if images is None:
-        raise RequestError(f"{what}: image chunks need a model that takes images; this "
-                           "model takes text only")
+        raise RequestError(f"{what}: image chunks need a model that takes images, and "
+                           "this request has none that kvflow knows of (text-only model)")
     for n, img in enumerate(images):
         if not 0 <= img.offset < img.offset + img.length <= prompt_len:
             # The engine's own data, not the client's: say so plainly.
