@@ -79,12 +79,15 @@ def _default_dtype(dtype: torch.dtype):
 
 @torch.no_grad()
 def _random_weights(model: torch.nn.Module, std: float, seed: int) -> None:
-    gen = torch.Generator(device="cpu").manual_seed(seed)
+    gens: dict = {}  # one generator per device: the weights are drawn where they live
     for name, p in model.named_parameters():
         if p.dim() == 1 and ("norm" in name or "ln_q" in name):
             p.fill_(1.0)
-        else:
-            p.copy_(torch.randn(p.shape, generator=gen) * std)
+            continue
+        gen = gens.get(p.device)
+        if gen is None:
+            gen = gens[p.device] = torch.Generator(device=p.device).manual_seed(seed)
+        p.copy_(torch.randn(p.shape, generator=gen, device=p.device, dtype=torch.float32) * std)
 
 
 def build_qwen25_vision_encoder(config_path: str | Path, *, dtype: torch.dtype = torch.bfloat16,
@@ -100,8 +103,11 @@ def build_qwen25_vision_encoder(config_path: str | Path, *, dtype: torch.dtype =
         raise ValueError(f"{config_path}: model_type {getattr(hf, 'model_type', None)!r}, "
                          "expected 'qwen2_5_vl'")
     vllm_config = VllmConfig()
-    if torch.device(device).type == "cuda":
-        torch.cuda.set_device(torch.device(device))
+    device = torch.device(device)
+    if device.type == "cuda":
+        if device.index is None:  # set_device needs an index
+            device = torch.device("cuda", torch.cuda.current_device())
+        torch.cuda.set_device(device)
     with set_current_vllm_config(vllm_config):
         _ensure_parallel_state()
         ir_priority = getattr(getattr(vllm_config, "kernel_config", None), "ir_op_priority", None)

@@ -239,6 +239,8 @@ def _device_index(plan: SegmentPlan, device, cache: dict | None) -> torch.Tensor
         return cache[key][1]
     idx = torch.from_numpy(np.asarray(plan.layout.order) + plan.start).to(device)
     if cache is not None:
+        if len(cache) >= 1024:  # many batch compositions: start over
+            cache.clear()
         cache[key] = (plan.layout, idx)  # holds the layout so its id is not reused
     return idx
 
