@@ -13,6 +13,10 @@ from vllm_kvflow.blend.selection import METHODS as _REGISTERED
 
 # Every registered blend method (blend/selection.py), in registration order.
 METHODS = tuple(_REGISTERED)
+# Which images of a request are chunks (vision/image_declaration.py), and the attention
+# of the vision encoder's full-attention blocks (vision/encoder_attention.py).
+IMAGE_CHUNK_MODES = ("declared", "all")
+VISION_ATTENTION = ("stock", "hilberta")
 
 
 @dataclass(frozen=True)
@@ -78,6 +82,12 @@ class KVFlowConfig:
     # model pass whatever its length, which for a few tokens costs more than prefilling
     # them; real passages are tens to hundreds of tokens.
     min_chunk_tokens: int = 16
+    # Images as chunks: "declared" (those a request names with {"image": i}, and any in
+    # the reused context) or "all" (every image of every request).
+    image_chunks: str = "declared"
+    # The vision encoder's full-attention blocks: "stock" (vLLM's attention) or
+    # "hilberta" (HilbertA sparse attention; changes the encoder's outputs).
+    vision_attention: str = "stock"
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -105,6 +115,10 @@ class KVFlowConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"kvflow: {name} must be an integer >= 1, got {value!r}")
+        for name, allowed in (("image_chunks", IMAGE_CHUNK_MODES),
+                              ("vision_attention", VISION_ATTENTION)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"kvflow: {name} must be one of {allowed}, got {getattr(self, name)!r}")
         if self.store_disk_path is not None and (
                 not isinstance(self.store_disk_path, str) or not self.store_disk_path):
             raise ValueError("kvflow: store_disk_path must be a non-empty string")

@@ -25,6 +25,10 @@ def register() -> None:
     stream_stats.install()  # patches the API server's stream generators on their import
     declaration_guard.install()  # and its entry points: 400 for untransportable declarations
 
+    from vllm_kvflow.patches import vision_attention
+
+    vision_attention.install()  # HilbertA in vision encoders built with vision_attention on
+
 
 def log_through_vllm() -> None:
     """vLLM configures handlers for its own "vllm" logger only, so in a server's

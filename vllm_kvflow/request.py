@@ -2,7 +2,8 @@
 
 A request declares its chunks in `kv_transfer_params["kvflow"]`:
 
-    {"chunks": [{"span": [start, end]} | {"text": "..."} | {"token_ids": [...]}, ...],
+    {"chunks": [{"span": [start, end]} | {"text": "..."} | {"token_ids": [...]}
+                | {"image": i}, ...],                    # i: the request's i-th image
      or "chunk_spans": [start0, end0, start1, end1, ...],  # the compact form of spans
      "question": {"span": [s, e]} | {"text": "..."},     # optional, for scoring
      "method": "infoflow", "ratio": 0.15, "namespace": "tenant-a"}   # optional
@@ -14,6 +15,8 @@ list (SamplingParams.clone on the CPU machine). Texts and token ids are located 
 the prompt, in declaration order. Bad declarations raise RequestError, which the
 connector turns into a full-prefill fallback with the reason in the stats; a chunk that
 cannot be located is listed in `unlocatable` and its tokens are prefilled normally.
+Image chunks (the `image` form, the `image_chunks` setting) follow the rules in
+vision/image_declaration.py.
 """
 from __future__ import annotations
 
@@ -25,7 +28,7 @@ from vllm_kvflow.config import METHODS, KVFlowConfig, check_ratio
 PARAMS_KEY = "kvflow"
 STATS_KEY = "kvflow_stats"
 _KEYS = {"chunks", "chunk_spans", "question", "method", "ratio", "namespace"}
-_CHUNK_FORMS = ("span", "text", "token_ids")
+_CHUNK_FORMS = ("span", "text", "token_ids", "image")
 
 # The deepest a valid declaration nests: the kvflow object > `chunks` > a chunk object >
 # its span. Deeper values are malformed, and one nested hundreds deep breaks vLLM's
@@ -54,6 +57,7 @@ class RequestSpec:
     namespace: str
     unlocatable: list[int] = field(default_factory=list)
     too_short: list[int] = field(default_factory=list)  # located, shorter than min_chunk_tokens
+    images: dict[int, int] = field(default_factory=dict)  # image chunks: start -> image index
 
     @property
     def context_end(self) -> int:
@@ -166,8 +170,11 @@ def _text_tokens(value: Any, tokenize: Callable[[str], list[int]] | None, what: 
     return tokenize(value.strip())
 
 
-def _declared_chunks(params: dict) -> list:
-    """The chunk declarations, from `chunks` or from the flat `chunk_spans` (one of them)."""
+def _declared_chunks(params: dict, optional: bool = False) -> list:
+    """The chunk declarations, from `chunks` or from the flat `chunk_spans` (one of them;
+    neither, if optional: the images are chunks by the `image_chunks` setting)."""
+    if optional and "chunks" not in params and "chunk_spans" not in params:
+        return []
     if "chunks" in params and "chunk_spans" in params:
         raise RequestError("give chunks or chunk_spans, not both")
     if "chunk_spans" in params:
@@ -184,8 +191,11 @@ def _declared_chunks(params: dict) -> list:
 
 
 def parse_request(params: Any, prompt_ids: Sequence[int], config: KVFlowConfig,
-                  tokenize: Callable[[str], list[int]] | None = None) -> RequestSpec:
-    """Validate `params` (the value under PARAMS_KEY) against the prompt's token ids."""
+                  tokenize: Callable[[str], list[int]] | None = None,
+                  images: Sequence[Any] | None = None) -> RequestSpec:
+    """Validate `params` (the value under PARAMS_KEY) against the prompt's token ids.
+    images: the request's images as vision.image_declaration.ImageInput, in order (None:
+    the model takes no images)."""
     check_transportable(params)
     if not isinstance(params, dict):
         raise RequestError(f"kv_transfer_params[{PARAMS_KEY!r}] must be an object")
@@ -204,12 +214,13 @@ def parse_request(params: Any, prompt_ids: Sequence[int], config: KVFlowConfig,
         raise RequestError("namespace must be a string")
 
     prompt = list(prompt_ids)
-    declared = _declared_chunks(params)
+    declared = _declared_chunks(params, optional=bool(images) and config.image_chunks == "all")
     if len(declared) > config.max_chunks:
         raise RequestError(f"{len(declared)} chunks declared, more than max_chunks="
                            f"{config.max_chunks} (an engine setting)")
     spans: list[tuple[int, int, int]] = []  # (start, end, declaration index)
     unlocatable: list[int] = []
+    image_of: dict[int, int] = {}  # image chunks: start -> image index
     cursor = 0
     for i, item in enumerate(declared):
         what = f"chunk {i}"
@@ -217,8 +228,15 @@ def parse_request(params: Any, prompt_ids: Sequence[int], config: KVFlowConfig,
             item = {"span": item}
         if not isinstance(item, dict) or len(item) != 1 or next(iter(item)) not in _CHUNK_FORMS:
             raise RequestError(f"{what}: must be one of {{'span': [s, e]}}, {{'text': str}}, "
-                               f"{{'token_ids': [...]}}; got {item!r}")
+                               f"{{'token_ids': [...]}}, {{'image': i}}; got {item!r}")
         (form, value), = item.items()
+        if form == "image":
+            from vllm_kvflow.vision.image_declaration import declared_image_span
+
+            s, e, n = declared_image_span(value, images, len(prompt), set(image_of.values()), what)
+            spans.append((s, e, i))
+            image_of[s] = n
+            continue
         if form == "span":
             spans.append((*_span(value, len(prompt), what), i))
             continue
@@ -231,6 +249,11 @@ def parse_request(params: Any, prompt_ids: Sequence[int], config: KVFlowConfig,
         spans.append((at, at + len(needle), i))
         cursor = at + len(needle)
 
+    if images is not None:
+        from vllm_kvflow.vision.image_declaration import complete_image_chunks
+
+        spans = complete_image_chunks(spans, image_of, images, len(prompt),
+                                      config.min_chunk_tokens, config.image_chunks)
     spans.sort()
     for (s0, e0, _), (s1, e1, _) in zip(spans, spans[1:]):
         if s1 < e0:
@@ -241,8 +264,8 @@ def parse_request(params: Any, prompt_ids: Sequence[int], config: KVFlowConfig,
     s, e, i = spans[-1]
     spans[-1] = (s, min(e, len(prompt) - 1), i)
     shortest = config.min_chunk_tokens
-    too_short = sorted(i for s, e, i in spans if e - s < shortest)
-    chunks = [(s, e) for s, e, _ in spans if e - s >= shortest]
+    too_short = sorted(i for s, e, i in spans if e - s < shortest and s not in image_of)
+    chunks = [(s, e) for s, e, _ in spans if e - s >= shortest or s in image_of]
     if not chunks:
         raise RequestError(f"no chunk of at least min_chunk_tokens={shortest} tokens (an "
                            "engine setting) before the prompt's last token (too short: "
@@ -264,4 +287,5 @@ def parse_request(params: Any, prompt_ids: Sequence[int], config: KVFlowConfig,
             raise RequestError("question must be {'span': [s, e]} or {'text': str}")
         if question[0] < ctx_end:
             raise RequestError("question must come after the last chunk")
-    return RequestSpec(chunks, question, method, ratio, namespace, unlocatable, too_short)
+    return RequestSpec(chunks, question, method, ratio, namespace, unlocatable, too_short,
+                       image_of)

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU engine runs, in the order they were made on a two-GPU machine (each step fits
 # one 10-minute device call; independent runs go side by side, one per GPU).
-#   bash benchmarks/gpu/suite.sh tests|engine|more|tp2|profile|tp2check|load|load64|fleet MODELS OUT
+#   bash benchmarks/gpu/suite.sh tests|engine|more|tp2|profile|tp2check|load|load64|fleet|vision MODELS OUT
 # MODELS: model dirs from prepare_models.py; OUT: where logs and JSON go.
 set -o pipefail
 step=$1 models=$2 out=$3
@@ -44,6 +44,11 @@ case $step in
   fleet)  # two replicas (one per GPU), each store alone, then both on one Redis (issue: shared tier)
     bash "$here/fleet.sh" "$models" "$out" "${REDIS_DIR:-.redis}" --requests 300 --warmup 0 --docs 64 \
       --docs-per-request 8 --doc-words 330 --zipf 1.1 --max-tokens 16 --concurrency 32 --max-seconds 120 ;;
+  vision)  # HilbertA in vLLM's Qwen2.5-VL vision encoder (7B shapes, random weights): its GPU
+           # tests, then encoder and attention times at 1024^2 and 2048^2 (MODELS unused)
+    bash "$here/env.sh" python3 -m pytest tests/gpu/test_vision_encoder_gpu.py -q 2>&1 | tail -n 15
+    bash "$here/env.sh" python3 benchmarks/gpu/vision_encoder_bench.py \
+      --out "$out/vision_encoder_H200.json" 2>&1 | grep -v " INFO \| WARNING " | tail -n 20 ;;
   tp2check)  # the tensor-parallel exactness check alone
     CHECK_MODELS=llama-3.1-8b TAG=tp2 bash "$here/run_engine_gpu.sh" check "$models" "$out/check" --dtype float16 --tp 2 ;;
   *) echo "unknown step $step" >&2; exit 2 ;;

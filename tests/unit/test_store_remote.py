@@ -154,6 +154,7 @@ def test_foreign_value_is_skipped_and_left(stores, client):
 def test_killed_server_is_a_miss_and_a_restart_is_picked_up(stores, redis_server):
     a, b = stores(), stores()
     _written(a, "k", _entry([1, 2]))
+    _written(b, "kb", _entry([5]))  # b's writer is up and past its start-up check
     redis_server.kill()
     t0 = time.monotonic()
     assert b.get("k", [1, 2]) is None  # refused: fast
@@ -294,11 +295,14 @@ def cluster(redis_binary, tmp_path):
             node.start()
         subprocess.run([cli, "--cluster", "create", *[f"127.0.0.1:{n.port}" for n in nodes],
                         "--cluster-yes"], check=True, capture_output=True, timeout=60)
-        deadline = time.monotonic() + 30
-        while b"cluster_state:ok" not in subprocess.run(
-                [cli, "-p", str(nodes[0].port), "cluster", "info"], capture_output=True).stdout:
-            assert time.monotonic() < deadline, "cluster did not come up"
-            time.sleep(0.1)
+        # Every node must see the whole cluster, not only the first (a client may be
+        # sent to any of them).
+        deadline = time.monotonic() + 60
+        for node in nodes:
+            while b"cluster_state:ok" not in subprocess.run(
+                    [cli, "-p", str(node.port), "cluster", "info"], capture_output=True).stdout:
+                assert time.monotonic() < deadline, "cluster did not come up"
+                time.sleep(0.1)
         yield nodes
     finally:
         for node in nodes:
