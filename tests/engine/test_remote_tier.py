@@ -62,7 +62,7 @@ def servers(model_path, redis_srv, tmp_path_factory):
     cores = sorted(os.sched_getaffinity(0))
     # A start takes ~40 s on an idle core; a shared, busy machine can take many times that.
     procs = [_pinned(ServerProcess(model_path, logs / f"{name}.log", config,
-                                   cpu_server_args(1024, 256 << 20), startup_timeout_s=900), core)
+                                   cpu_server_args(model_path, 1024, 4), startup_timeout_s=900), core)
              for name, core in (("a", cores[0]), ("b", cores[-1]))]
     with ThreadPoolExecutor(2) as pool:
         started = list(pool.map(lambda p: p.__enter__(), procs))

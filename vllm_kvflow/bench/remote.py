@@ -84,7 +84,7 @@ def _timed(llm, tok, mode: str, passages, question: str):
 def run(args) -> dict:
     sizes = [int(x) for x in args.context_tokens.split(",")]
     llm = make_llm(args.model, prefix_caching=False, max_model_len=max(sizes) + 512,
-                   dtype=args.dtype, kv_cache_gb=args.kv_cache_gb, method="none",
+                   dtype=args.dtype, size_flags="--context-tokens", method="none",
                    store_capacity_gb=args.store_gb, store_remote_url=args.remote,
                    store_remote_timeout_s=args.remote_timeout_s,
                    store_remote_queue_mb=args.store_gb * 1024)
@@ -210,7 +210,6 @@ def main(argv: list[str] | None = None) -> int:
                    help="redis:// URL of a running server (default: start a throwaway one)")
     p.add_argument("--remote-timeout-s", type=float, default=5.0)
     p.add_argument("--store-gb", type=float, default=2.0, help="host tier (and write queue) size")
-    p.add_argument("--kv-cache-gb", type=float, default=1.0, help="CPU: paged KV cache size")
     p.add_argument("--out", default=None, help="JSON file")
     args = p.parse_args(argv)
     args.dtype = args.dtype or default_dtype()
