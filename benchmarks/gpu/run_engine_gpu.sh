@@ -22,7 +22,8 @@ case $what in
          # `kvflow bench load` against it; first argument: the model dir
     model=$1; shift
     port=$((18000 + RANDOM % 2000))
-    cfg=$(bash "$env_sh" python3 -c 'import json, vllm_kvflow; print(json.dumps(vllm_kvflow.transfer_config(log_stats=False, store_device_gb=24.0)))')
+    # KVFLOW_SETTINGS: more engine settings as JSON, e.g. '{"max_blend_tokens_per_step": 256}'
+    cfg=$(KVFLOW_SETTINGS=${KVFLOW_SETTINGS:-'{}'} bash "$env_sh" python3 -c 'import json, os, vllm_kvflow; print(json.dumps(vllm_kvflow.transfer_config(log_stats=False, store_device_gb=24.0, **json.loads(os.environ["KVFLOW_SETTINGS"]))))')
     log="$out/server${TAG:+_$TAG}.log"
     t0=$(date +%s.%N)
     bash "$env_sh" python3 -m vllm.entrypoints.cli.main serve "$model" --load-format dummy \

@@ -241,3 +241,15 @@ def test_a_lone_request_runs_whole_when_nobody_else_runs():
     assert pipe.computed == [[chunk("x"), chunk("y")]] and pipe.passes == [[("alone", 0, 1000)]]
     q.submit(job("busy", [chunk("x")], rows=1000))
     assert q.step(others_running=True) == [] and pipe.passes[-1] == [("busy", 0, 99)]
+
+
+def test_a_synchronous_load_runs_whole_at_once_beside_the_queue():
+    """run_now: the job's misses (a chunk declared twice computed once), selection and
+    whole recompute at once, outside the step budgets, leaving the queue as it was."""
+    pipe = FakePipeline(stored={chunk("a")})
+    q = WorkQueue(pipe, StepBudget(blend_rows=10, isolated_rows=10))
+    q.submit(job("queued", [chunk("q")]))
+    done = q.run_now(job("sync", [chunk("a"), chunk("x"), chunk("x")], rows=500))
+    assert done.error is None and done.job.req_id == "sync"
+    assert pipe.computed == [[chunk("x")]] and pipe.passes == [[("sync", 0, 500)]]
+    assert len(q) == 1  # the queued job is untouched

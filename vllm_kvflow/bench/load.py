@@ -178,6 +178,7 @@ def probe(client: KVFlowClient, args) -> dict:
     run = uuid.uuid4().hex[:8]
     texts = document_pool(args.burst * args.burst_docs, args.burst_doc_words,
                           seed=int(run, 16) % 100_000)
+    texts = [texts[i % len(texts)] for i in range(args.burst * args.burst_docs)]  # the pool may run short
     burst_docs = [[{"title": f"{d['title']} ({run})", "text": f"Record {run}-{i}-{j}. {d['text']}"}
                    for j, d in enumerate(texts[i * args.burst_docs:(i + 1) * args.burst_docs])]
                   for i in range(args.burst)]

@@ -52,6 +52,10 @@ class LoadPlan:
     namespace: str
     load_start: int  # positions below are already in the cache (local prefix hit)
     block_ids: list[int]
+    # Loaded within the step it is scheduled in (vLLM's forward of that step reads the
+    # KV), not asynchronously: a lone request on an idle engine, which nothing else
+    # waits for, saves the extra engine steps of an asynchronous load.
+    sync: bool = False
 
     @property
     def context_end(self) -> int:
@@ -436,11 +440,6 @@ class BlendPipeline:
                 self.executor.prefill_groups([RowGroup(j.ids[j.chosen[a:b]], j.chosen[a:b], j.kv)
                                               for j, a, b in slices])
 
-    def recompute_batch(self, jobs: list[Job]) -> None:
-        """Every job's whole selection in one batched pass."""
-        self.recompute_slices([(j, j.recomputed, int(j.chosen.numel())) for j in jobs
-                               if j.chosen is not None])
-
     def run(self, plan: LoadPlan, kv: PagedKV) -> LoadResult:
         """One request's whole load at once: every step above, nothing batched (tests,
         scripts; the worker goes through the work queue)."""
@@ -450,7 +449,7 @@ class BlendPipeline:
             self.deliver(job, task.key, entry)
         self.load(job)
         self.select_batch([job])
-        self.recompute_batch([job])
+        self.recompute_slices([(job, 0, job.rows_left())])
         return job.result
 
     def _reorder(self, job: Job) -> None:
@@ -502,7 +501,7 @@ class BlendPipeline:
         positions = _positions([(1, 1 + n)], device)
         delta = torch.ones(n, dtype=torch.long, device=device)
         cos_sin = self.cos_sin.to(device)
-        self._write_in_place(loads, kv, positions, delta, cos_sin)
+        self._write_chunks(loads, kv)  # in place where the cache allows it
         self._write_gathered(loads, kv, positions, delta, cos_sin)
         # Isolated computes (a dense buffer: the partial attention without splits).
         self.compute_isolated_many([((1, 2), self.sink_ids), ((3,), ())])

@@ -98,6 +98,35 @@ class WorkQueue:
     def submit(self, job: Job) -> None:
         """Look the job's chunks up and queue what it misses. Raises LoadRefused when it
         would cause more isolated computes than its budget."""
+        for compute in self._resolve(job):
+            task = self._tasks.get(compute.key)
+            if task is None:
+                task = self._tasks[compute.key] = _Task(compute)
+            if job.req_id not in task.waiting:
+                task.waiting.append(job.req_id)
+        self._jobs[job.req_id] = job
+
+    def run_now(self, job: Job) -> Finished:
+        """A synchronous load (the forward of this very step reads its KV): the whole job
+        at once, its misses computed here, outside the step budgets. Raises LoadRefused
+        like submit."""
+        missing = {c.key: c for c in self._resolve(job)}  # a chunk declared twice: once
+        try:
+            if missing:
+                computes = list(missing.values())
+                for compute, entry in zip(computes, self.pipeline.compute_isolated_batch(computes)):
+                    self.pipeline.deliver(job, compute.key, entry)
+            self.pipeline.load(job)
+            self.pipeline.select_batch([job])
+            self.pipeline.recompute_slices([(job, 0, job.rows_left())])
+        except Exception as e:  # noqa: BLE001 - the request falls back, the server lives
+            logger.exception("kvflow: load for %s failed", job.req_id)
+            return Finished(job, e)
+        return Finished(job)
+
+    def _resolve(self, job: Job) -> list[IsolatedCompute]:
+        """The job's segments looked up, hits agreed on by every tensor-parallel rank;
+        what it misses. LoadRefused if that costs more than its isolated budget."""
         missing = self.pipeline.resolve(job)
         hits = [seg.entry is not None for seg in job.segments]
         agreed = self._all_ranks(hits)
@@ -112,13 +141,7 @@ class WorkQueue:
                               f"{len(missing)} missing segments would take {rows} rows of isolated "
                               f"compute, over {limit:.0f} ({self.budget.max_isolated_per_prompt_token:g} "
                               f"x the prompt's {len(job.plan.token_ids)} tokens)")
-        for compute in missing:
-            task = self._tasks.get(compute.key)
-            if task is None:
-                task = self._tasks[compute.key] = _Task(compute)
-            if job.req_id not in task.waiting:
-                task.waiting.append(job.req_id)
-        self._jobs[job.req_id] = job
+        return missing
 
     def cancel(self, req_id: str) -> Job | None:
         """Forget a request (aborted); its isolated computes stay queued only while

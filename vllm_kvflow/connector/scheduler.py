@@ -36,6 +36,8 @@ class KVFlowScheduler:
         self._pending: dict[str, LoadPlan] = {}
         self._stats: dict[str, dict[str, Any]] = {}
         self._in_flight: set[str] = set()  # loads planned, no result from the worker yet
+        self._sync: dict[str, bool] = {}  # per request being admitted: a synchronous load
+        self._idle = True  # the last step's forward computed nothing
         self._awaiting_result: set[str] = set()  # loads sent to the worker, no result yet
         self._finished: set[str] = set()  # finished while awaiting their load result
 
@@ -51,7 +53,9 @@ class KVFlowScheduler:
         req_id = request.request_id
         if params is None:
             return 0, False
-        if req_id not in self._specs and len(self._in_flight) >= self.config.max_pending_loads:
+        if req_id in self._specs:  # asked again (its blocks did not fit last time)
+            return self._matched(req_id, self._specs[req_id], num_computed_tokens)
+        if len(self._in_flight) >= self.config.max_pending_loads:
             return None, False  # the worker's queue is full: ask again next step
         stats = self._stats.setdefault(req_id, {})
         try:
@@ -76,8 +80,17 @@ class KVFlowScheduler:
         self._specs[req_id] = spec
         # Blended KV is approximate: keep it out of the exact prefix cache.
         isolate_blended_blocks(request, blend_salt(request.prompt_token_ids, spec, tenant_salt(request)))
-        # Asynchronous (True): vLLM schedules other requests until the worker is done.
-        return spec.context_end - num_computed_tokens, True
+        return self._matched(req_id, spec, num_computed_tokens)
+
+    def _matched(self, req_id: str, spec: RequestSpec, num_computed_tokens: int) -> tuple[int, bool]:
+        """The context is reported as computed externally. Asynchronously (True): vLLM
+        schedules other requests until the worker is done. Synchronously where nothing
+        would wait for it (an idle engine, no other load in flight): the load then runs
+        within this step, before the forward that prefills the rest, which saves a lone
+        request the extra engine steps of an asynchronous load."""
+        sync = self._idle and not self._in_flight
+        self._sync[req_id] = sync
+        return spec.context_end - num_computed_tokens, not sync
 
     def update_state_after_alloc(self, request, blocks, num_external_tokens: int) -> None:
         spec = self._specs.pop(request.request_id, None)
@@ -87,6 +100,7 @@ class KVFlowScheduler:
             self._stats[request.request_id]["fallback"] = "scheduler-declined-load"
             return
         block_ids = list(blocks.get_block_ids()[0])
+        sync = self._sync.pop(request.request_id, False)
         self._in_flight.add(request.request_id)
         self._pending[request.request_id] = LoadPlan(
             req_id=request.request_id,
@@ -98,6 +112,7 @@ class KVFlowScheduler:
             namespace=self._namespace(request, spec),
             load_start=spec.context_end - num_external_tokens,
             block_ids=block_ids,
+            sync=sync,
         )
 
     @staticmethod
@@ -108,9 +123,10 @@ class KVFlowScheduler:
         return tenant_namespace(spec.namespace, tenant_salt(request))
 
     def build_connector_meta(self, scheduler_output) -> KVFlowConnectorMetadata:
-        meta = KVFlowConnectorMetadata(
-            loads=list(self._pending.values()),
-            scheduled_tokens=int(getattr(scheduler_output, "total_num_scheduled_tokens", 0) or 0))
+        scheduled = int(getattr(scheduler_output, "total_num_scheduled_tokens", 0) or 0)
+        meta = KVFlowConnectorMetadata(loads=list(self._pending.values()), scheduled_tokens=scheduled)
+        # A synchronous load's request is scheduled in this step: not idle then either.
+        self._idle = scheduled == 0
         self._awaiting_result.update(self._pending)
         self._pending.clear()
         return meta
@@ -138,6 +154,7 @@ class KVFlowScheduler:
     def request_finished(self, request, block_ids) -> tuple[bool, dict[str, Any] | None]:
         req_id = request.request_id
         self._specs.pop(req_id, None)
+        self._sync.pop(req_id, None)
         # A plan not sent yet still goes to the worker: vLLM keeps an aborted request's
         # blocks until the worker reports its load, so the worker must hear of it.
         self._in_flight.discard(req_id)

@@ -136,7 +136,8 @@ class KVFlowWorker:
                         block_size=v["block_size"], **v["extra"])
 
     def start_load_kv(self, metadata: KVFlowConnectorMetadata) -> None:
-        """Queue this step's new loads, then run the step's share of the queue."""
+        """Run this step's synchronous loads whole, queue its asynchronous ones, then run
+        the step's share of the queue."""
         for plan in metadata.loads:
             self._submit(plan)
         if self._queue is None or not len(self._queue):
@@ -153,7 +154,11 @@ class KVFlowWorker:
         try:
             pipeline = self._ready()
             job = pipeline.new_job(plan, self._paged_kv(plan.block_ids, pipeline.adapter.device))
-            self._queue.submit(job)
+            if plan.sync:
+                t0 = time.perf_counter()
+                self._finish(plan, self._queue.run_now(job), time.perf_counter() - t0)
+            else:
+                self._queue.submit(job)
         except LoadRefused as e:
             logger.warning("kvflow: load for %s refused, recomputing: %s", plan.req_id, e)
             self._finish(plan, {"error": str(e), "fallback": e.reason}, 0.0)
@@ -170,7 +175,8 @@ class KVFlowWorker:
                 outcome = {"error": f"{type(error).__name__}: {error}"}
             self._failed_blocks.update(plan.block_ids)
         self._results[plan.req_id] = (outcome, {"load_s": host_s, "store": self.store.stats()})
-        self._done.add(plan.req_id)
+        if not plan.sync:  # vLLM waits for an asynchronous load's report (get_finished)
+            self._done.add(plan.req_id)
 
     def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
         """(sending, receiving): the requests whose loads finished since the last call,
