@@ -327,3 +327,18 @@ def test_cluster_url_spreads_chunks_over_the_nodes(cluster):
     finally:
         a.close()
         b.close()
+
+
+def test_a_chunk_stored_by_another_replica_after_a_miss_is_fetched(stores):
+    """get_shared: a chunk that missed here and that another store wrote since comes from
+    the remote tier (promoted), without counting the miss twice; without a remote, None."""
+    a, b = stores(), stores()
+    assert b.get("k", [1, 2]) is None and b.counters.misses == 1
+    assert b.get_shared("k", [1, 2]) is None and b.counters.misses == 1  # not there yet
+    _written(a, "k", _entry([1, 2]))
+    got = b.get_shared("k", [1, 2])
+    assert got is not None and got.token_ids == (1, 2)
+    assert b.counters.misses == 1 and b.remote.counters.hits == 1
+    assert b.get("k", [1, 2]) is not None and b.tiers[0].counters.hits == 1  # promoted
+    local = ChunkStore(tiers=[MemoryTier("host", 1 << 20)])
+    assert local.get_shared("k", [1, 2]) is None

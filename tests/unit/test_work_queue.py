@@ -58,6 +58,10 @@ class FakePipeline:
     def isolated_compute_for(seg):
         return IsolatedCompute(seg.key, seg.token_ids, seg.sink, seg.is_chunk)
 
+    def fetch_shared(self, task):
+        """What another replica stored meanwhile (self.shared)."""
+        return "kv" if task.key in getattr(self, "shared", ()) else None
+
     def compute_isolated_batch(self, tasks):
         keys = [t.key for t in tasks]
         if self.fail_keys & set(keys):
@@ -253,3 +257,12 @@ def test_a_synchronous_load_runs_whole_at_once_beside_the_queue():
     assert done.error is None and done.job.req_id == "sync"
     assert pipe.computed == [[chunk("x")]] and pipe.passes == [[("sync", 0, 500)]]
     assert len(q) == 1  # the queued job is untouched
+
+
+def test_a_chunk_another_replica_stored_meanwhile_is_fetched_not_computed():
+    pipe = FakePipeline()
+    q = WorkQueue(pipe, StepBudget(blend_rows=1000, isolated_rows=1000))
+    q.submit(job("r", [chunk("x"), chunk("y")]))
+    pipe.shared = {chunk("x")}  # the other replica computed x after r missed it
+    assert [f.job.req_id for f in q.step()] == ["r"]
+    assert pipe.computed == [[chunk("y")]]

@@ -322,6 +322,11 @@ class BlendPipeline:
         return IsolatedCompute(seg.key, seg.token_ids, seg.sink, seg.is_chunk)
 
     # -- 2. isolated computes -----------------------------------------------------------------
+    def fetch_shared(self, task: IsolatedCompute) -> ChunkKV | None:
+        """A chunk another replica stored (the shared tier) since this request missed it:
+        fetched instead of computed. Glue is never shared."""
+        return self.store.get_shared(task.key, task.token_ids) if task.is_chunk else None
+
     def compute_isolated_batch(self, tasks: list[IsolatedCompute]) -> list[ChunkKV]:
         """Each task's KV, computed alone behind its sink at positions 0.., in one pass
         for all of them; chunks go into the store, glue into the glue cache."""

@@ -196,7 +196,13 @@ class WorkQueue:
         for task in batch:
             del self._tasks[task.compute.key]
         try:
-            entries = self.pipeline.compute_isolated_batch([t.compute for t in batch])
+            # Replicas sharing a tier: another may have stored a chunk since it missed here.
+            fetched = [self.pipeline.fetch_shared(t.compute) for t in batch]
+            agreed = self._all_ranks([e is not None for e in fetched])
+            fetched = [e if ok else None for e, ok in zip(fetched, agreed)]
+            computed = iter(self.pipeline.compute_isolated_batch(
+                [t.compute for t, e in zip(batch, fetched) if e is None]) if None in fetched else [])
+            entries = [e if e is not None else next(computed) for e in fetched]
         except Exception as e:  # noqa: BLE001 - the waiting requests fall back, the server lives
             logger.exception("kvflow: isolated compute of %d segments failed", len(batch))
             return [self._fail(req_id, e) for task in batch for req_id in task.waiting

@@ -102,15 +102,26 @@ class ChunkStore:
             # The file stays: the disk tier is write-through, so it already holds it.
             return self._hit(self._insert(0, key, entry) or entry)
         entry = self.remote.get(key) if self.remote is not None else None
-        if entry is not None:
-            if not self._verify(entry, tokens):
-                return None
-            self.remote.counters.hits += 1
-            if self.disk is not None:
-                self.disk.enqueue(key, entry, wait=False)
-            return self._hit(self._insert(0, key, entry) or entry)
-        self.counters.misses += 1
-        return None
+        if entry is None:
+            self.counters.misses += 1
+            return None
+        return self._remote_hit(key, entry, tokens)
+
+    def get_shared(self, key: str, token_ids) -> ChunkKV | None:
+        """A chunk that another replica may have stored since this store last missed it:
+        the remote tier only (None without one), promoted like a hit; a miss is not
+        counted again. For a computation about to start, that a fetch may spare."""
+        entry = self.remote.get(key) if self.remote is not None else None
+        return None if entry is None else self._remote_hit(key, entry, tuple(token_ids))
+
+    def _remote_hit(self, key: str, entry: ChunkKV, tokens: tuple[int, ...]) -> ChunkKV | None:
+        """A remote entry verified and promoted (to memory, and the disk if any)."""
+        if not self._verify(entry, tokens):
+            return None
+        self.remote.counters.hits += 1
+        if self.disk is not None:
+            self.disk.enqueue(key, entry, wait=False)
+        return self._hit(self._insert(0, key, entry) or entry)
 
     def put(self, key: str, entry: ChunkKV) -> bool:
         """Insert (or replace) an entry, demoting LRU entries to fit. False if no tier
