@@ -182,8 +182,14 @@ def patchify(x: torch.Tensor, patch: int = 14, merge: int = 2, temporal: int = 2
     return t.permute(2, 5, 3, 6, 1, 0, 4, 7).reshape(gh * gw, c * temporal * patch * patch).contiguous()
 
 
+# Qwen2.5-VL's processor allows up to 16384 merge units (12.8 M pixels) when asked;
+# its default of 1280 units would shrink every image above ~1000^2 to 70 x 70 patches,
+# and a 2048^2 image must stay 146 x 146 to be measured as one.
+MAX_PIXELS = 28 * 28 * 16384
+
+
 def image_patches(image: torch.Tensor, patch: int = 14, merge: int = 2, temporal: int = 2,
-                  min_pixels: int = 56 * 56, max_pixels: int = 28 * 28 * 1280):
+                  min_pixels: int = 56 * 56, max_pixels: int = MAX_PIXELS):
     """(pixel_values [N, 3 * temporal * patch^2] float32, grid_thw [1, 3] int64) of a uint8
     [3, H, W] image: resized by transformers' smart_resize, CLIP-normalised, patchify."""
     from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
