@@ -37,7 +37,10 @@ class KVFlowScheduler:
         self._stats: dict[str, dict[str, Any]] = {}
         self._in_flight: set[str] = set()  # loads planned, no result from the worker yet
         self._sync: dict[str, bool] = {}  # per request being admitted: a synchronous load
-        self._idle = True  # the last step's forward computed nothing
+        # Requests vLLM has scheduled and not yet finished (running or preempted): with
+        # none, the engine is idle (it runs no steps then, so an empty step would never
+        # tell).
+        self._live: set[str] = set()
         self._awaiting_result: set[str] = set()  # loads sent to the worker, no result yet
         self._finished: set[str] = set()  # finished while awaiting their load result
 
@@ -85,10 +88,10 @@ class KVFlowScheduler:
     def _matched(self, req_id: str, spec: RequestSpec, num_computed_tokens: int) -> tuple[int, bool]:
         """The context is reported as computed externally. Asynchronously (True): vLLM
         schedules other requests until the worker is done. Synchronously where nothing
-        would wait for it (an idle engine, no other load in flight): the load then runs
-        within this step, before the forward that prefills the rest, which saves a lone
-        request the extra engine steps of an asynchronous load."""
-        sync = self._idle and not self._in_flight
+        would wait for it (no other request live in the engine, no other load in flight):
+        the load then runs within this step, before the forward that prefills the rest,
+        which saves a lone request the extra engine steps of an asynchronous load."""
+        sync = not self._in_flight and not (self._live - {req_id})
         self._sync[req_id] = sync
         return spec.context_end - num_computed_tokens, not sync
 
@@ -125,8 +128,8 @@ class KVFlowScheduler:
     def build_connector_meta(self, scheduler_output) -> KVFlowConnectorMetadata:
         scheduled = int(getattr(scheduler_output, "total_num_scheduled_tokens", 0) or 0)
         meta = KVFlowConnectorMetadata(loads=list(self._pending.values()), scheduled_tokens=scheduled)
-        # A synchronous load's request is scheduled in this step: not idle then either.
-        self._idle = scheduled == 0
+        self._live |= set(getattr(scheduler_output, "num_scheduled_tokens", None) or ())
+        self._live -= set(getattr(scheduler_output, "finished_req_ids", None) or ())
         self._awaiting_result.update(self._pending)
         self._pending.clear()
         return meta
@@ -155,6 +158,7 @@ class KVFlowScheduler:
         req_id = request.request_id
         self._specs.pop(req_id, None)
         self._sync.pop(req_id, None)
+        self._live.discard(req_id)
         # A plan not sent yet still goes to the worker: vLLM keeps an aborted request's
         # blocks until the worker reports its load, so the worker must hear of it.
         self._in_flight.discard(req_id)

@@ -1,0 +1,71 @@
+"""The connector's scheduler side without vLLM's scheduler: which loads are synchronous
+(a lone request on an idle engine) and which asynchronous (anything else live), and the
+bound on loads in flight."""
+from __future__ import annotations
+
+import types
+
+import pytest
+
+pytest.importorskip("vllm")
+
+from vllm_kvflow.config import KVFlowConfig  # noqa: E402
+from vllm_kvflow.connector.scheduler import KVFlowScheduler  # noqa: E402
+
+PROMPT = list(range(100, 200))
+SPANS = {"kvflow": {"chunk_spans": [5, 40, 40, 80], "method": "none"}}
+
+
+def request(req_id, params=SPANS):
+    return types.SimpleNamespace(request_id=req_id, kv_transfer_params=params,
+                                 prompt_token_ids=PROMPT, cache_salt=None)
+
+
+def blocks(ids):
+    return types.SimpleNamespace(get_block_ids=lambda: (ids,))
+
+
+def step(sched, scheduled=(), finished=()):
+    out = types.SimpleNamespace(total_num_scheduled_tokens=len(scheduled),
+                                num_scheduled_tokens={r: 1 for r in scheduled},
+                                finished_req_ids=set(finished))
+    return sched.build_connector_meta(out)
+
+
+def admit(sched, req):
+    n, load_async = sched.get_num_new_matched_tokens(req, 0)
+    sched.update_state_after_alloc(req, blocks([1, 2, 3]), n)
+    return n, load_async
+
+
+def test_a_lone_request_loads_synchronously_others_asynchronously():
+    sched = KVFlowScheduler(KVFlowConfig(), None)
+    assert admit(sched, request("a")) == (80, False)  # nothing else live: synchronous
+    meta = step(sched, scheduled=["a"])
+    assert [p.sync for p in meta.loads] == [True]
+    from vllm_kvflow.connector.metadata import KVFlowWorkerMetadata
+
+    sched.update_connector_output(types.SimpleNamespace(
+        kv_connector_worker_meta=KVFlowWorkerMetadata({"a": {"chunks_hit": 2}})))
+    assert not sched._in_flight  # a's load is done...
+    # ...but 'a' is still running (decoding): 'b' must not hold up its step.
+    assert admit(sched, request("b")) == (80, True)
+    assert [p.sync for p in step(sched, scheduled=["a"]).loads] == [False]
+
+
+def test_an_idle_engine_after_finished_requests_is_idle_again():
+    """An idle engine runs no steps: what was live and finished must not count."""
+    sched = KVFlowScheduler(KVFlowConfig(), None)
+    step(sched, scheduled=["x", "y"])  # two plain requests ran
+    sched.request_finished(request("x", None), [])
+    step(sched, finished=["y"])
+    assert admit(sched, request("c")) == (80, False)
+
+
+def test_loads_in_flight_are_bounded():
+    sched = KVFlowScheduler(KVFlowConfig(max_pending_loads=2), None)
+    step(sched, scheduled=["busy"])  # another request keeps every load asynchronous
+    assert admit(sched, request("a"))[1] and admit(sched, request("b"))[1]
+    assert sched.get_num_new_matched_tokens(request("c"), 0) == (None, False)  # wait
+    meta = step(sched, scheduled=["busy"])
+    assert {p.req_id for p in meta.loads} == {"a", "b"}
