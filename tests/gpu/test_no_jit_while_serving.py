@@ -58,7 +58,7 @@ def test_warm_up_compiles_everything_serving_launches():
     assert all(warm.values()), warm  # every kernel ran at warm-up
 
     gen = torch.Generator().manual_seed(0)
-    graphs = pipeline._pass_graphs(PagedKV(keys, values, torch.arange(1, 2, device="cuda"), BS))
+    graphs = pipeline.pass_graphs_for(PagedKV(keys, values, torch.arange(1, 2, device="cuda"), BS))
     for trial in range(6):
         B = [1, 3, 7, 16, 2, 5][trial]
         blocks = [(torch.randperm(NB - 1, generator=gen)[:700] + 1).cuda() for _ in range(B)]

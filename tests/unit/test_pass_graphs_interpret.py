@@ -177,9 +177,9 @@ def test_interp_capture_switch(interp, monkeypatch):
     kv = PagedKV(keys, values, torch.tensor([1, 2]), 16)
     stub = types.SimpleNamespace(_graphs=None, executor=LayerwiseExecutor(Toy(4, 2, 32)),
                                  scoring_layers=[0])
-    graphs = pipeline.BlendPipeline._pass_graphs(stub, kv)
+    graphs = pipeline.BlendPipeline.pass_graphs_for(stub, kv)
     assert graphs is not None and not graphs.capture
-    assert pipeline.BlendPipeline._pass_graphs(stub, kv) is graphs  # built once per cache
+    assert pipeline.BlendPipeline.pass_graphs_for(stub, kv) is graphs  # built once per cache
 
 
 

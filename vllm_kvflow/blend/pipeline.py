@@ -431,7 +431,7 @@ class BlendPipeline:
         for job in jobs:
             job.result.batched_with = max(job.result.batched_with, len(jobs) - 1)
         with _timed(jobs, "recompute"):
-            graphs = self._pass_graphs(jobs[0].kv)
+            graphs = self.pass_graphs_for(jobs[0].kv)
             if graphs is not None and graphs.capture:
                 eager = []
                 for i in range(0, len(slices), pass_graphs.MAX_BATCH):
@@ -484,6 +484,10 @@ class BlendPipeline:
         job.result.tokens_reused = job.result.tokens_glue = 0
         job.result.chunks_exact = sum(seg.exact for seg in job.segments if seg.is_chunk)
 
+    def captured_graphs(self) -> int:
+        """How many pass graphs this worker holds."""
+        return len(self._graphs[1]._entries) if self._graphs else 0
+
     # -- engine start ----------------------------------------------------------------------
     def warm_up(self, keys: list[torch.Tensor], values: list[torch.Tensor], block_size: int) -> None:
         """Compile, at engine start, every Triton kernel specialization serving can launch
@@ -510,7 +514,7 @@ class BlendPipeline:
         self._write_gathered(loads, kv, positions, delta, cos_sin)
         # Isolated computes (a dense buffer: the partial attention without splits).
         self.compute_isolated_many([((1, 2), self.sink_ids), ((3,), ())])
-        graphs = self._pass_graphs(kv)
+        graphs = self.pass_graphs_for(kv)
         ids = torch.zeros(4, dtype=torch.long, device=device)
         # Scoring over a 2048-key bucket: the partial attention with splits and their
         # merge, the row-lse and column-norm kernels (context count on the device).
@@ -585,7 +589,7 @@ class BlendPipeline:
             kv.load_rotated_layers(range(l0, l1), positions, keys, values, delta, cos_sin,
                                    self.rotary_dim, self.is_neox)
 
-    def _pass_graphs(self, kv) -> PassGraphs | None:
+    def pass_graphs_for(self, kv) -> PassGraphs | None:
         """The in-place passes over this worker's paged cache (built once per cache),
         where the kernels can read it in place; their CUDA graphs where capture is on."""
         if not (getattr(kv, "strided", False) and use_kernels(kv.keys[0])):

@@ -83,7 +83,7 @@ def attention_norm(pipeline: "BlendPipeline", jobs: "list[Job]") -> list[torch.T
     attention to each context column, averaged over the scoring layers. Requests
     on the kernel path score in place in their paged caches, batched (CUDA graphs on
     GPU); elsewhere in one batched pass over gathered keys."""
-    graphs = pipeline._pass_graphs(jobs[0].kv)
+    graphs = pipeline.pass_graphs_for(jobs[0].kv)
     if graphs is not None:
         from vllm_kvflow.blend.pass_graphs import ScoreItem
 
@@ -101,9 +101,9 @@ def attention_norm(pipeline: "BlendPipeline", jobs: "list[Job]") -> list[torch.T
 @register("k_deviation", rows=lambda job, num_layers: 2 / num_layers * (
     job.plan.context_end - job.plan.load_start), rewrites_cache=True)
 def key_deviation(pipeline: "BlendPipeline", jobs: "list[Job]") -> list[torch.Tensor]:
-    """CacheBlend's signal: layers 0 and 1 of every token from load_start on are
-    recomputed (its first layers, written into the cache), and each token scores the
-    distance of its recomputed layer-1 key from the cached one."""
+    """CacheBlend's signal: layer 0 of every token from load_start on is recomputed
+    (and written into the cache), then each token's layer-1 key is computed from it and
+    scored by its distance from the cached one (layer 1 is not written)."""
     out = []
     for job in jobs:
         plan = job.plan

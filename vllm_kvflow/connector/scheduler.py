@@ -16,6 +16,7 @@ import logging
 from typing import Any
 
 from vllm_kvflow.blend.pipeline import LoadPlan
+from vllm_kvflow.blend.selection import method
 from vllm_kvflow.config import KVFlowConfig
 from vllm_kvflow.connector.counters import ServingCounters
 from vllm_kvflow.connector.metadata import KVFlowConnectorMetadata, KVFlowWorkerMetadata
@@ -74,7 +75,7 @@ class KVFlowScheduler:
         if spec.unlocatable:
             logger.warning("kvflow: request %s: chunks %s not found in the prompt",
                            req_id, spec.unlocatable)
-        if spec.method == "full":
+        if not method(spec.method).reuses:  # plain prefill, asked for
             stats["fallback"] = None
             return 0, False
         if num_computed_tokens >= spec.context_end:

@@ -71,8 +71,7 @@ class KVFlowWorker:
             self._pipeline = self._queue = None
             return
         logger.info("kvflow: pipeline ready in %.1f s (kernels compiled, %d pass graphs captured)",
-                    time.perf_counter() - t0, len(self._pipeline._graphs[1]._entries)
-                    if self._pipeline._graphs else 0)
+                    time.perf_counter() - t0, self._pipeline.captured_graphs())
 
     def _ready(self) -> BlendPipeline:
         if self._pipeline is None:
