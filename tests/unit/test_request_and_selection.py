@@ -65,6 +65,9 @@ def test_config_rejects_unknown_and_invalid_settings():
         KVFlowConfig.from_extra_config({"ratio": 0.2})
     with pytest.raises(ValueError):
         KVFlowConfig(recompute_ratio=1.5)
+    with pytest.raises(ValueError, match="debug_selection"):
+        KVFlowConfig(debug_selection="yes")
+    assert KVFlowConfig.from_extra_config({"debug_selection": True}).debug_selection
     assert KVFlowConfig.from_extra_config(KVFlowConfig(sink_token_ids=[1, 2]).to_extra_config()) \
         == KVFlowConfig(sink_token_ids=(1, 2))
 

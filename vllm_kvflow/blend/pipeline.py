@@ -59,6 +59,7 @@ class LoadResult:
     candidate_tokens: int = 0  # reused tokens whose KV is not exact (selection's T)
     tokens_recomputed: int = 0  # candidates recomputed over the mixed cache
     reorder: list[int] | None = None  # infoflow-reorder: chunk order used
+    selected_positions: list[int] | None = None  # recomputed positions, with debug_selection
     timer: _Timer | None = field(default=None, repr=False)  # -> timings_s in as_dict()
 
     def as_dict(self) -> dict:
@@ -227,6 +228,8 @@ class BlendPipeline:
         with timer("recompute"):
             self._prefill(ids, chosen, plan.context_end, kv)
         result.tokens_recomputed = int(chosen.numel())
+        if self.config.debug_selection:
+            result.selected_positions = chosen.tolist()
         return result
 
     def _select(self, plan: LoadPlan, kv: PagedKV, result: LoadResult,
