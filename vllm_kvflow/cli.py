@@ -21,6 +21,7 @@ BENCHES = {
     "kernels": ("vllm_kvflow.bench.kernels", "GPU kernels against the card's ceilings"),
     "hilbert": ("vllm_kvflow.bench.hilbert", "HilbertA sparse attention against dense"),
     "load": ("vllm_kvflow.bench.load", "server load test: throughput and TTFT, Zipf document reuse"),
+    "ceiling": ("vllm_kvflow.bench.ceiling", "what a recompute budget could close, and each selector's share"),
 }
 
 
