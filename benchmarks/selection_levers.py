@@ -76,12 +76,12 @@ from vllm_kvflow.bench.hf_select import (
 )
 
 AUTO_CAP = 0.3
+# `all`: one setting per lever (the machine is small: every variant costs a recompute
+# and a teacher-forced pass per question and rho); others by name.
 VARIANTS = ["none", "cacheblend", "infoflow", "ceiling",
-            "span-w1", "span-w2", "floor-0.5", "refine-2", "layerwise-1.5",
-            "qgen", "tail", "layers-15-19", "layers-24-28", "layers-0-30",
-            "agg-mass", "agg-maxhead", "kdev-prod", "kdev-rank",
-            "dev-tok-2", "dev-chunk-1", "dev-chunk-2", "dev-pos-1", "first-2",
-            "auto-0.5", "auto-0.6", "auto-0.7", "auto-0.8", "auto-0.9"]
+            "span-w1", "floor-0.5", "refine-2", "layerwise-1.5", "qgen",
+            "layers-0-30", "agg-maxhead", "kdev-prod", "dev-chunk-2", "dev-pos-1",
+            "auto-0.5", "auto-0.6", "auto-0.7", "auto-0.8"]
 
 
 # -- scores ------------------------------------------------------------------------------------
@@ -409,6 +409,11 @@ def main(argv=None) -> int:
     p.add_argument("--variants", default="all")
     p.add_argument("--max-tokens", type=int, default=16)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--baselines", default=None,
+                   help="per-question records of a `kvflow bench ceiling` run on the same dataset "
+                        "(its JSON or .partial.jsonl): none, cacheblend, infoflow and ceiling are "
+                        "taken from there where present instead of computed again (same code, "
+                        "same numbers)")
     p.add_argument("--out", required=True)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -435,9 +440,12 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     for i, item in enumerate(tqdm(items, desc="levers", unit="question", file=sys.stderr)):
         qid = str(item.get("id", i))
-        done = ckpt.records.get(qid, {}).get("runs", {})
+        done = dict(ckpt.records.get(qid, {}).get("runs", {}))
+        if args.baselines:
+            done.update({k: v for k, v in baseline_runs(args.baselines, args.dataset).get(qid, {}).items()
+                         if k.split("@")[0] in variants and k not in done})
         todo = [(v, r) for v in variants for r in ratios_of(v, ratios) if f"{v}@{r}" not in done]
-        if not todo:
+        if not todo and qid in ckpt.records:
             continue
         q = build_question(ref, tok, item, args.max_tokens, piece_cache={})
         runs = dict(done)
@@ -455,6 +463,23 @@ def main(argv=None) -> int:
         json.dump(report, f, indent=1)
     print(f"wrote {args.out}")
     return 0
+
+
+def baseline_runs(path: str, dataset: str) -> dict[str, dict]:
+    """{question id: {"method@rho": {"gap", "ratio"}}} from a ceiling run's records (read
+    again on every call: the ceiling run may still be adding to them)."""
+    with open(path) as f:
+        if path.endswith(".jsonl"):
+            lines = [json.loads(x) for x in f if x.strip()]
+            key, records = lines[0]["key"], lines[1:]
+            digest = key["dataset"]
+        else:
+            report = json.load(f)
+            records, digest = report["per_question"], dataset_digest(report["dataset"])
+    if digest != dataset_digest(dataset):
+        raise ValueError(f"{path} was made on another dataset than {dataset}")
+    return {r["id"]: {k: {"gap": v["gap"], "ratio": v["k"] / r["T"]} for k, v in r["runs"].items()}
+            for r in records}
 
 
 # Bump when a variant's results change; checkpoints of an older version are redone.

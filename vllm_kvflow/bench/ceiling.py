@@ -160,6 +160,8 @@ def run(args) -> dict:
         ckpt.add(record)
     records = [ckpt.records[str(it.get("id", i))] for i, it in enumerate(items)]
     report = summarize(records, methods, ratios)
+    if args.engine_run:
+        report["engine_agreement"] = engine_agreement(records, args.engine_run, tok)
     report.update(environment())
     report.update({"dataset": args.dataset, "n": len(records), "max_tokens": args.max_tokens,
                    "seconds": time.perf_counter() - t0,
@@ -215,6 +217,32 @@ def summarize(records: list[dict], methods: list[str], ratios: list[float]) -> d
     return out
 
 
+def engine_agreement(records: list[dict], path: str, tok) -> dict:
+    """The reference against the engine on the same questions: per method@rho, the largest
+    |nll_gap difference| against a `kvflow bench quality` run's per-question records
+    (its .partial.json), over the questions where both found the same full-prefill answer."""
+    with open(path) as f:
+        saved = json.load(f)
+    engine_ids = [str(x) for x in saved["key"][1]]
+    runs = {f"{r['method']}@{r['ratio']}": r["data"] for r in saved["runs"]}
+    full = runs["full@0.0"]
+    out: dict = {"source": path, "questions": 0, "same_answer": 0, "max_abs_gap_diff": {}}
+    for r in records:
+        if r["id"] not in engine_ids:
+            continue
+        i = engine_ids.index(r["id"])
+        out["questions"] += 1
+        if tok.decode(full["answer_ids"][i]) != r["answer"]:
+            continue
+        out["same_answer"] += 1
+        for name, run in runs.items():
+            if name in r["runs"]:
+                diff = abs(run["nll"][i] - full["nll"][i] - r["runs"][name]["gap"])
+                worst = out["max_abs_gap_diff"]
+                worst[name] = max(worst.get(name, 0.0), diff)
+    return out
+
+
 def _closed_ci(gap, none_gap, resamples: int = 2000, seed: int = 0) -> tuple[float, float]:
     rng = np.random.default_rng(seed)
     idx = rng.integers(0, len(gap), (resamples, len(gap)))
@@ -225,6 +253,12 @@ def _closed_ci(gap, none_gap, resamples: int = 2000, seed: int = 0) -> tuple[flo
 def print_table(report: dict) -> None:
     print(f"\nceiling on {report['dataset']} ({report['card']}, torch {report['torch']}, "
           f"transformers {report['transformers']}), n={report['n']}")
+    agree = report.get("engine_agreement")
+    if agree:
+        worst = max(agree["max_abs_gap_diff"].values(), default=float("nan"))
+        print(f"reference against the engine ({agree['source']}): {agree['same_answer']}/"
+              f"{agree['questions']} questions with the same full-prefill answer, per-question "
+              f"nll_gap within {worst:.1e} for {sorted(agree['max_abs_gap_diff'])}")
     if "none" in report:
         lo, hi = report["none"]["nll_gap_ci"]
         print(f"none: nll_gap {report['none']['nll_gap']:.4f} [{lo:.4f}, {hi:.4f}]")
@@ -252,6 +286,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-tokens", type=int, default=16, help="length of the reference answer")
     p.add_argument("--model", default=None, help="default: the embedded SmolLM2-135M-Instruct")
     p.add_argument("--threads", type=int, default=1, help="torch threads")
+    p.add_argument("--engine-run", default=None,
+                   help="a `kvflow bench quality` checkpoint (.partial.json) on the same questions: "
+                        "report how far the reference's per-question nll_gap is from the engine's")
     p.add_argument("--out", required=True, help="JSON file; per-question records are kept beside "
                    "it (.partial.jsonl) and reused by a rerun with the same settings")
     args = p.parse_args(argv)
