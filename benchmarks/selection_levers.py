@@ -352,23 +352,34 @@ def parse(name: str) -> dict:
 BASELINES = ("none", "cacheblend", "infoflow", "ceiling", "oracle-kv", "random", "epic")
 
 
-def run_variant(q: Question, name: str, ratio: float) -> dict:
-    """nll_gap and the recompute count (ratio of T) of one variant at one rho."""
+def run_variant(q: Question, name: str, ratio: float, answers: list[str] | None = None) -> dict:
+    """nll_gap and the recompute count (ratio of T) of one variant at one rho; with the
+    gold `answers`, also the accuracy of its greedy answer."""
+    kv, recomputed = variant_cache(q, name, ratio)
+    out = {"gap": q.nll(kv) - q.nll_full, "ratio": recomputed / q.num_candidates}
+    if answers is not None:
+        out["acc"] = M.contains_answer(q.ref_tokenizer.decode(q.greedy(kv)), answers)
+    return out
+
+
+def variant_cache(q: Question, name: str, ratio: float):
+    """The cache a variant leaves (its picks recomputed), and how many tokens it
+    recomputed (token-layers / layers for layerwise)."""
     T = q.num_candidates
     if name in BASELINES:
         positions, base = select(name, q, ratio)
-        return {"gap": q.nll_gap(positions, base), "ratio": positions.numel() / T}
+        return q.recomputed(positions, base), positions.numel()
     spec = parse(name)
     rule = spec["rule"]
     k = budget_for(T, AUTO_CAP if rule[0] == "auto" else ratio)
     if k <= 0:
-        return {"gap": q.nll_gap(q.candidates[:0]), "ratio": 0.0}
+        return q.blend.kv, 0
     if rule[0] == "refine":
         positions, kv = refine(q, spec, k, rule[1])
-        return {"gap": q.nll(kv) - q.nll_full, "ratio": positions.numel() / T}
+        return kv, positions.numel()
     if rule[0] == "layerwise":
         token_layers, kv = layerwise(q, spec, k, rule[1])
-        return {"gap": q.nll(kv) - q.nll_full, "ratio": token_layers / T}
+        return kv, token_layers
     score = score_for(q, spec)
     if rule[0] == "top":
         positions = pick_top(q, score, k)
@@ -391,7 +402,7 @@ def run_variant(q: Question, name: str, ratio: float) -> dict:
         raise ValueError(rule)
     uses_kdev = spec["kdev"] or (spec["dev"] is not None and spec["dev"][0] != "pos")
     base = q.cacheblend_base if uses_kdev else None  # the layer-0 pass was paid for
-    return {"gap": q.nll_gap(positions, base), "ratio": positions.numel() / T}
+    return q.recomputed(positions, base), positions.numel()
 
 
 def ratios_of(name: str, ratios: list[float]) -> list[float]:
@@ -414,6 +425,9 @@ def main(argv=None) -> int:
                         "(its JSON or .partial.jsonl): none, cacheblend, infoflow and ceiling are "
                         "taken from there where present instead of computed again (same code, "
                         "same numbers)")
+    p.add_argument("--accuracy", action="store_true",
+                   help="also decode each variant's greedy answer and score it against the gold "
+                        "answers (16 decode steps per variant and rho; baselines then computed here)")
     p.add_argument("--out", required=True)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -435,25 +449,32 @@ def main(argv=None) -> int:
     ref = HFReference()
     tok = AutoTokenizer.from_pretrained(_default_model())
     key = {"dataset": dataset_digest(args.dataset), "ratios": ratios, "max_tokens": args.max_tokens,
-           "version": LEVERS_VERSION}
+           "version": LEVERS_VERSION, "accuracy": args.accuracy}
     ckpt = Checkpoint(args.out, key)
     t0 = time.perf_counter()
     for i, item in enumerate(tqdm(items, desc="levers", unit="question", file=sys.stderr)):
         qid = str(item.get("id", i))
         done = dict(ckpt.records.get(qid, {}).get("runs", {}))
-        if args.baselines:
+        if args.baselines and not args.accuracy:
             done.update({k: v for k, v in baseline_runs(args.baselines, args.dataset).get(qid, {}).items()
                          if k.split("@")[0] in variants and k not in done})
         todo = [(v, r) for v in variants for r in ratios_of(v, ratios) if f"{v}@{r}" not in done]
         if not todo and qid in ckpt.records:
             continue
         q = build_question(ref, tok, item, args.max_tokens, piece_cache={})
+        q.ref_tokenizer = tok
         runs = dict(done)
         for v, r in todo:
-            runs[f"{v}@{r}"] = run_variant(q, v, r)
-        ckpt.add({"id": qid, "T": q.num_candidates, "runs": runs})
+            runs[f"{v}@{r}"] = run_variant(q, v, r, item["answers"] if args.accuracy else None)
+        record = {"id": qid, "T": q.num_candidates, "runs": runs}
+        if args.accuracy:
+            record["full_acc"] = M.contains_answer(tok.decode(q.answer), item["answers"])
+        ckpt.add(record)
     records = [ckpt.records[str(it.get("id", i))] for i, it in enumerate(items)]
     report = summarize(records, variants, ratios)
+    if args.accuracy:
+        acc, lo, hi = M.mean_ci([r["full_acc"] for r in records])
+        report["full_accuracy"], report["full_accuracy_ci"] = acc, [lo, hi]
     report.update(environment())
     report.update({"dataset": args.dataset, "n": len(records), "seconds": time.perf_counter() - t0,
                    "command": "python benchmarks/selection_levers.py " + " ".join(sys.argv[1:] if argv is None else argv),
@@ -501,6 +522,9 @@ def summarize(records, variants, ratios) -> dict:
             mean, lo, hi = M.mean_ci(g)
             row = {"variant": v, "ratio": r, "nll_gap": mean, "nll_gap_ci": [lo, hi],
                    "closed": 1 - mean / none.mean(), "recompute_ratio": float(arr(name, "ratio").mean())}
+            if "acc" in records[0]["runs"][name]:
+                acc, alo, ahi = M.mean_ci(arr(name, "acc"))
+                row["accuracy"], row["accuracy_ci"] = acc, [alo, ahi]
             for base in ("cacheblend", "infoflow", "ceiling"):
                 # auto is compared with each fixed rho of the base
                 for br in ([r] if r else ratios):
@@ -523,8 +547,9 @@ def print_table(report) -> None:
         for base in ("vs_cacheblend", "vs_infoflow"):
             d = r.get(base) or r.get(f"{base}@0.15")
             cells.append("" if d is None else f"{d[0]:+.4f} [{d[1]:+.4f},{d[2]:+.4f}]")
+        acc = f"  acc {r['accuracy']:.3f}" if "accuracy" in r else ""
         print(f"{r['variant']:<24}{r['ratio']:>5.2f}{r['recompute_ratio']:>8.3f}{r['nll_gap']:>9.4f}"
-              f"{r['closed']:>8.1%}{cells[0]:>30}{cells[1]:>30}")
+              f"{r['closed']:>8.1%}{cells[0]:>30}{cells[1]:>30}{acc}")
 
 
 if __name__ == "__main__":

@@ -105,14 +105,22 @@ def test_gradient_estimate_is_the_first_order_change_of_the_answer_nll(ref, prom
     q = hf_select.Question(ref, prompt, CHUNKS, QUESTION, max_tokens=4, eos=2)
     est = q.nll_gradient_estimate
     ctx = q.context_end
-    for pos in (5, 12, 24):  # a chunk token, a separator, a token of the last chunk
-        eps = 1e-3
-        kv = q.blend.kv.clone()
-        for layer in range(ref.num_layers):  # move K/V of one token a step toward full's
-            kv.keys[layer][pos] += eps * (q.full_kv.keys[layer][pos] - kv.keys[layer][pos])
-            kv.values[layer][pos] += eps * (q.full_kv.values[layer][pos] - kv.values[layer][pos])
-        finite = (q.nll(kv) - q.nll(q.blend.kv)) / eps
-        assert finite == pytest.approx(float(est[pos]), rel=2e-2, abs=1e-4), (pos, finite, float(est[pos]))
+    # The largest estimates, and a separator; a central difference along each token's
+    # deviation (float32: a step large enough to rise above rounding, its error is
+    # of second order).
+    largest = q.candidates[est[q.candidates].abs().argsort(descending=True)[:3]].tolist()
+    for pos in largest + [12]:
+        eps = 0.05
+        moved = []
+        for sign in (1, -1):
+            kv = q.blend.kv.clone()
+            for layer in range(ref.num_layers):  # K/V of one token a step along full - reused
+                kv.keys[layer][pos] += sign * eps * (q.full_kv.keys[layer][pos] - q.blend.kv.keys[layer][pos])
+                kv.values[layer][pos] += sign * eps * (q.full_kv.values[layer][pos] - q.blend.kv.values[layer][pos])
+            moved.append(q.nll(kv))
+        finite = (moved[0] - moved[1]) / (2 * eps)
+        assert finite == pytest.approx(float(est[pos]), rel=5e-2, abs=2e-5), (pos, finite, float(est[pos]))
+    assert abs(float(est[largest[0]])) > 1e-3  # the check compares something
     assert est[:3].abs().max() < 1e-6  # leading glue is exact: nothing to change
     assert est.shape == (ctx,)
 
