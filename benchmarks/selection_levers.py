@@ -51,6 +51,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 
@@ -488,7 +489,9 @@ def main(argv=None) -> int:
 
 def baseline_runs(path: str, dataset: str) -> dict[str, dict]:
     """{question id: {"method@rho": {"gap", "ratio"}}} from a ceiling run's records (read
-    again on every call: the ceiling run may still be adding to them)."""
+    again on every call: the ceiling run may still be adding to them; none yet: empty)."""
+    if not os.path.exists(path):
+        return {}
     with open(path) as f:
         if path.endswith(".jsonl"):
             lines = [json.loads(x) for x in f if x.strip()]
