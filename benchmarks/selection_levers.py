@@ -18,6 +18,9 @@ Variants (`--variants`, comma list of names or families; `all` runs every one):
   refine-S      layer-wise refinement in S stages: pick k/S, recompute them, score again
                 over the refined cache, pick the next k/S, ...; the picks are
                 recomputed stage by stage (no token twice)
+  refsel-S      the same stages choose the tokens, then all of them are recomputed in
+                one pass over the loaded cache (the earlier stages' tokens twice: it
+                separates the better choice from the staging)
   layerwise-C   refinement inside the recompute: C*k tokens recomputed at the first third
                 of the layers, k at the middle third, (2-C)*k at the last (the same
                 token-layers as k through all layers); at each third's start the
@@ -339,6 +342,8 @@ def parse(name: str) -> dict:
             spec["rule"] = ("floor", float(part[len("floor-"):]))
         elif part.startswith("refine-"):
             spec["rule"] = ("refine", int(part[len("refine-"):]))
+        elif part.startswith("refsel-"):
+            spec["rule"] = ("refsel", int(part[len("refsel-"):]))
         elif part.startswith("layerwise-"):
             spec["rule"] = ("layerwise", float(part[len("layerwise-"):]))
         elif part.startswith("auto-"):
@@ -378,6 +383,9 @@ def variant_cache(q: Question, name: str, ratio: float):
     if rule[0] == "refine":
         positions, kv = refine(q, spec, k, rule[1])
         return kv, positions.numel()
+    if rule[0] == "refsel":
+        positions, _ = refine(q, spec, k, rule[1])
+        return q.recomputed(positions), positions.numel()
     if rule[0] == "layerwise":
         token_layers, kv = layerwise(q, spec, k, rule[1])
         return kv, token_layers
@@ -417,6 +425,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dataset", required=True)
     p.add_argument("--limit", type=int, default=100)
+    p.add_argument("--start", type=int, default=0,
+                   help="first item: a development split apart from the reported questions")
     p.add_argument("--ratio", default="0.05,0.15,0.3")
     p.add_argument("--variants", default="all")
     p.add_argument("--max-tokens", type=int, default=16)
@@ -440,7 +450,7 @@ def main(argv=None) -> int:
         if v not in BASELINES:
             parse(v)  # fail early on a typo
     ratios = [float(r) for r in args.ratio.split(",")]
-    items = load_items(args.dataset, args.limit)
+    items = load_items(args.dataset, args.start + args.limit)[args.start:]
     from transformers import AutoTokenizer
     from tqdm import tqdm
 
@@ -454,7 +464,7 @@ def main(argv=None) -> int:
     ckpt = Checkpoint(args.out, key)
     t0 = time.perf_counter()
     for i, item in enumerate(tqdm(items, desc="levers", unit="question", file=sys.stderr)):
-        qid = str(item.get("id", i))
+        qid = str(item.get("id", args.start + i))
         done = dict(ckpt.records.get(qid, {}).get("runs", {}))
         if args.baselines and not args.accuracy:
             done.update({k: v for k, v in baseline_runs(args.baselines, args.dataset).get(qid, {}).items()
@@ -471,7 +481,7 @@ def main(argv=None) -> int:
         if args.accuracy:
             record["full_acc"] = M.contains_answer(tok.decode(q.answer), item["answers"])
         ckpt.add(record)
-    records = [ckpt.records[str(it.get("id", i))] for i, it in enumerate(items)]
+    records = [ckpt.records[str(it.get("id", args.start + i))] for i, it in enumerate(items)]
     report = summarize(records, variants, ratios)
     if args.accuracy:
         acc, lo, hi = M.mean_ci([r["full_acc"] for r in records])
