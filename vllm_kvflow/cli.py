@@ -22,6 +22,7 @@ BENCHES = {
     "hilbert": ("vllm_kvflow.bench.hilbert", "HilbertA sparse attention against dense"),
     "load": ("vllm_kvflow.bench.load", "server load test: throughput and TTFT, Zipf document reuse"),
     "remote": ("vllm_kvflow.bench.remote", "TTFT of a remote (Redis) hit vs a local hit vs full prefill"),
+    "ceiling": ("vllm_kvflow.bench.ceiling", "what a recompute budget could close, and each selector's share"),
 }
 
 

@@ -88,6 +88,9 @@ class KVFlowConfig:
     # The vision encoder's full-attention blocks: "stock" (vLLM's attention) or
     # "hilberta" (HilbertA sparse attention; changes the encoder's outputs).
     vision_attention: str = "stock"
+    # Put the recomputed positions (prompt coordinates) into each request's stats as
+    # `selected_positions`, for checking a selection against an outside reference.
+    debug_selection: bool = False
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -134,6 +137,8 @@ class KVFlowConfig:
             object.__setattr__(self, "sink_token_ids", tuple(int(t) for t in self.sink_token_ids))
             if not self.sink_token_ids:
                 raise ValueError("kvflow: sink_token_ids must not be empty")
+        if not isinstance(self.debug_selection, bool):
+            raise ValueError(f"kvflow: debug_selection must be true or false, got {self.debug_selection!r}")
         if self.scoring_layers is not None:
             layers = tuple(self.scoring_layers)
             if not layers or any(isinstance(x, bool) or not isinstance(x, (int, float)) for x in layers):

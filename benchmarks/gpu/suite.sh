@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU engine runs, in the order they were made on a two-GPU machine (each step fits
 # one 10-minute device call; independent runs go side by side, one per GPU).
-#   bash benchmarks/gpu/suite.sh tests|engine|more|tp2|profile|tp2check|load|load64|fleet|vision MODELS OUT
+#   bash benchmarks/gpu/suite.sh tests|engine|more|tp2|profile|tp2check|load|load64|fleet|vision|quality MODELS OUT
 # MODELS: model dirs from prepare_models.py; OUT: where logs and JSON go.
 set -o pipefail
 step=$1 models=$2 out=$3
@@ -51,5 +51,21 @@ case $step in
       --out "$out/vision_encoder_H200.json" 2>&1 | grep -v " INFO \| WARNING " | tail -n 20 ;;
   tp2check)  # the tensor-parallel exactness check alone
     CHECK_MODELS=llama-3.1-8b TAG=tp2 bash "$here/run_engine_gpu.sh" check "$models" "$out/check" --dtype float16 --tp 2 ;;
+  quality)  # real SmolLM2-135M-Instruct weights (bf16), both question sets side by side on
+            # one GPU. Needs the GGUF staged as ../shared/gpu/pack-smollm2.sh says, with
+            # PYTHONPATH_EXTRA=/tmp/gg:$HOME/smol (MODELS unused). QUALITY_LIMIT for a trial.
+    model=$(bash "$here/env.sh" python3 -m vllm_kvflow.cli make-model 2>/dev/null | tail -n 1)
+    [ -d "$model" ] || { echo "make-model failed"; bash "$here/env.sh" python3 -m vllm_kvflow.cli make-model; exit 1; }
+    q="bash $here/env.sh python3 -m vllm_kvflow.cli bench quality --model $model --gpu-memory-utilization 0.3
+       --methods ${QUALITY_METHODS:-full,none,random,epic,cacheblend,infoflow,infoflow-dev,infoflow-pos}
+       --ratio ${QUALITY_RATIOS:-0.05,0.1,0.15,0.3,0.5} --limit ${QUALITY_LIMIT:-300}"
+    for set in fictional specs; do
+      $q --dataset "benchmarks/${set}_qa_300.jsonl" --out "$out/quality_gpu_smollm2_${set}_n${QUALITY_LIMIT:-300}.json" \
+        > "$out/quality_$set.log" 2>&1 &
+    done
+    wait
+    for set in fictional specs; do
+      grep -v " INFO \| WARNING \|it/s\]\|s/it\]" "$out/quality_$set.log" | tail -n 48
+    done ;;
   *) echo "unknown step $step" >&2; exit 2 ;;
 esac

@@ -4,6 +4,8 @@ tests: engine start costs ~25 s on 2 cores, so it is shared by the session.
 The engine runs in-process (no engine-core/worker subprocesses) so tests can also reach
 the worker's store and the paged cache. float32 keeps full prefill and the executor's
 recompute numerically close enough that greedy tokens are comparable exactly.
+debug_selection puts each request's recomputed positions into its stats, which
+test_blend_reference.py hands to an independent reference of the blend.
 """
 from __future__ import annotations
 
@@ -30,7 +32,8 @@ def llm(model_path):
     engine = LLM(model_path, dtype="float32", kv_cache_memory_bytes=1 << 30, max_model_len=4096,
                  enable_prefix_caching=False, distributed_executor_backend="uni", seed=0,
                  kv_transfer_config=vllm_kvflow.transfer_config(method="none",
-                                                                store_capacity_gb=0.5))
+                                                                store_capacity_gb=0.5,
+                                                                debug_selection=True))
     yield engine
     del engine
 

@@ -1,7 +1,8 @@
 import pytest
 import torch
 
-from vllm_kvflow.blend.selection import SelectionInput, budget_for, select, top_k_positions
+from vllm_kvflow.blend.selection import (SelectionInput, budget_for, select, span_starts,
+                                         top_k_positions)
 from vllm_kvflow.config import KVFlowConfig, resolve_layers
 from vllm_kvflow.request import RequestError, find_subsequence, parse_request
 
@@ -67,6 +68,9 @@ def test_config_rejects_unknown_and_invalid_settings():
         KVFlowConfig.from_extra_config({"ratio": 0.2})
     with pytest.raises(ValueError):
         KVFlowConfig(recompute_ratio=1.5)
+    with pytest.raises(ValueError, match="debug_selection"):
+        KVFlowConfig(debug_selection="yes")
+    assert KVFlowConfig.from_extra_config({"debug_selection": True}).debug_selection
     assert KVFlowConfig.from_extra_config(KVFlowConfig(sink_token_ids=[1, 2]).to_extra_config()) \
         == KVFlowConfig(sink_token_ids=(1, 2))
 
@@ -118,6 +122,27 @@ def test_infoflow_kdev_ranks_both_signals_among_candidates():
     # Rank sums (of 20 candidates, 0 = smallest): 12 -> 17+18, 33 -> 19+17, 11 -> 18+...
     assert select("infoflow-kdev", _inp(2, (attn, kdev))).tolist() == [12, 33]
     assert select("infoflow-kdev", _inp(20, (attn, kdev))).numel() == 20  # exact limit
+
+
+def test_infoflow_dev_needs_both_attention_and_deviation():
+    attn, kdev = torch.zeros(40), torch.zeros(40)
+    attn[[11, 12, 33]] = torch.tensor([5.0, 4.0, 9.0])
+    kdev[[12, 31, 33]] = torch.tensor([7.0, 9.0, 1.0])
+    # Products: 12 -> 28, 33 -> 9, 11 -> 0, 31 -> 0. The largest attention (33) loses to a
+    # token that is both read and wrong; one read but exact (11) or wrong but unread (31)
+    # is worth nothing.
+    assert select("infoflow-dev", _inp(2, (attn, kdev))).tolist() == [12, 33]
+    assert select("infoflow-dev", _inp(1, (attn, kdev))).tolist() == [12]
+    assert select("infoflow-dev", _inp(20, (attn, kdev))).numel() == 20  # exact limit
+
+
+def test_infoflow_pos_weights_by_the_start_of_the_span():
+    signal = torch.zeros(40)
+    signal[[12, 33]] = torch.tensor([2.0, 1.0])  # spans start at 10 and 30: 20 < 30
+    assert select("infoflow-pos", _inp(1, signal)).tolist() == [33]
+    assert select("infoflow", _inp(1, signal)).tolist() == [12]
+    inp = _inp(3)
+    assert span_starts(inp).tolist() == [10] * 10 + [30] * 10
 
 
 def test_random_and_epic_respect_budget_and_candidates():

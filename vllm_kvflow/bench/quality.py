@@ -93,7 +93,7 @@ def run(args) -> dict:
             AutoTokenizer.from_pretrained(args.model or str(default_model_path())))
     llm = make_llm(args.model, dtype=args.dtype, max_model_len=args.max_model_len,
                    num_seqs=args.max_seqs, size_flags="--max-model-len or --max-seqs",
-                   method="none", log_stats=False,
+                   gpu_memory_utilization=args.gpu_memory_utilization, method="none", log_stats=False,
                    store_capacity_gb=args.store_gb, **extra)
     tok = llm.get_tokenizer()
     prompts = [build_rag_prompt(tok, it["question"], it["passages"]) for it in items]
@@ -254,27 +254,41 @@ def print_table(report: dict) -> None:
 
 
 def plot(report: dict, path: str) -> None:
+    """nll_gap and accuracy against rho, and the trade-off: nll_gap closed (share of
+    none's gap) against the TTFT speedup over full prefill, every method and ratio."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
     methods = sorted({r["method"] for r in report["results"]})
-    for method in methods:
+    full_ttft = next((r["ttft_s"] for r in report["results"] if r["method"] == "full"), None)
+    palette = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for i, method in enumerate(methods):
+        color = {"full": "k", "none": "gray"}.get(method, palette[i % len(palette)])
         rows = sorted((r for r in report["results"] if r["method"] == method), key=lambda r: r["ratio"])
         if len(rows) == 1 and method in RATIO_FREE:
             for ax, key in zip(axes, ("nll_gap", "accuracy")):
-                ax.axhline(rows[0][key], linestyle="--", label=method, color="k" if method == "full" else "gray")
-            continue
-        xs = [r["ratio"] for r in rows]
-        for ax, key in zip(axes, ("nll_gap", "accuracy")):
-            ax.errorbar(xs, [r[key] for r in rows],
-                        yerr=[[r[key] - r[f"{key}_ci"][0] for r in rows], [r[f"{key}_ci"][1] - r[key] for r in rows]],
-                        marker="o", capsize=3, label=method)
+                ax.axhline(rows[0][key], linestyle="--", label=method, color=color)
+        else:
+            xs = [r["ratio"] for r in rows]
+            for ax, key in zip(axes, ("nll_gap", "accuracy")):
+                ax.errorbar(xs, [r[key] for r in rows],
+                            yerr=[[r[key] - r[f"{key}_ci"][0] for r in rows],
+                                  [r[f"{key}_ci"][1] - r[key] for r in rows]],
+                            marker="o", capsize=3, label=method, color=color)
+        timed = [r for r in rows if r["ttft_s"] and r.get("gap_closed") is not None]
+        if full_ttft and timed:
+            axes[2].plot([full_ttft / r["ttft_s"] for r in timed], [r["gap_closed"] for r in timed],
+                         marker="o", label=method, color=color)
+            for r in timed:
+                axes[2].annotate(f"{r['ratio']:g}", (full_ttft / r["ttft_s"], r["gap_closed"]), fontsize=7)
     for ax, key in zip(axes, ("nll_gap (lower is better)", "accuracy")):
         ax.set_xlabel("recompute ratio rho")
         ax.set_title(key)
+    axes[2].set_xlabel("TTFT speedup over full prefill (requests alone)")
+    axes[2].set_title("share of none's nll_gap closed (labels: rho)")
     axes[0].legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -282,7 +296,8 @@ def plot(report: dict, path: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="kvflow bench quality", description=__doc__)
-    p.add_argument("--dataset", required=True)
+    p.add_argument("--dataset")
+    p.add_argument("--replot", metavar="JSON", help="only draw the plot of a finished run's JSON")
     p.add_argument("--methods", default="full,none,cacheblend,epic,random,infoflow,infoflow-reorder")
     p.add_argument("--ratio", default="0.15", help="one ratio or a comma list, e.g. 0.05,0.15,0.3")
     p.add_argument("--limit", type=int, default=None)
@@ -300,18 +315,32 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-seqs", type=int, default=4,
                    help="CPU: sequences of --max-model-len tokens the KV cache holds at once "
                         "(its size in bytes follows)")
+    p.add_argument("--gpu-memory-utilization", type=float, default=0.6,
+                   help="GPU: vLLM's memory fraction (two runs share one GPU at 0.3 each)")
     p.add_argument("--store-gb", type=float, default=6.0,
                    help="chunk store capacity; size it to hold the dataset's chunks")
-    p.add_argument("--out", required=True, help="JSON file; a PNG plot is written beside it. Finished "
+    p.add_argument("--out", help="JSON file; a PNG plot is written beside it. Finished "
                    "runs are kept beside it (.partial.json): a rerun with the same dataset "
                    "and settings reuses them and computes only what is new")
     args = p.parse_args(argv)
+    if args.replot:
+        with open(args.replot) as f:
+            report = json.load(f)
+        png = args.replot.rsplit(".", 1)[0] + ".png"
+        plot(report, png)
+        print(f"wrote {png}")
+        return 0
+    if not (args.dataset and args.out):
+        p.error("--dataset and --out are required (or --replot JSON)")
     report = run(args)
     print_table(report)
     with open(args.out, "w") as f:
         json.dump(report, f, indent=1)
     png = args.out.rsplit(".", 1)[0] + ".png"
-    plot(report, png)
+    try:
+        plot(report, png)
+    except ImportError as e:  # the GPU machine's image may lack matplotlib
+        print(f"no plot ({e}); `kvflow bench quality --replot {args.out}` draws it elsewhere")
     # The checkpoint stays: its per-question data lets a later run add methods or ratios
     # and still pair them with the runs made here.
     print(f"wrote {args.out} and {png} (per-question runs: {_checkpoint_path(args)})")

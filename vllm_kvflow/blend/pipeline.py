@@ -74,6 +74,7 @@ class LoadResult:
     reorder: list[int] | None = None  # methods that reorder: the chunk order used
     batched_with: int = 0  # other requests in the same recompute pass
     kernel_fallbacks: int = 0  # loads the fused kernel could not do (gathered instead)
+    selected_positions: list[int] | None = None  # recomputed positions, with debug_selection
     timer: _Timer | None = field(default=None, repr=False)  # -> timings_s in as_dict()
 
     def as_dict(self) -> dict:
@@ -417,6 +418,8 @@ class BlendPipeline:
         for job in jobs:
             job.chosen = select(job.method.name, job.inp)
             job.result.tokens_recomputed = int(job.chosen.numel())
+            if self.config.debug_selection:
+                job.result.selected_positions = job.chosen.tolist()
 
     # -- 5. recompute -------------------------------------------------------------------------
     def recompute_slices(self, slices: list[tuple[Job, int, int]]) -> None:

@@ -146,6 +146,34 @@ def select_infoflow_kdev(inp: SelectionInput) -> torch.Tensor:
     return top_k_positions(c, score, inp.budget)
 
 
+@register("infoflow-dev", "attn_norm", "k_deviation")
+def select_infoflow_dev(inp: SelectionInput) -> torch.Tensor:
+    """Top-k by the product of the question's attention norm and the layer-1 key
+    deviation: a token is worth recomputing when the answer reads it *and* its cached KV
+    is wrong; either factor near zero makes recomputing it useless. A variant of this
+    package (benchmarks/QUALITY_NOTES.md has its measurements)."""
+    attn, kdev = inp.signal
+    c = inp.candidates
+    return top_k_positions(c, attn[c].double() * kdev[c].double(), inp.budget)
+
+
+@register("infoflow-pos", "attn_norm")
+def select_infoflow_pos(inp: SelectionInput) -> torch.Tensor:
+    """Top-k by the attention norm times the start position of the token's span: a
+    span computed in isolation missed all the context before it, so the later it sits,
+    the more its cached KV deviates. No signal beyond infoflow's. A variant of this
+    package (benchmarks/QUALITY_NOTES.md)."""
+    c = inp.candidates
+    return top_k_positions(c, inp.signal[c].double() * span_starts(inp).double(), inp.budget)
+
+
+def span_starts(inp: SelectionInput) -> torch.Tensor:
+    """For each candidate, the start position of the candidate span holding it."""
+    starts = torch.tensor([s for s, _ in inp.chunks], dtype=torch.int64, device=inp.candidates.device)
+    which = torch.searchsorted(starts, inp.candidates, right=True) - 1
+    return starts[which.clamp(min=0)]
+
+
 def select(name: str, inp: SelectionInput) -> torch.Tensor:
     """The positions method `name` recomputes, given its signal(s) where it needs any."""
     if inp.budget >= inp.candidates.numel():
