@@ -253,9 +253,22 @@ def print_table(report: dict) -> None:
               f"{'' if r['ttft_s'] is None else format(r['ttft_s'], '8.3f')}")
 
 
-def plot(report: dict, path: str) -> None:
+def speedups_from(ttft_report: dict) -> tuple[dict, str]:
+    """(method, ratio) -> TTFT speedup over full prefill at the largest context of a
+    `kvflow bench ttft` report, and a label saying where it was measured."""
+    rows = ttft_report["results"]
+    context = max(r["context_tokens"] for r in rows)
+    table = {(r["method"], round(r["ratio"], 4)): r["speedup_vs_full"]
+             for r in rows if r["context_tokens"] == context}
+    model = os.path.basename((ttft_report.get("model") or "SmolLM2").rstrip("/"))
+    return table, f"{ttft_report.get('card', '?')}, {model}, {context} tokens"
+
+
+def plot(report: dict, path: str, ttft_report: dict | None = None) -> None:
     """nll_gap and accuracy against rho, and the trade-off: nll_gap closed (share of
-    none's gap) against the TTFT speedup over full prefill, every method and ratio."""
+    none's gap) against the TTFT speedup over full prefill, every method and ratio. The
+    speedups come from a `kvflow bench ttft` report where one is given (measured at a
+    context length where prefill matters), else from this run's own requests."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -264,7 +277,13 @@ def plot(report: dict, path: str) -> None:
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
     methods = sorted({r["method"] for r in report["results"]})
     full_ttft = next((r["ttft_s"] for r in report["results"] if r["method"] == "full"), None)
-    palette = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    if ttft_report is not None:
+        table, where = speedups_from(ttft_report)
+        speedup = lambda r: table.get((r["method"], round(r["ratio"], 4)))  # noqa: E731
+    else:
+        where = "these prompts, requests alone"
+        speedup = lambda r: full_ttft / r["ttft_s"] if full_ttft and r["ttft_s"] else None  # noqa: E731
+    palette = [c for c in plt.rcParams["axes.prop_cycle"].by_key()["color"] if c != "#7f7f7f"]  # gray is none's
     for i, method in enumerate(methods):
         color = {"full": "k", "none": "gray"}.get(method, palette[i % len(palette)])
         rows = sorted((r for r in report["results"] if r["method"] == method), key=lambda r: r["ratio"])
@@ -278,26 +297,35 @@ def plot(report: dict, path: str) -> None:
                             yerr=[[r[key] - r[f"{key}_ci"][0] for r in rows],
                                   [r[f"{key}_ci"][1] - r[key] for r in rows]],
                             marker="o", capsize=3, label=method, color=color)
-        timed = [r for r in rows if r["ttft_s"] and r.get("gap_closed") is not None]
-        if full_ttft and timed:
-            axes[2].plot([full_ttft / r["ttft_s"] for r in timed], [r["gap_closed"] for r in timed],
+        timed = [r for r in rows if speedup(r) and r.get("gap_closed") is not None]
+        if timed:
+            axes[2].plot([speedup(r) for r in timed], [r["gap_closed"] for r in timed],
                          marker="o", label=method, color=color)
             for r in timed:
-                axes[2].annotate(f"{r['ratio']:g}", (full_ttft / r["ttft_s"], r["gap_closed"]), fontsize=7)
+                axes[2].annotate(f"{r['ratio']:g}", (speedup(r), r["gap_closed"]), fontsize=7)
     for ax, key in zip(axes, ("nll_gap (lower is better)", "accuracy")):
         ax.set_xlabel("recompute ratio rho")
         ax.set_title(key)
-    axes[2].set_xlabel("TTFT speedup over full prefill (requests alone)")
+    axes[2].set_xlabel(f"TTFT speedup over full prefill ({where})")
     axes[2].set_title("share of none's nll_gap closed (labels: rho)")
     axes[0].legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
 
+def _load_json(path: str | None) -> dict | None:
+    if path is None:
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="kvflow bench quality", description=__doc__)
     p.add_argument("--dataset")
     p.add_argument("--replot", metavar="JSON", help="only draw the plot of a finished run's JSON")
+    p.add_argument("--ttft-json", help="a `kvflow bench ttft` JSON (same methods and ratios) for the "
+                   "plot's speedup axis, measured where prefill matters; default: this run's requests")
     p.add_argument("--methods", default="full,none,cacheblend,epic,random,infoflow,infoflow-reorder")
     p.add_argument("--ratio", default="0.15", help="one ratio or a comma list, e.g. 0.05,0.15,0.3")
     p.add_argument("--limit", type=int, default=None)
@@ -327,7 +355,7 @@ def main(argv: list[str] | None = None) -> int:
         with open(args.replot) as f:
             report = json.load(f)
         png = args.replot.rsplit(".", 1)[0] + ".png"
-        plot(report, png)
+        plot(report, png, _load_json(args.ttft_json))
         print(f"wrote {png}")
         return 0
     if not (args.dataset and args.out):
@@ -338,7 +366,7 @@ def main(argv: list[str] | None = None) -> int:
         json.dump(report, f, indent=1)
     png = args.out.rsplit(".", 1)[0] + ".png"
     try:
-        plot(report, png)
+        plot(report, png, _load_json(args.ttft_json))
     except ImportError as e:  # the GPU machine's image may lack matplotlib
         print(f"no plot ({e}); `kvflow bench quality --replot {args.out}` draws it elsewhere")
     # The checkpoint stays: its per-question data lets a later run add methods or ratios

@@ -17,6 +17,7 @@ import json
 import statistics
 import sys
 
+from vllm_kvflow.blend.selection import METHODS
 from vllm_kvflow.bench.dataset import generate as make_dataset
 from vllm_kvflow.bench.engine import default_dtype, environment, make_llm, time_first_token
 from vllm_kvflow.rag import build_rag_prompt
@@ -49,39 +50,49 @@ def _store_settings(args) -> dict:
     return {"store_device_gb": 24.0} if args.store == "device" else {}
 
 
+def runs_for(methods: list[str], ratios: list[float]) -> list[tuple[str, float]]:
+    """(method, ratio) pairs: a method that recomputes once per ratio, the others
+    (full, prefix-hit, none) once with ratio 0."""
+    def recomputes(name: str) -> bool:
+        return name in METHODS and METHODS[name].reuses and METHODS[name].recomputes
+    return [(m, r) for m in methods for r in (ratios if recomputes(m) else [0.0])]
+
+
 def run(args) -> dict:
     methods = [m for m in args.methods.split(",") if m]
+    ratios = [float(r) for r in str(args.ratio).split(",") if r]
+    runs = runs_for(methods, ratios)
     sizes = [int(x) for x in args.context_tokens.split(",")]
     llm = make_llm(args.model, prefix_caching=True, max_model_len=max(sizes) + 512,
                    dtype=args.dtype, load_format=args.load_format,
                    gpu_memory_utilization=args.gpu_memory_utilization,
                    tensor_parallel_size=args.tensor_parallel_size, size_flags="--context-tokens",
-                   method="none", recompute_ratio=args.ratio, **_store_settings(args))
+                   method="none", recompute_ratio=ratios[0], **_store_settings(args))
     tok = llm.get_tokenizer()
     results = []
-    total_steps = len(sizes) * args.repeats * len(methods)
+    total_steps = len(sizes) * args.repeats * len(runs)
     step = 0
     for size in sizes:
         passages = _passages_for(tok, size, seed=1000 + size)
-        times: dict[str, list[float]] = {m: [] for m in methods}
-        stats: dict[str, dict] = {}
+        times: dict[tuple[str, float], list[float]] = {run: [] for run in runs}
+        stats: dict[tuple[str, float], dict] = {}
         # Warm the chunk store (a miss computes and stores each chunk).
         warm = build_rag_prompt(tok, "Which city exports wool?", passages,
                                 instruction=SYSTEM_PROMPT, method="none")
         time_first_token(llm, warm.vllm_prompt(), warm.kv_transfer_params)
-        # One untimed request per kvflow method: the first of a size compiles kernels
-        # and captures the scoring graphs of its bucket (steady state is what is timed).
-        for method in methods:
+        # One untimed request per kvflow run: the first of a size compiles kernels and
+        # captures the scoring graphs of its bucket (steady state is what is timed).
+        for method, ratio in runs:
             if method not in ("full", "prefix-hit"):
                 w = build_rag_prompt(tok, "Which city exports cloth?", passages,
-                                     instruction=SYSTEM_PROMPT, method=method, ratio=args.ratio)
+                                     instruction=SYSTEM_PROMPT, method=method, ratio=ratio)
                 time_first_token(llm, w.vllm_prompt(), w.kv_transfer_params)
         for rep in range(args.repeats):
-            for method in methods:
+            for method, ratio in runs:
                 step += 1
-                print(f"\r[{step}/{total_steps}] {size} tokens, {method:<12}", end="",
+                print(f"\r[{step}/{total_steps}] {size} tokens, {method:<12} {ratio:g}", end="",
                       file=sys.stderr, flush=True)
-                tag = f"Request {size}-{rep}-{method}. "
+                tag = f"Request {size}-{rep}-{method}-{ratio}. "
                 question = f"Which city exports {['wool', 'salt', 'iron', 'tea'][rep % 4]}?"
                 if method == "prefix-hit":
                     base = build_rag_prompt(tok, "Warm the prefix cache.", passages,
@@ -94,17 +105,18 @@ def run(args) -> dict:
                     t, out = time_first_token(llm, {**p.vllm_prompt(), "cache_salt": tag}, None)
                 else:
                     p = build_rag_prompt(tok, question, passages, instruction=SYSTEM_PROMPT,
-                                         method=method, ratio=args.ratio)
+                                         method=method, ratio=ratio)
                     t, out = time_first_token(llm, p.vllm_prompt(), p.kv_transfer_params)
-                    stats[method] = (out.kv_transfer_params or {}).get("kvflow_stats", {})
-                times[method].append(t)
+                    stats[(method, ratio)] = (out.kv_transfer_params or {}).get("kvflow_stats", {})
+                times[(method, ratio)].append(t)
         print(file=sys.stderr)
         context = len(build_rag_prompt(tok, "q", passages).prompt_token_ids)
-        for method in methods:
-            s = stats.get(method, {})
+        for method, ratio in runs:
+            s = stats.get((method, ratio), {})
             results.append({
-                "method": method, "context_tokens": context, "ttft_s": statistics.median(times[method]),
-                "ttft_all_s": times[method], "ratio": 0.0 if method in ("full", "prefix-hit", "none") else args.ratio,
+                "method": method, "context_tokens": context,
+                "ttft_s": statistics.median(times[(method, ratio)]),
+                "ttft_all_s": times[(method, ratio)], "ratio": ratio,
                 "tokens_recomputed": s.get("tokens_recomputed"), "chunks_hit": s.get("chunks_hit"),
                 "timings_s": s.get("timings_s"),
             })
@@ -119,11 +131,15 @@ def run(args) -> dict:
             "store": args.store, "repeats": args.repeats, "results": results}
 
 
+def run_name(r: dict) -> str:
+    return f"{r['method']}@{r['ratio']:g}" if r["ratio"] else r["method"]
+
+
 def print_table(report: dict) -> None:
     print(f"\nTTFT on {report['card']} (vLLM {report['vllm']}, torch {report['torch']}), "
           f"median of {report['repeats']}; breakdown of the last kvflow request in ms "
           "(load = store fetch + re-rotation, score, recompute incl. glue, rest = suffix prefill + engine)")
-    print(f"{'context':>8} {'method':<12} {'TTFT s':>8} {'vs full':>8} {'of prefix-hit':>14} {'recomputed':>10}"
+    print(f"{'context':>8} {'method':<17} {'TTFT s':>8} {'vs full':>8} {'of prefix-hit':>14} {'recomputed':>10}"
           f"{'load':>7}{'score':>7}{'recomp':>7}{'rest':>7}")
     for r in report["results"]:
         share = r.get("share_of_prefix_hit_speedup")
@@ -134,7 +150,7 @@ def print_table(report: dict) -> None:
             recomp = t.get("recompute", 0.0) + t.get("glue", 0.0)
             rest = r["ttft_s"] - load - score - recomp
             parts = "".join(f"{1e3 * x:>7.1f}" for x in (load, score, recomp, rest))
-        print(f"{r['context_tokens']:>8} {r['method']:<12} {r['ttft_s']:>8.3f} "
+        print(f"{r['context_tokens']:>8} {run_name(r):<17} {r['ttft_s']:>8.3f} "
               f"{r['speedup_vs_full']:>7.2f}x {'' if share is None else f'{share:>13.0%}':>14} "
               f"{'' if r['tokens_recomputed'] is None else r['tokens_recomputed']:>10}{parts}")
 
@@ -144,7 +160,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", default=None, help="model directory (default: embedded SmolLM2)")
     p.add_argument("--context-tokens", default="1024,2048,4096")
     p.add_argument("--methods", default="full,none,prefix-hit")
-    p.add_argument("--ratio", type=float, default=0.15)
+    p.add_argument("--ratio", default="0.15",
+                   help="one ratio or a comma list (each recomputing method runs at each)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--dtype", default=None, help="default: float32 on CPU, auto on GPU")
     p.add_argument("--load-format", default="auto", help="'dummy': random weights (speed only)")
