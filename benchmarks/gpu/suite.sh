@@ -41,7 +41,7 @@ case $step in
       --out "$out/load_gpu_llama8b_c64_H200.json"
     TAG=probe $load --probe --probe-tokens 200 --burst 32 --burst-docs 8 --burst-doc-words 330 \
       --probe-repeats 5 --out "$out/probe_gpu_llama8b_H200.json" ;;
-  fleet)  # two replicas (one per GPU), each store alone, then both on one Redis (issue: shared tier)
+  fleet)  # two replicas (one per GPU), each store alone, then both on one Redis (the shared tier)
     bash "$here/fleet.sh" "$models" "$out" "${REDIS_DIR:-.redis}" --requests 300 --warmup 0 --docs 64 \
       --docs-per-request 8 --doc-words 330 --zipf 1.1 --max-tokens 16 --concurrency 32 --max-seconds 120 ;;
   vision)  # HilbertA in vLLM's Qwen2.5-VL vision encoder (7B shapes, random weights): its GPU

@@ -5,13 +5,17 @@ import pytest
 import torch
 
 from exactness import assert_all_recomputed, assert_identical, make_items, run_pair, run_rag
+from vllm_kvflow.blend.selection import METHODS
 from vllm_kvflow.request import STATS_KEY
 
 pytestmark = pytest.mark.engine
 
 
-@pytest.mark.parametrize("method", ["random", "epic", "cacheblend", "infoflow", "infoflow-reorder",
-                                    "infoflow-kdev"])
+# Every registered method that recomputes: a new method is held to the limit at once.
+RECOMPUTING = [m.name for m in METHODS.values() if m.reuses and m.recomputes]
+
+
+@pytest.mark.parametrize("method", RECOMPUTING)
 def test_ratio_one_reproduces_full_prefill(generate, tokenizer, method):
     items = make_items(10 if method in ("random", "infoflow") else 3, seed=11)
     outs_full, outs_kv, prompts = run_pair(generate, tokenizer, items, method=method, ratio=1.0)

@@ -42,7 +42,7 @@ def test_chunk_count_is_checked_before_any_chunk_is_tokenized():
     assert calls == []
 
 
-def test_issue_sized_declaration_falls_back_under_the_default_limit():
+def test_five_thousand_one_token_chunks_fall_back_under_the_default_limit():
     """5,000 one-token chunks over a 3,000-token prompt, as in the amplification report."""
     prompt = list(range(3000))
     params = {"chunks": [{"token_ids": [t]} for t in range(5000)]}

@@ -27,6 +27,13 @@ def test_bytes_per_token_is_layers_heads_head_size_k_and_v_dtype(model_dir):
     assert kv_bytes_per_token(model_dir, "bfloat16") == 30 * 3 * 64 * 2 * 2
 
 
+@pytest.mark.parametrize("saved, size", [("bfloat16", 2), ("float32", 4), (None, 4)])
+def test_auto_dtype_is_the_checkpoints(tmp_path, saved, size):
+    # "auto" must not guess half precision: a float32 checkpoint would get half its cache.
+    (tmp_path / "config.json").write_text(json.dumps({**SMOLLM2, **({"torch_dtype": saved} if saved else {})}))
+    assert kv_bytes_per_token(str(tmp_path), "auto") == 30 * 3 * 64 * 2 * size
+
+
 def test_sequences_hold_whole_blocks_of_max_model_len_plus_the_null_block(model_dir, monkeypatch):
     monkeypatch.setattr(kv_memory, "available_bytes", lambda: 1 << 40)
     per_token = 30 * 3 * 64 * 2 * 4

@@ -69,3 +69,23 @@ def test_loads_in_flight_are_bounded():
     assert sched.get_num_new_matched_tokens(request("c"), 0) == (None, False)  # wait
     meta = step(sched, scheduled=["busy"])
     assert {p.req_id for p in meta.loads} == {"a", "b"}
+
+
+def test_a_plain_request_admitted_earlier_in_the_same_pass_counts_as_live():
+    """vLLM admits several waiting requests in one scheduling pass; a plain one admitted
+    before a kvflow request shares its step, so that load must not run inside it."""
+    sched = KVFlowScheduler(KVFlowConfig(), None)
+    plain = request("plain", None)
+    assert sched.get_num_new_matched_tokens(plain, 0) == (0, False)
+    sched.update_state_after_alloc(plain, blocks([7]), 0)
+    assert admit(sched, request("k")) == (80, True)
+
+
+def test_a_scheduler_output_without_the_fields_read_fails_loudly():
+    from vllm_kvflow.patches.scheduler_output import step_view
+
+    with pytest.raises(RuntimeError, match="SchedulerOutput lacks"):
+        step_view(types.SimpleNamespace(num_scheduled_tokens={}, finished_req_ids=set()))
+    sched = KVFlowScheduler(KVFlowConfig(), None)
+    with pytest.raises(RuntimeError):
+        sched.build_connector_meta(types.SimpleNamespace())

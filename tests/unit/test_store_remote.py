@@ -335,6 +335,7 @@ def test_a_chunk_stored_by_another_replica_after_a_miss_is_fetched(stores):
     a, b = stores(), stores()
     assert b.get("k", [1, 2]) is None and b.counters.misses == 1
     assert b.get_shared("k", [1, 2]) is None and b.counters.misses == 1  # not there yet
+    assert b.remote.counters.misses == 1  # the remote tier's miss not counted twice either
     _written(a, "k", _entry([1, 2]))
     got = b.get_shared("k", [1, 2])
     assert got is not None and got.token_ids == (1, 2)

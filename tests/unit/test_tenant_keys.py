@@ -94,11 +94,11 @@ def test_blend_salts_of_different_tenant_salts_differ():
         out = blend_salt(ids, _spec(), salt)
         assert seen.setdefault(out, _normalized(salt)) == _normalized(salt)
         assert len(out) < 128  # vLLM's limit on a client's cache_salt
-    # The issue's second attack: a salt that carries another tenant's salt as its head.
+    # A salt that carries another tenant's salt as its head, then the old separator.
     assert blend_salt(ids, _spec(), "tenant-a|kvflow:x") != blend_salt(ids, _spec(), "tenant-a")
 
 
-def test_the_issues_two_attacks_name_other_tenants():
+def test_a_namespace_or_salt_spelling_another_tenants_pair_names_another_tenant():
     victim = tenant_namespace("acme", "tenant-a")
     assert tenant_namespace("acme|salt=tenant-a", None) != victim  # namespace spells the salt
     assert tenant_namespace("acme", "tenant-a|kvflow:x") != victim  # salt carries the old tag

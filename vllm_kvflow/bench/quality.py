@@ -24,9 +24,13 @@ import numpy as np
 
 from vllm_kvflow.bench import metrics as M
 from vllm_kvflow.bench.engine import environment, make_llm, time_first_token
+from vllm_kvflow.blend.selection import METHODS
 from vllm_kvflow.rag import build_rag_prompt, header_sink_ids
 
-RATIO_FREE = ("full", "none")
+def ratio_free(name: str) -> bool:
+    """A method whose result does not depend on rho (full prefill, pure reuse): run once."""
+    m = METHODS.get(name)
+    return m is None or not (m.reuses and m.recomputes)
 
 
 def _load(path: str, limit: int | None) -> list[dict]:
@@ -76,8 +80,8 @@ def run(args) -> dict:
     methods = [m for m in args.methods.split(",") if m]
     ratios = [float(r) for r in str(args.ratio).split(",")]
     # full first: it is the reference of fidelity and nll_gap.
-    runs = [("full", 0.0)] + [(m, 0.0) for m in methods if m == "none"]
-    runs += [(m, r) for r in ratios for m in methods if m not in RATIO_FREE]
+    runs = [("full", 0.0)] + [(m, 0.0) for m in methods if m != "full" and ratio_free(m)]
+    runs += [(m, r) for r in ratios for m in methods if not ratio_free(m)]
     per = _load_checkpoint(args, items)
     if all(r in per for r in runs):
         return _summarize(per, items, args)  # everything done: report without an engine
@@ -287,7 +291,7 @@ def plot(report: dict, path: str, ttft_report: dict | None = None) -> None:
     for i, method in enumerate(methods):
         color = {"full": "k", "none": "gray"}.get(method, palette[i % len(palette)])
         rows = sorted((r for r in report["results"] if r["method"] == method), key=lambda r: r["ratio"])
-        if len(rows) == 1 and method in RATIO_FREE:
+        if len(rows) == 1 and ratio_free(method):
             for ax, key in zip(axes, ("nll_gap", "accuracy")):
                 ax.axhline(rows[0][key], linestyle="--", label=method, color=color)
         else:

@@ -120,8 +120,8 @@ class LayerwiseExecutor:
         A group's question attends to its context and to itself, as if it followed the
         context directly (tokens between them, e.g. "Question: ", are not computed yet):
         key-array entry context_len + i holds question token i. The question's K/V stay
-        in a scratch copy, never written into the target. (On CUDA a lone request scores
-        in place in its paged cache instead: blend/pass_graphs.py.)"""
+        in a scratch copy, never written into the target. (On the kernel path requests
+        score in place in their paged caches instead, batched: blend/pass_graphs.py.)"""
         from vllm_kvflow.kernels.attn_norm import attn_norm, attn_norm_reference
 
         scale = self.shape.scale

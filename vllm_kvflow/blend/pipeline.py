@@ -250,9 +250,11 @@ _STAGE_BYTES = 1 << 30
 _warned: set[str] = set()
 
 
-def _warn_once(message: str) -> None:
-    if message not in _warned:
-        _warned.add(message)
+def _warn_once(reason: str, message: str) -> None:
+    """Log `message` the first time `reason` occurs (not per distinct message, which
+    carries shapes and would grow without bound)."""
+    if reason not in _warned:
+        _warned.add(reason)
         logger.warning(message)
 
 
@@ -555,7 +557,7 @@ class BlendPipeline:
                 self._write_in_place(loads, kv, positions, delta, cos_sin)
                 return True
             except ValueError as e:  # e.g. a non-contiguous entry: gather instead
-                _warn_once(f"kvflow: the fused chunk-load kernel refused a load ({e}); gathering "
+                _warn_once("kernel-refused", f"kvflow: the fused chunk-load kernel refused a load ({e}); gathering "
                            "instead, which is slower (counted as kernel_fallbacks)")
                 self._write_gathered(loads, kv, positions, delta, cos_sin)
                 return False

@@ -17,8 +17,9 @@ class KVFlowConnectorMetadata(KVConnectorMetadata):
     """Scheduler -> worker, once per step: the loads to perform before the forward."""
 
     loads: list[LoadPlan] = field(default_factory=list)
-    # Tokens vLLM's forward computes this step for other requests: with none, and one
-    # load queued, the worker need not bound that load's work to keep others going.
+    # Tokens of this step's forward (all requests in it; a request whose load is
+    # asynchronous is not among them, it waits): with none, and one load queued, the
+    # worker need not bound that load's work to keep others going.
     scheduled_tokens: int = 0
 
 

@@ -21,6 +21,7 @@ from vllm_kvflow.config import KVFlowConfig
 from vllm_kvflow.connector.counters import ServingCounters
 from vllm_kvflow.connector.metadata import KVFlowConnectorMetadata, KVFlowWorkerMetadata
 from vllm_kvflow.patches.prefix_cache import blend_salt, isolate_blended_blocks, tenant_salt
+from vllm_kvflow.patches.scheduler_output import step_view
 from vllm_kvflow.request import PARAMS_KEY, STATS_KEY, RequestError, RequestSpec, parse_request
 from vllm_kvflow.store.entry import tenant_namespace
 
@@ -97,6 +98,9 @@ class KVFlowScheduler:
         return spec.context_end - num_computed_tokens, not sync
 
     def update_state_after_alloc(self, request, blocks, num_external_tokens: int) -> None:
+        # Every request vLLM admits passes here: one admitted earlier in this very
+        # scheduling pass is live for the requests asked about after it.
+        self._live.add(request.request_id)
         spec = self._specs.pop(request.request_id, None)
         if spec is None:
             return
@@ -127,10 +131,10 @@ class KVFlowScheduler:
         return tenant_namespace(spec.namespace, tenant_salt(request))
 
     def build_connector_meta(self, scheduler_output) -> KVFlowConnectorMetadata:
-        scheduled = int(getattr(scheduler_output, "total_num_scheduled_tokens", 0) or 0)
-        meta = KVFlowConnectorMetadata(loads=list(self._pending.values()), scheduled_tokens=scheduled)
-        self._live |= set(getattr(scheduler_output, "num_scheduled_tokens", None) or ())
-        self._live -= set(getattr(scheduler_output, "finished_req_ids", None) or ())
+        step = step_view(scheduler_output)
+        meta = KVFlowConnectorMetadata(loads=list(self._pending.values()), scheduled_tokens=step.total_tokens)
+        self._live |= step.scheduled
+        self._live -= step.finished
         self._awaiting_result.update(self._pending)
         self._pending.clear()
         return meta

@@ -14,7 +14,6 @@ import hashlib
 import logging
 import os
 import time
-import traceback
 from typing import Any
 
 import torch
@@ -162,6 +161,7 @@ class KVFlowWorker:
             logger.warning("kvflow: load for %s refused, recomputing: %s", plan.req_id, e)
             self._finish(plan, {"error": str(e), "fallback": e.reason}, 0.0)
         except Exception as e:  # noqa: BLE001 - any failure must degrade, not crash
+            logger.exception("kvflow: load for %s could not start", plan.req_id)
             self._finish(plan, Finished(None, e), 0.0)
 
     def _finish(self, plan: LoadPlan, outcome: Finished | dict, host_s: float) -> None:
@@ -169,8 +169,8 @@ class KVFlowWorker:
         error = outcome.error if isinstance(outcome, Finished) else outcome.get("error")
         if error is not None:
             if isinstance(error, BaseException):
-                logger.error("kvflow: load for %s failed, recomputing: %s\n%s", plan.req_id, error,
-                             "".join(traceback.format_exception(error)))
+                # The traceback is logged where the failure was caught (work queue, _submit).
+                logger.error("kvflow: load for %s failed, recomputing: %s", plan.req_id, error)
                 outcome = {"error": f"{type(error).__name__}: {error}"}
             self._failed_blocks.update(plan.block_ids)
         self._results[plan.req_id] = (outcome, {"load_s": host_s, "store": self.store.stats()})

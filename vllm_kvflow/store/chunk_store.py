@@ -111,7 +111,7 @@ class ChunkStore:
         """A chunk that another replica may have stored since this store last missed it:
         the remote tier only (None without one), promoted like a hit; a miss is not
         counted again. For a computation about to start, that a fetch may spare."""
-        entry = self.remote.get(key) if self.remote is not None else None
+        entry = self.remote.get(key, count_miss=False) if self.remote is not None else None
         return None if entry is None else self._remote_hit(key, entry, tuple(token_ids))
 
     def _remote_hit(self, key: str, entry: ChunkKV, tokens: tuple[int, ...]) -> ChunkKV | None:

@@ -202,9 +202,10 @@ class RemoteTier:
         return self.prefix + key
 
     # -- reads (request thread) ---------------------------------------------------------------
-    def get(self, key: str) -> ChunkKV | None:
+    def get(self, key: str, count_miss: bool = True) -> ChunkKV | None:
         """The verified entry, or None: absent, unavailable, or faulty (counted, logged).
-        The caller checks token ids and counts the hit. Never raises."""
+        The caller checks token ids and counts the hit. count_miss=False: a second look
+        for a key whose miss was counted already. Never raises."""
         with self._cond:
             pending = self._pending.get(key)
             if pending is not None:
@@ -221,8 +222,9 @@ class RemoteTier:
         t1 = time.perf_counter()
         self._backoff.succeeded()
         if data is None:
-            with self._cond:
-                self.counters.misses += 1
+            if count_miss:
+                with self._cond:
+                    self.counters.misses += 1
             return None
         try:
             entry = decode(data, key, self.identity)

@@ -33,7 +33,7 @@ saves nothing there). The output equals dense attention under the HilbertA mask
 Kernels (one registry): "triton" (csrc_triton/hilbert_attention.py; CUDA, or
 TRITON_INTERPRET=1), "sdpa" (torch SDPA per tile, exact, any device: the CPU path) and
 "reference" (dense float32 under the mask, O(n^2): tests). No vLLM import here;
-patches/qwen25_vl_vision.py puts HilbertEncoderAttention into vLLM 0.26's encoder.
+patches/vision_attention.py puts HilbertEncoderAttention into vLLM 0.26's encoder.
 """
 from __future__ import annotations
 
