@@ -62,13 +62,8 @@ import numpy as np
 import torch
 
 from vllm_kvflow.bench import metrics as M
-from vllm_kvflow.bench.ceiling import (
-    Checkpoint,
-    build_question,
-    dataset_digest,
-    environment,
-    load_items,
-)
+from vllm_kvflow.bench.ceiling import Checkpoint, build_question, dataset_digest, environment
+from vllm_kvflow.bench.dataset import load_items
 from vllm_kvflow.bench.hf_select import (
     Question,
     attn_norm,

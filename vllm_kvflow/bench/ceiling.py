@@ -31,27 +31,10 @@ import time
 import numpy as np
 
 from vllm_kvflow.bench import metrics as M
+from vllm_kvflow.bench.dataset import load_items
 
 DEFAULT_METHODS = "none,random,epic,cacheblend,infoflow,oracle-kv"
 RATIO_FREE = ("none",)
-
-
-def load_items(path: str, limit: int | None) -> list[dict]:
-    items = []
-    with open(path) as f:
-        for line_no, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            item = json.loads(line)
-            missing = {"question", "answers", "passages"} - set(item)
-            if missing:
-                raise ValueError(f"{path}:{line_no}: missing keys {sorted(missing)}")
-            items.append(item)
-            if limit and len(items) >= limit:
-                break
-    if not items:
-        raise ValueError(f"{path}: no items")
-    return items
 
 
 def environment() -> dict:

@@ -35,6 +35,26 @@ _FILLER = [
 ]
 
 
+def load_items(path: str, limit: int | None = None) -> list[dict]:
+    """A QA set's first `limit` items (all with None), each checked for the keys the
+    benchmarks read; raises ValueError naming the line otherwise, or on an empty set."""
+    items = []
+    with open(path) as f:
+        for line_no, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            item = json.loads(line)
+            missing = {"question", "answers", "passages"} - set(item)
+            if missing:
+                raise ValueError(f"{path}:{line_no}: missing keys {sorted(missing)}")
+            items.append(item)
+            if limit and len(items) >= limit:
+                break
+    if not items:
+        raise ValueError(f"{path}: no items")
+    return items
+
+
 def _name(rng: random.Random, parts: int = 2) -> str:
     return "".join(rng.choice(_SYL) for _ in range(parts)).capitalize()
 

@@ -23,6 +23,7 @@ import sys
 import numpy as np
 
 from vllm_kvflow.bench import metrics as M
+from vllm_kvflow.bench.dataset import load_items
 from vllm_kvflow.bench.engine import environment, make_llm, time_first_token
 from vllm_kvflow.blend.selection import METHODS
 from vllm_kvflow.rag import build_rag_prompt, header_sink_ids
@@ -31,22 +32,6 @@ def ratio_free(name: str) -> bool:
     """A method whose result does not depend on rho (full prefill, pure reuse): run once."""
     m = METHODS.get(name)
     return m is None or not (m.reuses and m.recomputes)
-
-
-def _load(path: str, limit: int | None) -> list[dict]:
-    items = []
-    with open(path) as f:
-        for line_no, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            item = json.loads(line)
-            missing = {"question", "answers", "passages"} - set(item)
-            if missing:
-                raise ValueError(f"{path}:{line_no}: missing keys {sorted(missing)}")
-            items.append(item)
-            if limit and len(items) >= limit:
-                break
-    return items
 
 
 def _progress(done: int, total: int, label: str) -> None:
@@ -76,7 +61,7 @@ def _check_served(outs, method: str) -> None:
 def run(args) -> dict:
     from vllm import SamplingParams
 
-    items = _load(args.dataset, args.limit)
+    items = load_items(args.dataset, args.limit)
     methods = [m for m in args.methods.split(",") if m]
     ratios = [float(r) for r in str(args.ratio).split(",")]
     # full first: it is the reference of fidelity and nll_gap.
