@@ -266,12 +266,12 @@ def plot(report: dict, path: str, ttft_report: dict | None = None) -> None:
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
     methods = sorted({r["method"] for r in report["results"]})
     full_ttft = next((r["ttft_s"] for r in report["results"] if r["method"] == "full"), None)
-    if ttft_report is not None:
-        table, where = speedups_from(ttft_report)
-        speedup = lambda r: table.get((r["method"], round(r["ratio"], 4)))  # noqa: E731
-    else:
-        where = "these prompts, requests alone"
-        speedup = lambda r: full_ttft / r["ttft_s"] if full_ttft and r["ttft_s"] else None  # noqa: E731
+    table, where = speedups_from(ttft_report) if ttft_report else ({}, "these prompts, requests alone")
+
+    def speedup(r: dict) -> float | None:
+        if ttft_report:
+            return table.get((r["method"], round(r["ratio"], 4)))
+        return full_ttft / r["ttft_s"] if full_ttft and r["ttft_s"] else None
     palette = [c for c in plt.rcParams["axes.prop_cycle"].by_key()["color"] if c != "#7f7f7f"]  # gray is none's
     for i, method in enumerate(methods):
         color = {"full": "k", "none": "gray"}.get(method, palette[i % len(palette)])

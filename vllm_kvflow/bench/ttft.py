@@ -17,9 +17,9 @@ import json
 import statistics
 import sys
 
-from vllm_kvflow.blend.selection import METHODS
 from vllm_kvflow.bench.dataset import generate as make_dataset
 from vllm_kvflow.bench.engine import default_dtype, environment, make_llm, time_first_token
+from vllm_kvflow.blend.selection import METHODS
 from vllm_kvflow.rag import build_rag_prompt
 
 
