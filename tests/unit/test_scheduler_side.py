@@ -89,3 +89,25 @@ def test_a_scheduler_output_without_the_fields_read_fails_loudly():
     sched = KVFlowScheduler(KVFlowConfig(), None)
     with pytest.raises(RuntimeError):
         sched.build_connector_meta(types.SimpleNamespace())
+
+
+def test_chunk_texts_are_tokenized_once_and_the_cache_is_bounded(monkeypatch):
+    import vllm_kvflow.connector.scheduler as sched_mod
+
+    calls = []
+
+    class Tokenizer:
+        def encode(self, text, add_special_tokens=False):
+            calls.append(text)
+            return [len(text), 7]
+
+    monkeypatch.setattr(sched_mod, "TOKEN_CACHE_ENTRIES", 2)
+    sched = KVFlowScheduler(KVFlowConfig(), None)
+    sched._tokenizer = Tokenizer()
+    assert sched._tokenize("doc a") == [5, 7] and sched._tokenize("doc a") == [5, 7]
+    sched._tokenize("doc bb")
+    sched._tokenize("doc a")  # a is now the most recent: c evicts b
+    sched._tokenize("doc ccc")
+    sched._tokenize("doc a")
+    sched._tokenize("doc bb")
+    assert calls == ["doc a", "doc bb", "doc ccc", "doc bb"]

@@ -27,6 +27,9 @@ from vllm_kvflow.store.entry import tenant_namespace
 
 logger = logging.getLogger("vllm_kvflow")
 
+# Chunk texts whose token ids the scheduler side keeps (a few KB each).
+TOKEN_CACHE_ENTRIES = 4096
+
 
 class KVFlowScheduler:
     def __init__(self, config: KVFlowConfig, tokenizer_path: str | None, store_tier: str = "host"):
@@ -45,13 +48,23 @@ class KVFlowScheduler:
         self._live: set[str] = set()
         self._awaiting_result: set[str] = set()  # loads sent to the worker, no result yet
         self._finished: set[str] = set()  # finished while awaiting their load result
+        self._token_cache: dict[str, tuple[int, ...]] = {}  # chunk text -> ids, LRU order
 
     def _tokenize(self, text: str) -> list[int]:
-        if self._tokenizer is None:
-            from transformers import AutoTokenizer
+        """Token ids of a declared chunk text. Cached (LRU by count): RAG requests repeat
+        the same documents, and tokenizing them again per request is host work in the
+        engine's scheduling loop, paid by every request in the step."""
+        ids = self._token_cache.pop(text, None)
+        if ids is None:
+            if self._tokenizer is None:
+                from transformers import AutoTokenizer
 
-            self._tokenizer = AutoTokenizer.from_pretrained(self._tokenizer_path)
-        return self._tokenizer.encode(text, add_special_tokens=False)
+                self._tokenizer = AutoTokenizer.from_pretrained(self._tokenizer_path)
+            ids = tuple(self._tokenizer.encode(text, add_special_tokens=False))
+            if len(self._token_cache) >= TOKEN_CACHE_ENTRIES:
+                del self._token_cache[next(iter(self._token_cache))]  # the least recently used
+        self._token_cache[text] = ids
+        return list(ids)
 
     def get_num_new_matched_tokens(self, request, num_computed_tokens: int) -> tuple[int | None, bool]:
         params = (request.kv_transfer_params or {}).get(PARAMS_KEY)
