@@ -38,8 +38,11 @@ class ImageInput:
 
 def _check_images(images: Sequence[ImageInput] | None, prompt_len: int, what: str):
     if images is None:
-        raise RequestError(f"{what}: image chunks need a model that takes images, and "
-                           "this request has none that kvflow knows of (text-only model)")
+        # The engine's scheduler side passes no images yet (image-chunk reuse is not
+        # wired into the engine), so on any model an image chunk falls back here.
+        raise RequestError(f"{what}: image chunks need a model that takes images and an "
+                           "engine that reuses image KV; this one passes kvflow no images "
+                           "(the request is prefilled in full)")
     for n, img in enumerate(images):
         if not 0 <= img.offset < img.offset + img.length <= prompt_len:
             # The engine's own data, not the client's: say so plainly.
