@@ -132,7 +132,12 @@ def check_concurrent(llm, tok, n: int = 24) -> dict:
     """The asynchronous load path under concurrency: n requests over overlapping
     passages, on a cold store (a namespace of their own), submitted together (misses
     computed once, loads and passes batched) and then one at a time (all hits): the same
-    greedy tokens and the same number of recomputed tokens."""
+    greedy tokens and the same number of recomputed tokens.
+
+    The floor is vLLM's own: the same prompts prefilled in full, together and one at a
+    time (salted apart, so no prefix-cache hit crosses the phases). Batched and single
+    forwards round differently, so on random weights, whose greedy choices are near-ties,
+    vLLM itself changes some tokens; kvflow passes if it changes no more."""
     from vllm import SamplingParams
 
     from vllm_kvflow.bench.dataset import generate
@@ -151,6 +156,14 @@ def check_concurrent(llm, tok, n: int = 24) -> dict:
             "kv_transfer_params": p.kv_transfer_params}) for p in batch]
         return llm.generate([p.vllm_prompt() for p in batch], sps, use_tqdm=False)
 
+    def run_full(batch, phase):
+        prompts = [{**p.vllm_prompt(), "cache_salt": f"floor-{phase}"} for p in batch]
+        return llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=6), use_tqdm=False)
+
+    floor_together = run_full(built, "together")
+    floor_alone = [run_full([p], "alone")[0] for p in built]
+    floor = sum(list(a.outputs[0].token_ids) == list(b.outputs[0].token_ids)
+                for a, b in zip(floor_together, floor_alone))
     together = run(built)
     alone = [run([p])[0] for p in built]
     st_together = [o.kv_transfer_params["kvflow_stats"] for o in together]
@@ -158,11 +171,15 @@ def check_concurrent(llm, tok, n: int = 24) -> dict:
     same = sum(list(a.outputs[0].token_ids) == list(b.outputs[0].token_ids)
                and sa["tokens_recomputed"] == sb["tokens_recomputed"]
                for a, b, sa, sb in zip(together, alone, st_together, st_alone))
-    return {"requests": n, "identical": same,
+    same_selection = sum(sa.get("selected_positions") == sb.get("selected_positions")
+                         for sa, sb in zip(st_together, st_alone))
+    return {"requests": n, "identical": same, "vllm_floor_identical": floor,
+            "same_selection": same_selection,
             "misses_together": sum(s["chunks_missed"] for s in st_together),
             "max_batched_with": max(s.get("batched_with", 0) for s in st_together),
             "fallbacks": sum(bool(s.get("fallback")) for s in st_together + st_alone),
-            "ok": same == n and not any(s.get("fallback") for s in st_together + st_alone)}
+            "ok": (same == n or same >= floor)
+            and not any(s.get("fallback") for s in st_together + st_alone)}
 
 
 def _randomize_on_worker(worker) -> None:
@@ -180,6 +197,7 @@ def main() -> int:
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--tp", type=int, default=1, help="tensor-parallel size (workers in subprocesses)")
     ap.add_argument("--out", required=True)
+    ap.add_argument("--only-concurrent", action="store_true", help="the concurrency check alone")
     args = ap.parse_args()
 
     from vllm_kvflow.bench.engine import environment, make_llm, randomize_weights
@@ -187,12 +205,19 @@ def main() -> int:
     if args.tp > 1:
         os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")  # a function via collective_rpc
     llm = make_llm(args.model, load_format="dummy", dtype=args.dtype, max_model_len=4096,
-                   tensor_parallel_size=args.tp, prefix_caching=True, method="infoflow", log_stats=False)
+                   tensor_parallel_size=args.tp, prefix_caching=True, method="infoflow", log_stats=False,
+                   debug_selection=True)
     if args.tp > 1:
         llm.collective_rpc(_randomize_on_worker)
     else:
         randomize_weights()
     tok = llm.get_tokenizer()
+    if args.only_concurrent:
+        c = check_concurrent(llm, tok)
+        print(f"\n{args.model}: {c}")
+        with open(args.out, "w") as f:
+            json.dump({**environment(), "model": args.model, "concurrent": c}, f, indent=1)
+        return 0 if c["ok"] else 1
     report = {**environment(), "model": args.model, "tp": args.tp,
               "ratio_one": check_ratio_one(llm, tok, args.prompts, args.max_tokens),
               # The worker (and its cache) lives in this process only without TP.
@@ -227,7 +252,8 @@ def main() -> int:
     c = report["concurrent"]
     print(f"  {c['requests']} concurrent requests (cold store: {c['misses_together']} misses, "
           f"passes batched up to {c['max_batched_with'] + 1} requests): {c['identical']} identical "
-          f"to one at a time, {c['fallbacks']} fallbacks")
+          f"to one at a time (vLLM's own full prefill: {c['vllm_floor_identical']}), "
+          f"{c['fallbacks']} fallbacks")
     ok &= k["ok"] and k["values_equal"] and report["partial"]["ok"] and c["ok"]
     report["pass"] = bool(ok)
     with open(args.out, "w") as f:
