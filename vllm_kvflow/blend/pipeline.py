@@ -557,7 +557,8 @@ class BlendPipeline:
                 self._write_in_place(loads, kv, positions, delta, cos_sin)
                 return True
             except ValueError as e:  # e.g. a non-contiguous entry: gather instead
-                _warn_once("kernel-refused", f"kvflow: the fused chunk-load kernel refused a load ({e}); gathering "
+                _warn_once("kernel-refused",
+                           f"kvflow: the fused chunk-load kernel refused a load ({e}); gathering "
                            "instead, which is slower (counted as kernel_fallbacks)")
                 self._write_gathered(loads, kv, positions, delta, cos_sin)
                 return False
