@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from toy_decoder import Toy
-from vllm_kvflow.blend.pipeline import IsolatedCompute, LoadPlan, LoadResult, Segment
+from vllm_kvflow.blend.pipeline import BlendPipeline, IsolatedCompute, LoadPlan, LoadResult, Segment
 from vllm_kvflow.blend.selection import method
 from vllm_kvflow.blend.work_queue import SEGMENT_OVERHEAD_ROWS, LoadRefused, StepBudget, WorkQueue
 
@@ -86,6 +86,9 @@ class FakePipeline:
 
     def recompute_slices(self, slices):
         self.passes.append([(j.req_id, a, b) for j, a, b in slices])
+
+    # The real sequence of a whole load, over the stand-in steps above.
+    run_whole = BlendPipeline.run_whole
 
 
 def job(req_id, chunks, rows=100, method_name="infoflow", prompt_len=1000):

@@ -454,13 +454,17 @@ class BlendPipeline:
         """One request's whole load at once: every step above, nothing batched (tests,
         scripts; the worker goes through the work queue)."""
         job = self.new_job(plan, kv)
-        tasks = self.resolve(job)
-        for task, entry in zip(tasks, self.compute_isolated_batch(tasks) if tasks else []):
+        self.run_whole(job, self.resolve(job))
+        return job.result
+
+    def run_whole(self, job: Job, missing: list[IsolatedCompute]) -> None:
+        """A resolved job at once: its missing segments computed (one batched pass) and
+        delivered, then its load, selection and whole recompute."""
+        for task, entry in zip(missing, self.compute_isolated_batch(missing) if missing else []):
             self.deliver(job, task.key, entry)
         self.load(job)
         self.select_batch([job])
         self.recompute_slices([(job, 0, job.rows_left())])
-        return job.result
 
     def _reorder(self, job: Job) -> None:
         """Information-flow chunk reordering: select once in the given order (the

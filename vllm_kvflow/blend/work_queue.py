@@ -112,13 +112,7 @@ class WorkQueue:
         like submit."""
         missing = {c.key: c for c in self._resolve(job)}  # a chunk declared twice: once
         try:
-            if missing:
-                computes = list(missing.values())
-                for compute, entry in zip(computes, self.pipeline.compute_isolated_batch(computes)):
-                    self.pipeline.deliver(job, compute.key, entry)
-            self.pipeline.load(job)
-            self.pipeline.select_batch([job])
-            self.pipeline.recompute_slices([(job, 0, job.rows_left())])
+            self.pipeline.run_whole(job, list(missing.values()))
         except Exception as e:  # noqa: BLE001 - the request falls back, the server lives
             logger.exception("kvflow: load for %s failed", job.req_id)
             return Finished(job, e)
@@ -184,6 +178,7 @@ class WorkQueue:
         if alone:
             return finished + self._recompute([[j, j.rows_left()] for j in active])
         return finished + self._recompute(fair_shares(active, max(1, int(budget - rows))))
+
     def _run_isolated(self, unbounded: bool = False) -> list[Finished]:
         batch, rows = [], 0
         for task in self._tasks.values():
@@ -200,8 +195,8 @@ class WorkQueue:
             fetched = [self.pipeline.fetch_shared(t.compute) for t in batch]
             agreed = self._all_ranks([e is not None for e in fetched])
             fetched = [e if ok else None for e, ok in zip(fetched, agreed)]
-            computed = iter(self.pipeline.compute_isolated_batch(
-                [t.compute for t, e in zip(batch, fetched) if e is None]) if None in fetched else [])
+            to_compute = [t.compute for t, e in zip(batch, fetched) if e is None]
+            computed = iter(self.pipeline.compute_isolated_batch(to_compute) if to_compute else [])
             entries = [e if e is not None else next(computed) for e in fetched]
         except Exception as e:  # noqa: BLE001 - the waiting requests fall back, the server lives
             logger.exception("kvflow: isolated compute of %d segments failed", len(batch))
@@ -235,11 +230,7 @@ class WorkQueue:
         except Exception as e:  # noqa: BLE001
             logger.exception("kvflow: selection pass over %d requests failed", len(loaded))
             return finished + [self._fail(job.req_id, e) for job in loaded]
-        for job in loaded:
-            if job.rows_left() == 0:
-                del self._jobs[job.req_id]
-                finished.append(Finished(job))
-        return finished
+        return finished + self._complete(loaded)
 
     def _recompute(self, slices: list[list]) -> list[Finished]:
         """One batched pass over each job's next `take` selected tokens; the jobs whose
@@ -252,13 +243,16 @@ class WorkQueue:
         except Exception as e:  # noqa: BLE001
             logger.exception("kvflow: recompute pass over %d requests failed", len(slices))
             return [self._fail(job.req_id, e) for job, _ in slices]
-        finished = []
         for job, take in slices:
             job.recomputed += take
-            if job.rows_left() == 0:
-                del self._jobs[job.req_id]
-                finished.append(Finished(job))
-        return finished
+        return self._complete([job for job, _ in slices])
+
+    def _complete(self, jobs: list[Job]) -> list[Finished]:
+        """The jobs with nothing left to recompute, taken out of the queue as done."""
+        done = [job for job in jobs if job.rows_left() == 0]
+        for job in done:
+            del self._jobs[job.req_id]
+        return [Finished(job) for job in done]
 
 
 def fair_shares(jobs: list[Job], rows: int) -> list[list]:
