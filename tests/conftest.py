@@ -9,6 +9,18 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "engine: drives the real vLLM engine on real weights")
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """For modules of tiny tensors: one thread runs them fastest, and on a busy machine
+    extra OpenMP threads only spin (restored afterwards)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def redis_binary() -> str:
     """redis-server (or valkey-server) and the redis package, for remote-tier tests:

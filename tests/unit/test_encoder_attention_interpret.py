@@ -14,11 +14,14 @@ import torch
 import torch.nn.functional as F
 
 from interpreter_child import require_interpreter_child, run_interpreter_child
+from qwen_vision_standin import EncoderAttentionOp
 from vllm_kvflow.vision.encoder_attention import (EncoderContext, HilbertASettings,
                                                   HilbertEncoderAttention, encoder_attention,
                                                   encoder_identity, masked_dense_reference,
                                                   plan_segments, window_unit_order)
 from vllm_kvflow.vision.hilbert import central_block, hilbert_curve
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny tensors: one thread
 
 MERGE, WINDOW_UNITS = 2, 4  # Qwen2.5-VL: 2x2 merge, 112-pixel windows of 14-pixel patches
 SMALL = HilbertASettings(tiles=4, central_fraction=0.25, cycle=4, min_tokens=64)
@@ -77,16 +80,6 @@ def dense_masked(q, k, v, mask, scale):
 
 def rel(a, b):
     return float((a.double() - b.double()).norm() / b.double().norm())
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tensors here are tiny: one thread runs them fastest, and on a busy machine extra
-    OpenMP threads only spin (restored afterwards)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 # -- order and plans -------------------------------------------------------------------------
@@ -213,28 +206,8 @@ def test_bad_inputs():
 
 
 # -- the drop-in module ----------------------------------------------------------------------
-class StockEncoderAttention(torch.nn.Module):
-    """A stand-in for vLLM 0.26's MMEncoderAttention: the same forward signature
-    (query, key, value, cu_seqlens, max_seqlen, sequence_lengths), dense SDPA per
-    cu_seqlens sequence."""
-
-    def __init__(self, scale):
-        super().__init__()
-        self.scale = scale
-        self.calls = 0
-
-    def forward(self, query, key, value, cu_seqlens=None, max_seqlen=None, sequence_lengths=None):
-        self.calls += 1
-        out = torch.empty_like(query)
-        bounds = cu_seqlens.tolist()
-        for a, b in zip(bounds, bounds[1:]):
-            out[:, a:b] = F.scaled_dot_product_attention(
-                *(x[:, a:b].transpose(1, 2) for x in (query, key, value)), scale=self.scale).transpose(1, 2)
-        return out
-
-
 def test_module_runs_hilberta_with_frames_and_the_stock_op_without():
-    stock = StockEncoderAttention(0.2)
+    stock = EncoderAttentionOp(0.2)  # vLLM 0.26's MMEncoderAttention contract
     ctx = EncoderContext(MERGE, WINDOW_UNITS, SMALL, kernel="sdpa")
     mod = HilbertEncoderAttention(stock, ordinal=1, context=ctx, scale=0.2)
     assert list(mod.children()) == [] and "stock" not in dict(mod.named_modules())

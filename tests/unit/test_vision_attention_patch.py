@@ -21,18 +21,10 @@ from vllm_kvflow.patches import vision_attention as va
 from vllm_kvflow.plugin import CONNECTOR_MODULE, CONNECTOR_NAME
 from vllm_kvflow.vision.encoder_attention import HilbertASettings, HilbertEncoderAttention
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny tensors: one thread
+
 SMALL = HilbertASettings(tiles=3, central_fraction=0.25, cycle=4, min_tokens=64)
 GRID = [[1, 16, 20], [1, 6, 6], [2, 12, 10]]  # HilbertA frames, a dense one, two frames
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tensors here are tiny: one thread runs them fastest, and on a busy machine extra
-    OpenMP threads only spin (restored afterwards)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _encoder(seed=0):
