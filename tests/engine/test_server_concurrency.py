@@ -86,7 +86,7 @@ def test_concurrent_equals_sequential_and_no_blocks_leak(server):
         watcher.join()
     t1 = time.perf_counter()
     sequential = [ask(req) for req in REQUESTS]
-    # Reported, not asserted (speed lives in benchmarks): `kvflow bench concurrency`.
+    # Reported, not asserted (speed lives in benchmarks: `kvflow bench load --concurrency`).
     print(f"64 concurrent: {t1 - t0:.1f} s; the same one at a time: {time.perf_counter() - t1:.1f} s")
 
     assert all(r.stats["fallback"] is None for r in concurrent + sequential)
