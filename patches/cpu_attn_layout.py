@@ -62,38 +62,3 @@ def cpu_cache_writer(isa: str):
         ops.cpu_attn_reshape_and_cache(key, value, key_cache, value_cache, slot_mapping, isa)
 
     return write
-
-
-def cpu_paged_attention(isa: str):
-    """attend(q, key_cache, value_cache, block_row, positions, scale) -> out: queries at
-    sorted, distinct positions of one sequence over its paged CPU_ATTN cache, mask
-    key_pos <= query_pos, by vLLM's own CPU attention kernel (no gather of the context).
-
-    That kernel serves causal prefill: each sequence's queries are its last tokens. So
-    the positions are cut into runs of consecutive positions, and each run is one
-    "sequence" ending at its last position, over the same block table."""
-    from vllm import _custom_ops as ops
-
-    def attend(q, key_cache, value_cache, block_row, positions, scale):
-        n, num_heads, head_dim = q.shape
-        pos = positions.to(torch.int64)
-        breaks = torch.nonzero(pos[1:] != pos[:-1] + 1).flatten() + 1
-        starts = torch.cat([breaks.new_zeros(1), breaks])
-        ends = torch.cat([breaks, breaks.new_full((1,), n)])
-        query_start_loc = torch.cat([starts, ends[-1:]]).to(torch.int32)
-        seq_lens = (pos[ends - 1] + 1).to(torch.int32)
-        runs = starts.numel()
-        block_table = block_row.to(torch.int32)[None].expand(runs, -1).contiguous()
-        metadata = ops.cpu_attn_get_scheduler_metadata(
-            num_reqs=runs, num_heads=num_heads, num_kv_heads=key_cache.shape[1],
-            head_dim=head_dim, seq_lens=seq_lens, dtype=q.dtype, query_start_loc=query_start_loc,
-            causal=True, sliding_window_size=-1, isa=isa, enable_kv_split=False)
-        out = torch.empty_like(q)
-        ops.cpu_attention_with_kv_cache(
-            query=q.contiguous(), key_cache=key_cache, value_cache=value_cache, output=out,
-            query_start_loc=query_start_loc, seq_lens=seq_lens, scale=scale, causal=True,
-            alibi_slopes=None, sliding_window=-1, block_table=block_table, softcap=0.0,
-            scheduler_metadata=metadata, s_aux=None)
-        return out
-
-    return attend

@@ -66,6 +66,12 @@ class KVFlowConfig:
     # no other in the step's forward, runs whole.
     max_blend_tokens_per_step: int | None = None
     max_isolated_tokens_per_step: int | None = None
+    # CPU engines, one rank: the same blend work also bounded in time, milliseconds of
+    # it per step (null: rows only), so that a small request arriving during a burst
+    # of misses waits for a short step. Rows are turned into time by the cost per row
+    # measured on earlier passes. On GPU the passes are queued asynchronously (timing
+    # them would make the host wait) and the row budgets, cheap there, are the bound.
+    max_blend_ms_per_step: float | None = 200.0
     # Isolated computes one request may cause, at most this multiple of its prompt's
     # tokens (each computed segment also counts 32 rows); beyond, it is prefilled.
     max_isolated_tokens_per_prompt_token: float = 4.0
@@ -107,6 +113,10 @@ class KVFlowConfig:
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise ValueError(f"kvflow: {name} must be a positive integer or null, got {value!r}")
+        step_ms = self.max_blend_ms_per_step
+        if step_ms is not None and (isinstance(step_ms, bool) or not isinstance(step_ms, (int, float))
+                                    or not step_ms > 0):
+            raise ValueError(f"kvflow: max_blend_ms_per_step must be a number > 0 or null, got {step_ms!r}")
         if (isinstance(self.max_pending_loads, bool) or not isinstance(self.max_pending_loads, int)
                 or self.max_pending_loads < 1):
             raise ValueError(f"kvflow: max_pending_loads must be a positive integer, got {self.max_pending_loads!r}")

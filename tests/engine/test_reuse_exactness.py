@@ -93,27 +93,29 @@ def test_rerotated_layer0_keys_equal_keys_at_global_positions(worker, tokenizer)
         assert torch.equal(values[offset:], entry.values[0])
 
 
-def test_vllms_cpu_attention_at_scattered_positions_equals_the_gathered_reference(worker):
-    """The recompute's attention on CPU goes through vLLM's own CPU attention kernel over
-    the packed pages (runs of consecutive query positions as causal sequences); it
-    equals the masked attention over the gathered keys and values, for scattered,
-    clustered and contiguous queries."""
+def test_cpu_pages_read_back_what_vllms_op_wrote_and_attend_at_scattered_positions(worker):
+    """The recompute's K/V go into CPU_ATTN's packed pages through vLLM's own write op;
+    read() gives them back exactly (a reshape of the layout this machine's ISA packs),
+    and attention at scattered, clustered and contiguous query positions equals masked
+    attention over the K/V as written (not as read back)."""
     from vllm_kvflow.blend.attention import masked_attention
+    from vllm_kvflow.blend.paged import page_order
 
     kv = worker._paged_kv([7, 3, 9, 5], torch.device("cpu"))  # free blocks of the idle engine
-    assert kv.attend_op is not None
     shape = worker._pipeline.adapter.shape
     length = 3 * kv.block_size + 17
     gen = torch.Generator().manual_seed(4)
-    positions_all = torch.arange(length)
-    kv.write(0, positions_all, torch.randn(length, shape.num_kv_heads, shape.head_dim, generator=gen),
-             torch.randn(length, shape.num_kv_heads, shape.head_dim, generator=gen))
+    keys = torch.randn(length, shape.num_kv_heads, shape.head_dim, generator=gen)
+    values = torch.randn(length, shape.num_kv_heads, shape.head_dim, generator=gen)
+    kv.write(0, torch.arange(length), keys, values)
+    read_keys, read_values = kv.read(0, length)
+    assert torch.equal(read_keys, keys) and torch.equal(read_values, values)
+    print("page orders (key, value):", page_order(kv.key_index), page_order(kv.value_index))
     for positions in (torch.tensor([0, 5, 6, 7, 100, 101, 250, length - 1]),
                       torch.randperm(length, generator=gen)[:90].sort().values,
                       torch.arange(length - 40, length)):
         end = int(positions[-1]) + 1
         q = torch.randn(positions.numel(), shape.num_heads, shape.head_dim, generator=gen)
         got = kv.attend(0, q, positions, end, shape.scale)
-        k, v = kv.read(0, end)
-        want = masked_attention(q, k, v, positions, torch.arange(end), shape.scale)
+        want = masked_attention(q, keys[:end], values[:end], positions, torch.arange(end), shape.scale)
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)

@@ -28,7 +28,7 @@ def blocks(ids):
 def step(sched, scheduled=(), finished=()):
     out = types.SimpleNamespace(total_num_scheduled_tokens=len(scheduled),
                                 num_scheduled_tokens={r: 1 for r in scheduled},
-                                finished_req_ids=set(finished))
+                                finished_req_ids=set(finished), scheduled_new_reqs=[])
     return sched.build_connector_meta(out)
 
 

@@ -12,9 +12,11 @@ import pytest
 import torch
 
 from toy_decoder import Toy
-from vllm_kvflow.blend.pipeline import BlendPipeline, IsolatedCompute, LoadPlan, LoadResult, Segment
+from vllm_kvflow.blend.pipeline import (BlendPipeline, IsolatedCompute, IsolatedRun, LoadPlan,
+                                        LoadResult, Segment)
 from vllm_kvflow.blend.selection import method
-from vllm_kvflow.blend.work_queue import SEGMENT_OVERHEAD_ROWS, LoadRefused, StepBudget, WorkQueue
+from vllm_kvflow.blend.work_queue import (SEGMENT_OVERHEAD_ROWS, LoadRefused, RowClock, StepBudget,
+                                          WorkQueue)
 
 
 @dataclass
@@ -62,13 +64,22 @@ class FakePipeline:
         """What another replica stored meanwhile (self.shared)."""
         return "kv" if task.key in getattr(self, "shared", ()) else None
 
-    def compute_isolated_batch(self, tasks):
-        keys = [t.key for t in tasks]
+    def start_isolated(self, task):
+        return IsolatedRun(task, torch.zeros(task.rows), kv=None)
+
+    def advance_isolated(self, takes):
+        """One isolated pass: self.computed gets its keys, self.isolated_rows its rows."""
+        keys = [run.task.key for run, _ in takes]
         if self.fail_keys & set(keys):
             raise RuntimeError("boom")
         self.computed.append(keys)
-        self.store.update(keys)
-        return ["kv"] * len(tasks)
+        self.isolated_rows = getattr(self, "isolated_rows", []) + [sum(t for _, t in takes)]
+        for run, take in takes:
+            run.done += take
+
+    def finish_isolated(self, run):
+        self.store.add(run.task.key)
+        return "kv"
 
     def deliver(self, job, key, entry):
         for s in job.segments:
@@ -87,8 +98,10 @@ class FakePipeline:
     def recompute_slices(self, slices):
         self.passes.append([(j.req_id, a, b) for j, a, b in slices])
 
-    # The real sequence of a whole load, over the stand-in steps above.
+    # The real sequences of a whole load and of isolated computes at once, over the
+    # stand-in steps above.
     run_whole = BlendPipeline.run_whole
+    compute_isolated_batch = BlendPipeline.compute_isolated_batch
 
 
 def job(req_id, chunks, rows=100, method_name="infoflow", prompt_len=1000):
@@ -269,3 +282,122 @@ def test_a_chunk_another_replica_stored_meanwhile_is_fetched_not_computed():
     pipe.shared = {chunk("x")}  # the other replica computed x after r missed it
     assert [f.job.req_id for f in q.step()] == ["r"]
     assert pipe.computed == [[chunk("y")]]
+
+
+def test_a_long_isolated_compute_runs_in_slices_within_the_budget():
+    """A 400-token miss with 150 isolated rows per step: computed over several steps in
+    slices (the first pays the segment overhead), while an all-hit request is blended
+    in the first step; the missing request finishes once its chunk is whole."""
+    pipe = FakePipeline(stored={chunk("a")})
+    q = WorkQueue(pipe, StepBudget(blend_rows=10_000, isolated_rows=150))
+    q.submit(job("miss", [chunk("long", 400)]))
+    q.submit(job("hit", [chunk("a")]))
+    assert [f.job.req_id for f in q.step()] == ["hit"]
+    assert pipe.isolated_rows == [150 - SEGMENT_OVERHEAD_ROWS]
+    assert drain(q) == ["miss"]
+    assert pipe.isolated_rows == [118, 150, 133] and chunk("long", 400) in pipe.store
+
+
+def test_isolated_computes_in_slices_equal_one_pass():
+    """The exactness of slicing an isolated compute, on a toy decoder: [sink][chunk]
+    computed in three slices of consecutive positions leaves the same KV as one pass."""
+    from vllm_kvflow.blend.executor import LayerwiseExecutor
+    from vllm_kvflow.blend.paged import DenseKV
+
+    torch.manual_seed(0)
+    ex = LayerwiseExecutor(Toy(4, 2, 16))
+    n = 50
+    ids = torch.randint(0, 1000, (n,))
+    once = DenseKV.empty(3, n, 2, 16, torch.float32, "cpu")
+    ex.prefill(ids, torch.arange(n), once)
+    sliced = DenseKV.empty(3, n, 2, 16, torch.float32, "cpu")
+    for a, b in ((0, 1), (1, 20), (20, n)):
+        ex.prefill(ids[a:b], torch.arange(a, b), sliced)
+    torch.testing.assert_close(sliced.keys, once.keys, rtol=0, atol=1e-5)
+    torch.testing.assert_close(sliced.values, once.values, rtol=0, atol=1e-5)
+
+
+class TimedPipeline(FakePipeline):
+    """Passes that take time on a fake clock: a fixed cost plus a cost per row."""
+
+    def __init__(self, clock, fixed_s=0.01, per_row_s=0.002, **kw):
+        super().__init__(**kw)
+        self.clock, self.fixed_s, self.per_row_s = clock, fixed_s, per_row_s
+
+    def advance_isolated(self, takes):
+        super().advance_isolated(takes)
+        self.clock.t += self.fixed_s + self.per_row_s * sum(t for _, t in takes)
+
+    def recompute_slices(self, slices):
+        super().recompute_slices(slices)
+        self.clock.t += self.fixed_s + self.per_row_s * sum(b - a for _, a, b in slices)
+
+
+def test_a_time_budget_bounds_each_steps_blend_work():
+    """step_seconds = 0.2 on a machine where a pass costs 10 ms + 2 ms per row: no
+    step's blend work takes much over 0.2 s (the row budgets alone allow 0.6 s), each
+    step runs one kind, alternating while both wait, and all of the work gets done."""
+    fake = type("Clock", (), {"t": 0.0})()
+    pipe = TimedPipeline(fake, stored={chunk("a")})
+    q = WorkQueue(pipe, StepBudget(blend_rows=300, isolated_rows=300, step_seconds=0.2),
+                  clock=RowClock(now=lambda: fake.t))
+    for i in range(4):
+        q.submit(job(f"hit{i}", [chunk("a")], rows=150))
+        q.submit(job(f"miss{i}", [chunk(f"m{i}", 150)], rows=150))
+    steps, kinds, done = [], [], []
+    while len(q):
+        t0, isolated, recomputes = fake.t, len(pipe.computed), len(pipe.passes)
+        done += [f.job.req_id for f in q.step()]
+        steps.append(fake.t - t0)
+        kinds.append(("isolated" if len(pipe.computed) > isolated else "")
+                     + ("blend" if len(pipe.passes) > recomputes else ""))
+    assert sorted(done) == sorted([f"hit{i}" for i in range(4)] + [f"miss{i}" for i in range(4)])
+    assert kinds[:4] == ["isolated", "blend"] * 2
+    assert steps[0] < 0.2  # unmeasured: a small first pass (RowClock.FIRST_ROWS)
+    assert max(steps) <= 0.3, steps  # the clock adapts: never the 0.6 s of the rows
+    assert set(kinds) == {"isolated", "blend"} and len(steps) < 40  # 3.6 s of rows: 18 at best
+
+
+def test_a_step_that_starts_requests_gives_way_every_other_step():
+    """A step whose forward starts new requests runs no blend work, so their first
+    token is not late; the next step runs work even if it starts requests too (blend
+    work cannot be starved by a stream of arrivals). With or without a time budget."""
+    for seconds, expected in ((0.2, [0, 1, 0, 1]), (None, [0, 1, 0, 1])):
+        pipe = FakePipeline(stored={chunk("a")})
+        q = WorkQueue(pipe, StepBudget(blend_rows=10, isolated_rows=10, step_seconds=seconds))
+        q.submit(job("r", [chunk("a")], rows=1000))
+        ran = []
+        for _ in range(4):
+            before = len(pipe.selected) + len(pipe.passes)
+            q.step(requests_starting=True)
+            ran.append(int(len(pipe.selected) + len(pipe.passes) > before))
+        assert ran == expected, (seconds, ran)
+
+
+@pytest.mark.parametrize("value", [0, -5, True, "100"])
+def test_the_step_time_setting_must_be_a_positive_number_or_null(value):
+    from vllm_kvflow.config import KVFlowConfig
+
+    with pytest.raises(ValueError, match="max_blend_ms_per_step"):
+        KVFlowConfig(max_blend_ms_per_step=value)
+    assert KVFlowConfig(max_blend_ms_per_step=None).max_blend_ms_per_step is None
+
+
+def test_steps_are_timed_on_cpu_engines_of_one_rank_only():
+    import types
+
+    from vllm_kvflow.config import KVFlowConfig
+    from vllm_kvflow.connector.worker import step_budget, timed_steps
+
+    def engine(device, tp=1):
+        return types.SimpleNamespace(device_config=types.SimpleNamespace(device_type=device),
+                                     parallel_config=types.SimpleNamespace(tensor_parallel_size=tp),
+                                     scheduler_config=types.SimpleNamespace(max_num_batched_tokens=4096))
+
+    config = KVFlowConfig(max_blend_ms_per_step=150)
+    assert timed_steps(config, engine("cpu"))
+    assert not timed_steps(config, engine("cuda")) and not timed_steps(config, engine("cpu", tp=2))
+    assert not timed_steps(KVFlowConfig(max_blend_ms_per_step=None), engine("cpu"))
+    assert step_budget(config, engine("cpu")).step_seconds == 0.15
+    budget = step_budget(config, engine("cuda"))
+    assert budget.step_seconds is None and budget.blend_rows == budget.isolated_rows == 512

@@ -150,8 +150,10 @@ def print_table(report: dict) -> None:
             recomp = t.get("recompute", 0.0) + t.get("glue", 0.0)
             rest = r["ttft_s"] - load - score - recomp
             parts = "".join(f"{1e3 * x:>7.1f}" for x in (load, score, recomp, rest))
+        speedup = r.get("speedup_vs_full")  # None where the run had no `full`
         print(f"{r['context_tokens']:>8} {run_name(r):<17} {r['ttft_s']:>8.3f} "
-              f"{r['speedup_vs_full']:>7.2f}x {'' if share is None else f'{share:>13.0%}':>14} "
+              f"{'' if speedup is None else f'{speedup:>7.2f}x':>8} "
+              f"{'' if share is None else f'{share:>13.0%}':>14} "
               f"{'' if r['tokens_recomputed'] is None else r['tokens_recomputed']:>10}{parts}")
 
 

@@ -117,6 +117,27 @@ class IsolatedCompute:
 
 
 @dataclass
+class IsolatedRun:
+    """An isolated compute under way: its [sink][tokens] ids, its private KV buffer and
+    how many rows (positions 0..done-1) are computed."""
+
+    task: IsolatedCompute
+    ids: torch.Tensor
+    kv: DenseKV
+    done: int = 0
+
+    @property
+    def rows_left(self) -> int:
+        return int(self.ids.numel()) - self.done
+
+    def entry(self) -> ChunkKV:
+        """The completed run's KV of its tokens (the sink's part dropped)."""
+        sink = len(self.task.sink)
+        return ChunkKV(tuple(int(t) for t in self.task.token_ids), self.kv.keys[:, sink:].clone(),
+                       self.kv.values[:, sink:].clone(), local_start=sink)
+
+
+@dataclass
 class Job:
     """One request's load as it moves through the worker's steps."""
 
@@ -333,31 +354,48 @@ class BlendPipeline:
     def compute_isolated_batch(self, tasks: list[IsolatedCompute]) -> list[ChunkKV]:
         """Each task's KV, computed alone behind its sink at positions 0.., in one pass
         for all of them; chunks go into the store, glue into the glue cache."""
-        entries = self.compute_isolated_many([(t.token_ids, t.sink) for t in tasks])
-        for task, entry in zip(tasks, entries):
-            if task.is_chunk:
-                self.store.put(task.key, entry)
-            else:
-                self.glue.put(task.key, entry)
-        return entries
+        runs = [self.start_isolated(t) for t in tasks]
+        self.advance_isolated([(run, run.rows_left) for run in runs])
+        return [self.finish_isolated(run) for run in runs]
 
-    def compute_isolated_many(self, items: list[tuple[tuple[int, ...], tuple[int, ...]]]) -> list[ChunkKV]:
-        """KV of each [sink][tokens] at positions 0.., keeping the tokens' part."""
+    def start_isolated(self, task: IsolatedCompute) -> IsolatedRun:
+        """An isolated compute's buffer, to be filled in one or more slices."""
         device = self.adapter.device
         shape = self.adapter.shape
         dtype = next(self.adapter.model.parameters()).dtype
-        groups, bufs = [], []
-        for token_ids, sink in items:
-            ids = device_ints(sink + tuple(token_ids), device)
-            n = ids.numel()
-            buf = DenseKV.empty(self.adapter.num_layers, n, shape.num_kv_heads, shape.head_dim,
-                                dtype, device)
-            groups.append(RowGroup(ids, torch.arange(n, device=device), buf))
-            bufs.append(buf)
+        ids = device_ints(task.sink + tuple(task.token_ids), device)
+        buf = DenseKV.empty(self.adapter.num_layers, ids.numel(), shape.num_kv_heads,
+                            shape.head_dim, dtype, device)
+        return IsolatedRun(task, ids, buf)
+
+    def advance_isolated(self, takes: list[tuple[IsolatedRun, int]]) -> None:
+        """The next `take` rows of each run, in one batched pass. Exact in slices: a row
+        attends only to earlier positions, which earlier slices have written."""
+        device = self.adapter.device
+        groups = []
+        for run, take in takes:
+            if not 0 < take <= run.rows_left:  # past the buffer's end would write out of it
+                raise ValueError(f"kvflow: slice of {take} rows, {run.rows_left} left")
+            positions = torch.arange(run.done, run.done + take, device=device)
+            groups.append(RowGroup(run.ids[run.done:run.done + take], positions, run.kv))
         self.executor.prefill_groups(groups)
-        return [ChunkKV(tuple(int(t) for t in token_ids), buf.keys[:, len(sink):].clone(),
-                        buf.values[:, len(sink):].clone(), local_start=len(sink))
-                for (token_ids, sink), buf in zip(items, bufs)]
+        for run, take in takes:
+            run.done += take
+
+    def finish_isolated(self, run: IsolatedRun) -> ChunkKV:
+        """A completed run's entry (the tokens' part, without the sink), stored: chunks
+        in the store, glue in the glue cache."""
+        entry = run.entry()
+        (self.store if run.task.is_chunk else self.glue).put(run.task.key, entry)
+        return entry
+
+    def compute_isolated_many(self, items: list[tuple[tuple[int, ...], tuple[int, ...]]]) -> list[ChunkKV]:
+        """KV of each [sink][tokens] at positions 0.., keeping the tokens' part (not
+        stored)."""
+        runs = [self.start_isolated(IsolatedCompute(None, tuple(t), tuple(sink), True))
+                for t, sink in items]
+        self.advance_isolated([(run, run.rows_left) for run in runs])
+        return [run.entry() for run in runs]
 
     def compute_isolated(self, token_ids, sink: tuple[int, ...] | None = None) -> ChunkKV:
         """KV of [sink][chunk] at positions 0.., keeping the chunk's part."""

@@ -5,13 +5,22 @@ keeps scheduling other requests while it waits (WAITING_FOR_REMOTE_KVS), until t
 worker reports it done. Each engine step the worker runs a bounded part of this queue:
 
 - isolated computes (store and glue-cache misses), first come first served, at most
-  `isolated_rows` rows per step, many chunks per batched pass; a chunk that several
-  requests miss is computed once and becomes a hit for all of them;
+  `isolated_rows` rows per step, many chunks per batched pass, a long one in slices of
+  consecutive positions over several steps (exact: a row attends only to earlier
+  positions); a chunk that several requests miss is computed once and becomes a hit
+  for all of them;
 - at most `blend_rows` rows of blend work: new requests whose chunks are all present
   (first come first served, within half of it): their loads, signals and selections,
   one batched pass per signal; then the recomputes of every selected request, the rows
   shared fairly between them, in one batched pass to which each request contributes a
   slice of its selected tokens.
+
+A step whose forward starts new requests runs no blend work (every other step at most),
+so that their first token does not wait for it. Where the passes run on the host (CPU
+engines) the budgets are also bounded in time: `step_seconds` of blend work per step,
+turned into rows by the seconds per row measured on earlier passes, one kind of work per
+step, so that a small request arriving during a burst waits for a short step, not for
+seconds of blend work.
 
 A request's recompute may take several steps: its selected tokens are recomputed in
 position order, a slice per step, which is exact (a token only attends to earlier
@@ -29,7 +38,8 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Callable
 
-from vllm_kvflow.blend.pipeline import BlendPipeline, IsolatedCompute, Job
+from vllm_kvflow.blend.pipeline import BlendPipeline, IsolatedCompute, IsolatedRun, Job
+from vllm_kvflow.blend.row_clock import RowClock
 from vllm_kvflow.blend.signals import signal_rows
 
 logger = logging.getLogger("vllm_kvflow")
@@ -53,6 +63,9 @@ class StepBudget:
     isolated_rows: int  # rows of isolated computes per step
     # Isolated-compute rows one request may cause, as a multiple of its prompt length.
     max_isolated_per_prompt_token: float = 4.0
+    # Blend work per step in seconds (None: rows only), for passes on the host: each
+    # step runs one kind of work (isolated computes or blend), alternating.
+    step_seconds: float | None = None
 
 
 def isolated_rows(compute: IsolatedCompute) -> int:
@@ -64,10 +77,11 @@ def isolated_rows(compute: IsolatedCompute) -> int:
 class _Task:
     compute: IsolatedCompute
     waiting: list[str] = field(default_factory=list)  # request ids
+    run: IsolatedRun | None = None  # under way: its buffer and progress
 
     @property
-    def rows(self) -> int:
-        return isolated_rows(self.compute)
+    def rows_left(self) -> int:
+        return self.compute.rows if self.run is None else self.run.rows_left
 
 
 @dataclass
@@ -82,7 +96,8 @@ def _all_ranks(flags: list[bool]) -> list[bool]:
 
 class WorkQueue:
     def __init__(self, pipeline: BlendPipeline, budget: StepBudget,
-                 all_ranks: Callable[[list[bool]], list[bool]] = _all_ranks):
+                 all_ranks: Callable[[list[bool]], list[bool]] = _all_ranks,
+                 clock: RowClock | None = None):
         """all_ranks(flags): flags true on every tensor-parallel rank (each rank has its
         own store, and all must compute the same chunks: their passes run collectives)."""
         self.pipeline = pipeline
@@ -90,6 +105,9 @@ class WorkQueue:
         self._all_ranks = all_ranks
         self._jobs: OrderedDict[str, Job] = OrderedDict()  # in arrival order
         self._tasks: OrderedDict[object, _Task] = OrderedDict()
+        self.clock = clock or RowClock()
+        self._yielded = False  # the previous step gave way to starting requests
+        self._turn = "isolated"  # which kind a timed step runs when both wait
 
     def __len__(self) -> int:
         return len(self._jobs)
@@ -151,63 +169,119 @@ class WorkQueue:
         return job
 
     # -- one engine step ------------------------------------------------------------------------
-    def step(self, others_running: bool = True) -> list[Finished]:
+    def step(self, others_running: bool = True, requests_starting: bool = False) -> list[Finished]:
         """Run this step's share of the work; the jobs that finished (or failed). With
         no other request in the step's forward and one request queued, nobody waits for
-        this step: that request's work runs whole (a lone request's TTFT)."""
-        alone = not others_running and len(self._jobs) == 1
-        finished = self._run_isolated(unbounded=alone)
-        budget = float("inf") if alone else self.budget.blend_rows
-        # 1. New requests whose chunks are all present: load, signals, selection, first
-        #    come first served, within half the budget (at least one request), so that
-        #    a burst of arrivals cannot stall the recomputes under way.
-        num_layers = self.pipeline.adapter.num_layers
-        fresh, rows = [], 0.0
-        for job in self._jobs.values():
-            if job.chosen is None and not job.missing():
-                cost = selection_rows(job, num_layers)
-                if fresh and rows + cost > budget / 2:
-                    break
-                fresh.append(job)
-                rows += cost
-        finished += self._select(fresh)
-        # 2. The rest goes to the recomputes, shared fairly: every request with tokens
-        #    left gets an equal share, and what a small one does not need goes to the
-        #    others (so a small request finishes at once beside a large one).
-        active = [j for j in self._jobs.values() if j.rows_left() > 0]
-        if alone:
-            return finished + self._recompute([[j, j.rows_left()] for j in active])
-        return finished + self._recompute(fair_shares(active, max(1, int(budget - rows))))
-
-    def _run_isolated(self, unbounded: bool = False) -> list[Finished]:
-        batch, rows = [], 0
-        for task in self._tasks.values():
-            if batch and rows + task.rows > self.budget.isolated_rows and not unbounded:
-                break
-            batch.append(task)
-            rows += task.rows
-        if not batch:
+        this step: that request's work runs whole (a lone request's TTFT; on CPU, in
+        time-bounded slices, a 4K infoflow load took over twice as long: each pass
+        streams the weights and reads the whole context again).
+        requests_starting: the step's forward holds requests in their first forward."""
+        if not others_running and len(self._jobs) == 1:
+            return self._run_isolated(unbounded=True) + self._blend(float("inf"), alone=True)
+        # A step whose forward starts new requests runs no blend work (at most every
+        # other step: a stream of arrivals cannot starve it), so that their first token
+        # does not wait for it.
+        if requests_starting and not self._yielded:
+            self._yielded = True
             return []
-        for task in batch:
+        self._yielded = False
+        if self.budget.step_seconds is not None:
+            return self._timed_step(self.budget.step_seconds)
+        return self._run_isolated() + self._blend(self.budget.blend_rows)  # both kinds
+
+    def _timed_step(self, seconds: float) -> list[Finished]:
+        """A step bounded in time (passes on the host). Every pass streams all the
+        model's weights, a fixed cost per pass (about 40 ms for SmolLM2 in float32 on 2
+        cores), so a step runs one kind of work with the step's whole time, alternating
+        when both kinds wait."""
+        blend_waits = any(not job.missing() for job in self._jobs.values())
+        if self._tasks and (not blend_waits or self._turn == "isolated"):
+            self._turn = "blend"
+            return self._run_isolated(seconds=seconds)
+        self._turn = "isolated"
+        return self._blend(self.clock.rows_for("blend", seconds, self.budget.blend_rows))
+
+    def _blend(self, budget: float, alone: bool = False) -> list[Finished]:
+        """Selection and recompute within `budget` rows, timed for the row clock."""
+        ran = [0.0]
+        with self.clock.timing("blend", lambda: ran[0]):
+            # 1. New requests whose chunks are all present: load, signals, selection,
+            #    first come first served, within half the budget (at least one
+            #    request), so that a burst of arrivals cannot stall the recomputes.
+            num_layers = self.pipeline.adapter.num_layers
+            fresh, rows = [], 0.0
+            for job in self._jobs.values():
+                if job.chosen is None and not job.missing():
+                    cost = selection_rows(job, num_layers)
+                    if fresh and rows + cost > budget / 2:
+                        break
+                    fresh.append(job)
+                    rows += cost
+            finished = self._select(fresh)
+            # 2. The rest goes to the recomputes, shared fairly: every request with
+            #    tokens left gets an equal share, and what a small one does not need
+            #    goes to the others (a small request finishes at once beside a large one).
+            active = [j for j in self._jobs.values() if j.rows_left() > 0]
+            slices = ([[j, j.rows_left()] for j in active] if alone
+                      else fair_shares(active, max(1, int(budget - rows))))
+            ran[0] = rows + sum(take for _, take in slices)
+            finished += self._recompute(slices)
+        return finished
+
+    def _run_isolated(self, unbounded: bool = False, seconds: float | None = None) -> list[Finished]:
+        """This step's share of the isolated computes, first come first served: those
+        under way go on, new ones start while the budget lasts (a new one is charged
+        its segment overhead); one batched pass. A compute larger than what is left
+        runs a slice now and the rest in later steps."""
+        limit = float("inf") if unbounded else self.clock.rows_for(
+            "isolated", seconds, self.budget.isolated_rows)
+        takes, rows = [], 0
+        for task in self._tasks.values():
+            overhead = SEGMENT_OVERHEAD_ROWS if task.run is None else 0
+            room = limit - rows - overhead
+            if takes and room < 1:
+                break
+            take = int(min(task.rows_left, max(1, room)))
+            takes.append((task, take))
+            rows += take + overhead
+        if not takes:
+            return []
+        # The clock counts computed rows only: the overhead rows stand for fixed costs,
+        # which it sees as time (small passes look dear per row, so it grows from below).
+        with self.clock.timing("isolated", lambda: sum(take for _, take in takes)):
+            try:
+                done = self._advance_isolated(takes)
+            except Exception as e:  # noqa: BLE001 - the waiting requests fall back, the server lives
+                logger.exception("kvflow: isolated compute of %d segments failed", len(takes))
+                waiting = []
+                for task, _ in takes:
+                    self._tasks.pop(task.compute.key, None)
+                    waiting += task.waiting
+                return [self._fail(req_id, e) for req_id in waiting if req_id in self._jobs]
+        for task, entry in done:
             del self._tasks[task.compute.key]
-        try:
-            # Replicas sharing a tier: another may have stored a chunk since it missed here.
-            fetched = [self.pipeline.fetch_shared(t.compute) for t in batch]
-            agreed = self._all_ranks([e is not None for e in fetched])
-            fetched = [e if ok else None for e, ok in zip(fetched, agreed)]
-            to_compute = [t.compute for t, e in zip(batch, fetched) if e is None]
-            computed = iter(self.pipeline.compute_isolated_batch(to_compute) if to_compute else [])
-            entries = [e if e is not None else next(computed) for e in fetched]
-        except Exception as e:  # noqa: BLE001 - the waiting requests fall back, the server lives
-            logger.exception("kvflow: isolated compute of %d segments failed", len(batch))
-            return [self._fail(req_id, e) for task in batch for req_id in task.waiting
-                    if req_id in self._jobs]
-        for task, entry in zip(batch, entries):
             for req_id in task.waiting:
                 job = self._jobs.get(req_id)
                 if job is not None:
                     self.pipeline.deliver(job, task.compute.key, entry)
         return []
+
+    def _advance_isolated(self, takes: list[tuple[_Task, int]]) -> list[tuple[_Task, object]]:
+        """Start the new tasks (a chunk another replica stored since it missed here is
+        fetched instead), run the pass, and return the (task, entry) pairs now done."""
+        new = [task for task, _ in takes if task.run is None]
+        fetched = [self.pipeline.fetch_shared(task.compute) for task in new]
+        agreed = self._all_ranks([e is not None for e in fetched])
+        done = [(task, e) for task, e, ok in zip(new, fetched, agreed) if e is not None and ok]
+        skip = {id(task) for task, _ in done}
+        for task in new:
+            if id(task) not in skip:
+                task.run = self.pipeline.start_isolated(task.compute)
+        work = [(task, take) for task, take in takes if id(task) not in skip]
+        if work:
+            self.pipeline.advance_isolated([(task.run, take) for task, take in work])
+        return done + [(task, self.pipeline.finish_isolated(task.run))
+                       for task, _ in work if task.run.rows_left == 0]
 
     def _fail(self, req_id: str, error: BaseException) -> Finished:
         job = self.cancel(req_id)

@@ -21,6 +21,9 @@ class KVFlowConnectorMetadata(KVConnectorMetadata):
     # asynchronous is not among them, it waits): with none, and one load queued, the
     # worker need not bound that load's work to keep others going.
     scheduled_tokens: int = 0
+    # Requests in their first forward this step: the worker gives such a step no blend
+    # work (every other step at most), so their first token is not late.
+    starting: int = 0
 
 
 @dataclass

@@ -145,7 +145,8 @@ class KVFlowScheduler:
 
     def build_connector_meta(self, scheduler_output) -> KVFlowConnectorMetadata:
         step = step_view(scheduler_output)
-        meta = KVFlowConnectorMetadata(loads=list(self._pending.values()), scheduled_tokens=step.total_tokens)
+        meta = KVFlowConnectorMetadata(loads=list(self._pending.values()), scheduled_tokens=step.total_tokens,
+                                       starting=step.starting)
         self._live |= step.scheduled
         self._live -= step.finished
         self._awaiting_result.update(self._pending)

@@ -109,7 +109,6 @@ class KVFlowWorker:
             from vllm_kvflow.patches.cpu_attn_layout import (
                 cpu_cache_writer,
                 cpu_op_caches,
-                cpu_paged_attention,
                 page_permutation,
             )
 
@@ -120,7 +119,6 @@ class KVFlowWorker:
                          extra={"key_index": k_index.view(block_size, head_dim),
                                 "value_index": v_index.view(block_size, head_dim),
                                 "write_op": cpu_cache_writer(first.isa),
-                                "attend_op": cpu_paged_attention(first.isa),
                                 "op_caches": [cpu_op_caches(self._kv_caches[m.layer_name])
                                               for m in adapter.attn_modules]})
         else:
@@ -143,7 +141,8 @@ class KVFlowWorker:
         t0 = time.perf_counter()
         self._steps += 1
         with _maybe_profiled(f"step{self._steps:06d}"):
-            finished = self._queue.step(others_running=metadata.scheduled_tokens > 0)
+            finished = self._queue.step(others_running=metadata.scheduled_tokens > 0,
+                                        requests_starting=metadata.starting > 0)
         host_s = time.perf_counter() - t0
         for item in finished:
             self._finish(item.job.plan, item, host_s)
@@ -206,15 +205,28 @@ class KVFlowWorker:
         return KVFlowWorkerMetadata(results)
 
 
+def timed_steps(config: KVFlowConfig, vllm_config) -> bool:
+    """Whether a step's blend work is bounded in time too (max_blend_ms_per_step): on
+    CPU engines of one rank. Every tensor-parallel rank must run the same rows (their
+    passes run collectives), and each would measure its own cost per row; on GPU the
+    passes are queued asynchronously, and timing them would make the host wait."""
+    device = getattr(getattr(vllm_config, "device_config", None), "device_type", "cpu")
+    return (config.max_blend_ms_per_step is not None and str(device) == "cpu"
+            and vllm_config.parallel_config.tensor_parallel_size == 1)
+
+
 def step_budget(config: KVFlowConfig, vllm_config) -> StepBudget:
     """The blend work one engine step may carry: the settings, by default an eighth of
     the step's own token budget (vLLM's max_num_batched_tokens) for each kind, so that a
-    step with blend work takes at most about a quarter longer than vLLM's own largest."""
+    step with blend work takes at most about a quarter longer than vLLM's own largest;
+    and on CPU engines max_blend_ms_per_step (timed_steps)."""
     step_tokens = int(getattr(vllm_config.scheduler_config, "max_num_batched_tokens", 0) or 2048)
     default = max(128, step_tokens // 8)
+    timed = timed_steps(config, vllm_config)
     return StepBudget(blend_rows=config.max_blend_tokens_per_step or default,
                       isolated_rows=config.max_isolated_tokens_per_step or default,
-                      max_isolated_per_prompt_token=config.max_isolated_tokens_per_prompt_token)
+                      max_isolated_per_prompt_token=config.max_isolated_tokens_per_prompt_token,
+                      step_seconds=config.max_blend_ms_per_step / 1e3 if timed else None)
 
 
 def store_identity(vllm_config) -> str:
