@@ -22,13 +22,14 @@ case $what in
          # `kvflow bench load` against it; first argument: the model dir
     model=$1; shift
     port=$((18000 + RANDOM % 2000))
-    # KVFLOW_SETTINGS: more engine settings as JSON, e.g. '{"max_blend_tokens_per_step": 256}'
+    # KVFLOW_SETTINGS: more engine settings as JSON, e.g. '{"max_blend_tokens_per_step": 256}';
+    # SERVE_ARGS: more `vllm serve` flags, e.g. '--api-server-count 2'
     cfg=$(KVFLOW_SETTINGS=${KVFLOW_SETTINGS:-'{}'} bash "$env_sh" python3 -c 'import json, os, vllm_kvflow; print(json.dumps(vllm_kvflow.transfer_config(log_stats=False, store_device_gb=24.0, **json.loads(os.environ["KVFLOW_SETTINGS"]))))')
     log="$out/server${TAG:+_$TAG}.log"
     t0=$(date +%s.%N)
     bash "$env_sh" python3 -m vllm.entrypoints.cli.main serve "$model" --load-format dummy \
       --port $port --max-model-len 8192 --gpu-memory-utilization 0.6 \
-      --kv-transfer-config "$cfg" > "$log" 2>&1 &
+      --kv-transfer-config "$cfg" ${SERVE_ARGS:-} > "$log" 2>&1 &
     srv=$!
     until bash "$env_sh" python3 -c "import urllib.request; urllib.request.urlopen('http://127.0.0.1:$port/health', timeout=2)" 2>/dev/null; do
       kill -0 $srv 2>/dev/null || { echo "server died"; tail -n 40 "$log"; exit 1; }; sleep 2

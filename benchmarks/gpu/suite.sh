@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU engine runs, in the order they were made on a two-GPU machine (each step fits
 # one 10-minute device call; independent runs go side by side, one per GPU).
-#   bash benchmarks/gpu/suite.sh tests|engine|more|tp2|profile|tp2check|load|load64|fleet|vision|quality MODELS OUT
+#   bash benchmarks/gpu/suite.sh tests|engine|more|tp2|profile|tp2check|load|loadapi|load64|fleet|vision|quality MODELS OUT
 # MODELS: model dirs from prepare_models.py; OUT: where logs and JSON go.
 set -o pipefail
 step=$1 models=$2 out=$3
@@ -34,6 +34,13 @@ case $step in
     $load --requests 300 --warmup 16 --docs 64 --docs-per-request 8 --doc-words 330 --zipf 1.1 \
       --max-tokens 16 --concurrency 8,32 --methods full,none,infoflow --max-seconds 120 \
       --out "$out/load_gpu_llama8b_H200.json" ;;
+  loadapi)  # the C = 32 phase with 2, 4 and 8 API server processes (one server start each)
+    for n in 2 4 8; do
+      SERVE_ARGS="--api-server-count $n" TAG=c32api$n bash "$here/run_engine_gpu.sh" load "$models" "$out" \
+        "$models/llama-3.1-8b" --requests 300 --warmup 16 --docs 64 --docs-per-request 8 --doc-words 330 \
+        --zipf 1.1 --max-tokens 16 --concurrency 32 --methods full,none,infoflow --max-seconds 120 \
+        --out "$out/load_gpu_llama8b_c32_api${n}_H200.json"
+    done ;;
   load64)  # C = 64, then a small request during a burst of 32 all-miss 4K-token requests
     load="bash $here/run_engine_gpu.sh load $models $out $models/llama-3.1-8b"
     TAG=64 $load --requests 300 --warmup 16 --docs 64 --docs-per-request 8 --doc-words 330 --zipf 1.1 \

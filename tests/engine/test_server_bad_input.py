@@ -42,7 +42,10 @@ def disk_dir(tmp_path_factory) -> Path:
 def server(model_path, tmp_path_factory, disk_dir):
     log = tmp_path_factory.mktemp("server") / "server.log"
     config = vllm_kvflow.transfer_config(store_capacity_gb=0, store_disk_path=str(disk_dir))
-    with ServerProcess(model_path, log, config, cpu_server_args(model_path, MAX_MODEL_LEN, 3)) as srv:
+    # Two API server processes, as the README advises under concurrency: the declaration
+    # checks and the streamed stats must hold in each (requests land on either).
+    args = cpu_server_args(model_path, MAX_MODEL_LEN, 3) + ["--api-server-count", "2"]
+    with ServerProcess(model_path, log, config, args) as srv:
         yield srv.base_url
 
 
