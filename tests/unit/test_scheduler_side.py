@@ -111,3 +111,11 @@ def test_chunk_texts_are_tokenized_once_and_the_cache_is_bounded(monkeypatch):
     sched._tokenize("doc a")
     sched._tokenize("doc bb")
     assert calls == ["doc a", "doc bb", "doc ccc", "doc bb"]
+
+
+def test_a_lone_request_loads_asynchronously_where_steps_are_timed():
+    """CPU engines bound each step's blend work in time: a lone request's load goes to
+    the work queue too, so that a request arriving meanwhile waits for one short step."""
+    sched = KVFlowScheduler(KVFlowConfig(), None, sync_loads=False)
+    assert admit(sched, request("a")) == (80, True)
+    assert [p.sync for p in step(sched).loads] == [False]

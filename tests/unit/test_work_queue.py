@@ -401,3 +401,22 @@ def test_steps_are_timed_on_cpu_engines_of_one_rank_only():
     assert step_budget(config, engine("cpu")).step_seconds == 0.15
     budget = step_budget(config, engine("cuda"))
     assert budget.step_seconds is None and budget.blend_rows == budget.isolated_rows == 512
+
+
+def test_a_lone_requests_misses_run_in_timed_steps_and_its_blend_whole():
+    """Timed steps: a lone request's misses are computed in bounded steps (a request
+    arriving meanwhile waits for one of them, not for all its misses); once they are
+    in, its blend work runs whole in one step. Without a time budget it all runs whole."""
+    pipe = FakePipeline()
+    q = WorkQueue(pipe, StepBudget(blend_rows=100, isolated_rows=100, step_seconds=0.2))
+    q.submit(job("lone", [chunk("x"), chunk("y")], rows=1000))
+    steps = 0
+    while len(q):
+        q.step(others_running=False)
+        steps += 1
+    assert len(pipe.computed) > 1 and pipe.passes == [[("lone", 0, 1000)]]
+    assert steps == len(pipe.computed) + 1
+    whole = FakePipeline()
+    q = WorkQueue(whole, StepBudget(blend_rows=100, isolated_rows=100))
+    q.submit(job("lone", [chunk("x"), chunk("y")], rows=1000))
+    assert len(q.step(others_running=False)) == 1 and len(whole.computed) == 1

@@ -174,9 +174,12 @@ class WorkQueue:
         no other request in the step's forward and one request queued, nobody waits for
         this step: that request's work runs whole (a lone request's TTFT; on CPU, in
         time-bounded slices, a 4K infoflow load took over twice as long: each pass
-        streams the weights and reads the whole context again).
+        streams the weights and reads the whole context again). Where steps are timed,
+        its misses still run in timed steps: a burst's first request is lone only until
+        the next arrives, and would hold it up for all of its misses.
         requests_starting: the step's forward holds requests in their first forward."""
-        if not others_running and len(self._jobs) == 1:
+        if not others_running and len(self._jobs) == 1 and (
+                self.budget.step_seconds is None or not self._tasks):
             return self._run_isolated(unbounded=True) + self._blend(float("inf"), alone=True)
         # A step whose forward starts new requests runs no blend work (at most every
         # other step: a stream of arrivals cannot starve it), so that their first token

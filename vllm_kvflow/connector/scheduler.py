@@ -32,8 +32,13 @@ TOKEN_CACHE_ENTRIES = 4096
 
 
 class KVFlowScheduler:
-    def __init__(self, config: KVFlowConfig, tokenizer_path: str | None, store_tier: str = "host"):
+    def __init__(self, config: KVFlowConfig, tokenizer_path: str | None, store_tier: str = "host",
+                 sync_loads: bool = True):
         self.config = config
+        # Whether a lone request loads synchronously. Not where steps are bounded in time
+        # (CPU engines): there its misses are computed in bounded steps like anyone's,
+        # since a burst's first request is lone only until the next one arrives.
+        self._sync_loads = sync_loads
         self.counters = ServingCounters(store_tier)
         self._tokenizer_path = tokenizer_path
         self._tokenizer = None
@@ -106,7 +111,7 @@ class KVFlowScheduler:
         would wait for it (no other request live in the engine, no other load in flight):
         the load then runs within this step, before the forward that prefills the rest,
         which saves a lone request the extra engine steps of an asynchronous load."""
-        sync = not self._in_flight and not (self._live - {req_id})
+        sync = self._sync_loads and not self._in_flight and not (self._live - {req_id})
         self._sync[req_id] = sync
         return spec.context_end - num_computed_tokens, not sync
 
