@@ -63,14 +63,16 @@ class KVFlowConfig:
     # scheduling other requests meanwhile), in rows through the model's layers: the
     # signal and recompute passes of ready requests, and the isolated computes of store
     # misses. None: an eighth of vLLM's max_num_batched_tokens each. A lone request, with
-    # no other in the step's forward, runs whole.
+    # no other in the step's forward, runs whole (where steps are timed, its misses do
+    # not: see below).
     max_blend_tokens_per_step: int | None = None
     max_isolated_tokens_per_step: int | None = None
     # CPU engines, one rank: the same blend work also bounded in time, milliseconds of
     # it per step (null: rows only), so that a small request arriving during a burst
     # of misses waits for a short step. Rows are turned into time by the cost per row
-    # measured on earlier passes. On GPU the passes are queued asynchronously (timing
-    # them would make the host wait) and the row budgets, cheap there, are the bound.
+    # measured on earlier passes; a lone request loads asynchronously, its misses in
+    # these steps. On GPU the passes are queued asynchronously (timing them would make
+    # the host wait) and the row budgets, cheap there, are the bound.
     max_blend_ms_per_step: float | None = 200.0
     # Isolated computes one request may cause, at most this multiple of its prompt's
     # tokens (each computed segment also counts 32 rows); beyond, it is prefilled.
