@@ -178,8 +178,7 @@ def check_concurrent(llm, tok, n: int = 24) -> dict:
             "misses_together": sum(s["chunks_missed"] for s in st_together),
             "max_batched_with": max(s.get("batched_with", 0) for s in st_together),
             "fallbacks": sum(bool(s.get("fallback")) for s in st_together + st_alone),
-            "ok": (same == n or same >= floor)
-            and not any(s.get("fallback") for s in st_together + st_alone)}
+            "ok": same >= floor and not any(s.get("fallback") for s in st_together + st_alone)}
 
 
 def _randomize_on_worker(worker) -> None:

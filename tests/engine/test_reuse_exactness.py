@@ -110,7 +110,8 @@ def test_cpu_pages_read_back_what_vllms_op_wrote_and_attend_at_scattered_positio
     kv.write(0, torch.arange(length), keys, values)
     read_keys, read_values = kv.read(0, length)
     assert torch.equal(read_keys, keys) and torch.equal(read_values, values)
-    print("page orders (key, value):", page_order(kv.key_index), page_order(kv.value_index))
+    assert (kv.key_order, kv.value_order) == (page_order(kv.key_index), page_order(kv.value_index))
+    print("page orders (key, value):", kv.key_order, kv.value_order)
     for positions in (torch.tensor([0, 5, 6, 7, 100, 101, 250, length - 1]),
                       torch.randperm(length, generator=gen)[:90].sort().values,
                       torch.arange(length - 40, length)):

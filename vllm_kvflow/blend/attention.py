@@ -5,8 +5,8 @@ Who runs it:
 - PagedKV.attend and DenseKV.attend (blend/paged.py) where the kernels are off, i.e. on
   CPU without TRITON_INTERPRET=1: the recompute pass, and a chunk computed in isolation.
   On CUDA both go to the Triton partial-attention kernel instead, in place.
-- PackedPagedKV.attend (CPU_ATTN's packed pages have no strided view for a kernel), except
-  where vLLM's own CPU attention op applies (blend/paged.py; the recompute's attention).
+- the same PagedKV.attend for CPU_ATTN's packed pages (PackedPagedKV: no strided view for
+  a kernel), whatever the platform: the recompute's attention on CPU engines.
 - LayerwiseExecutor.score_groups, the scoring pass on a scratch copy of the context's K/V (the
   question's K/V never enter the request's cache), wherever the pipeline cannot score in
   place. On CUDA the pipeline scores in place (blend/pass_graphs.py, kernels only); the

@@ -147,8 +147,10 @@ class PagedKV:
 
     def attend(self, layer: int, q: torch.Tensor, positions: torch.Tensor, length: int,
                scale: float) -> torch.Tensor:
-        """Attention of q [n, Hq, D] at `positions` over this request's KV [0, length)."""
-        if not use_kernels(q):
+        """Attention of q [n, Hq, D] at `positions` over this request's KV [0, length):
+        the Triton kernel in place where the pages have a strided view, else torch
+        attention over the KV read out."""
+        if not (self.strided and use_kernels(q)):
             k, v = self.read(layer, length)
             return masked_attention(q, k, v, positions, torch.arange(length, device=q.device), scale)
         from vllm_kvflow.kernels.partial_attention import partial_attention
@@ -217,11 +219,22 @@ class PagedKV:
 class PackedPagedKV(PagedKV):
     """A paged cache whose pages hold each head's key rows and value rows in a packed
     order (CPU_ATTN): `keys`/`values` are [num_blocks, H, block_size * D] flat pages and
-    key_index/value_index map logical (offset, dim) to page elements."""
+    key_index/value_index map logical (offset, dim) to page elements.
+
+    Attention (PagedKV.attend, no strided view) is torch attention over the pages read
+    out. vLLM's own CPU attention kernel serves only queries that end their sequence, so
+    scattered positions would be one sequence per run, each reading the whole context
+    with one query row. On a 2-core AVX2 machine, float32, 585 scattered queries over
+    4096 keys took 117 ms per layer there against 60 ms in SDPA's 64-query blocks, and
+    infoflow's 4K TTFT (eager engine) fell from 3.9 s to 2.8 s."""
 
     strided = False
     key_index: torch.Tensor | None = None  # [block_size, D]
     value_index: torch.Tensor | None = None
+    # page_order of each index, worked out once by whoever builds the views (None: any
+    # other packing, read through the index).
+    key_order: str | None = None
+    value_order: str | None = None
     # vLLM's own cache-write op and its per-layer (key_cache, value_cache) arguments:
     # faster than our scatter, and packs exactly as the attention kernel reads.
     write_op: object | None = None
@@ -245,26 +258,8 @@ class PackedPagedKV(PagedKV):
         [H, n, D] copies (the layout attention wants: one copy, no transpose after)."""
         nblocks = -(-length // self.block_size)
         blocks = self.block_ids[:nblocks]
-        return (_unpack(self.keys[layer][blocks], self.key_index, self._order("key"), length),
-                _unpack(self.values[layer][blocks], self.value_index, self._order("value"), length))
-
-    def _order(self, which: str) -> str | None:
-        """page_order of the key or value index, worked out once per request."""
-        name = f"_{which}_order"
-        if name not in self.__dict__:
-            self.__dict__[name] = page_order(getattr(self, f"{which}_index"))
-        return self.__dict__[name]
-
-    def attend(self, layer, q, positions, length, scale):
-        # Torch attention over the pages read out (a reshape for vLLM's vectorized
-        # layouts). vLLM's own CPU attention kernel serves only queries that end their
-        # sequence, so scattered positions would be one sequence per run, each reading
-        # the whole context with one query row. On a 2-core AVX2 machine, float32, 585
-        # scattered queries over 4096 keys took 117 ms per layer there against 60 ms in
-        # SDPA's 64-query blocks, and infoflow's 4K TTFT (eager engine) fell from 3.9 s
-        # to 2.8 s.
-        k, v = self.read(layer, length)
-        return masked_attention(q, k, v, positions, torch.arange(length, device=q.device), scale)
+        return (_unpack(self.keys[layer][blocks], self.key_index, self.key_order, length),
+                _unpack(self.values[layer][blocks], self.value_index, self.value_order, length))
 
     def load_rotated(self, layer, positions, k_src, v_src, delta, cos_sin, rotary_dim, is_neox):
         from vllm_kvflow.kernels.chunk_load import rotate_keys_reference

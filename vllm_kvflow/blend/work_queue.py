@@ -275,12 +275,13 @@ class WorkQueue:
         new = [task for task, _ in takes if task.run is None]
         fetched = [self.pipeline.fetch_shared(task.compute) for task in new]
         agreed = self._all_ranks([e is not None for e in fetched])
-        done = [(task, e) for task, e, ok in zip(new, fetched, agreed) if e is not None and ok]
-        skip = {id(task) for task, _ in done}
-        for task in new:
-            if id(task) not in skip:
+        done = []
+        for task, entry, everywhere in zip(new, fetched, agreed):
+            if entry is not None and everywhere:
+                done.append((task, entry))
+            else:
                 task.run = self.pipeline.start_isolated(task.compute)
-        work = [(task, take) for task, take in takes if id(task) not in skip]
+        work = [(task, take) for task, take in takes if task.run is not None]  # not fetched
         if work:
             self.pipeline.advance_isolated([(task.run, take) for task, take in work])
         return done + [(task, self.pipeline.finish_isolated(task.run))

@@ -25,6 +25,7 @@ from vllm_kvflow.blend.paged import (
     PagedKV,
     layout_for_backend,
     packed_pages,
+    page_order,
     split_kv_cache,
 )
 from vllm_kvflow.blend.pipeline import BlendPipeline, LoadPlan, device_ints
@@ -114,10 +115,11 @@ class KVFlowWorker:
 
             cache = self._kv_caches[first.layer_name]
             block_size = cache.shape[2]
-            k_index, v_index = page_permutation(first.isa, cache.dtype, block_size, head_dim)
+            k_index, v_index = (i.view(block_size, head_dim) for i in
+                                page_permutation(first.isa, cache.dtype, block_size, head_dim))
             views.update(cls=PackedPagedKV, block_size=block_size,
-                         extra={"key_index": k_index.view(block_size, head_dim),
-                                "value_index": v_index.view(block_size, head_dim),
+                         extra={"key_index": k_index, "value_index": v_index,
+                                "key_order": page_order(k_index), "value_order": page_order(v_index),
                                 "write_op": cpu_cache_writer(first.isa),
                                 "op_caches": [cpu_op_caches(self._kv_caches[m.layer_name])
                                               for m in adapter.attn_modules]})
