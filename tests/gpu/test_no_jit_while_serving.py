@@ -78,7 +78,15 @@ def test_warm_up_compiles_everything_serving_launches():
         pipeline.executor.prefill_groups([RowGroup(it.ids, it.positions, PagedKV(keys, values, b, BS))
                                           for it, b in zip(items[:2], blocks[:2])])
         lengths = [int(x) for x in torch.randint(1, 600, (3,), generator=gen)]
-        pipeline.compute_isolated_many([(tuple(range(n)), (1,)) for n in lengths])
+        pipeline.compute_isolated_many([(tuple(range(n)), (1,)) for n in lengths])  # one buffer
+        pipeline.compute_isolated_many([(tuple(range(lengths[0])), (1,))])  # alone
+        # A long compute in slices: a few rows over thousands of keys (where the
+        # partial attention would otherwise split its keys).
+        from vllm_kvflow.blend.pipeline import IsolatedCompute
+
+        (run,) = pipeline.start_isolated([IsolatedCompute(None, tuple(range(2100 + trial)), (1,), True)])
+        pipeline.advance_isolated([(run, run.rows_left - 5)])
+        pipeline.advance_isolated([(run, 5)])
         kv = PagedKV(keys, values, blocks[0], BS)
         loads, cursor = [], 5
         for n in lengths:

@@ -64,8 +64,8 @@ class FakePipeline:
         """What another replica stored meanwhile (self.shared)."""
         return "kv" if task.key in getattr(self, "shared", ()) else None
 
-    def start_isolated(self, task):
-        return IsolatedRun(task, torch.zeros(task.rows), kv=None)
+    def start_isolated(self, tasks):
+        return [IsolatedRun(task, torch.zeros(task.rows), kv=None) for task in tasks]
 
     def advance_isolated(self, takes):
         """One isolated pass: self.computed gets its keys, self.isolated_rows its rows."""

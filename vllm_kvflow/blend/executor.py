@@ -16,12 +16,13 @@ forward passes), so swapping the modules' forward for the pass is safe.
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
 
 from vllm_kvflow.blend.attention import masked_attention
+from vllm_kvflow.blend.dense_batch import attention_plan
 from vllm_kvflow.blend.model_adapter import DecoderAdapter
 from vllm_kvflow.blend.paged import use_kernels
 
@@ -37,10 +38,13 @@ class RowGroup:
     token_ids: torch.Tensor
     positions: torch.Tensor
     kv: Any
-    length: int = field(init=False)  # keys visible to the group: up to its last position
+    # Keys visible to the group: up to its last position. None: read from the positions,
+    # which waits for the device (callers that know it pass it).
+    length: int | None = None
 
     def __post_init__(self) -> None:
-        self.length = int(self.positions[-1]) + 1 if self.positions.numel() else 0
+        if self.length is None:
+            self.length = int(self.positions[-1]) + 1 if self.positions.numel() else 0
 
 
 class LayerwiseExecutor:
@@ -94,14 +98,14 @@ class LayerwiseExecutor:
         if not groups:
             return
         scale = self.shape.scale
-        bounds = _bounds(groups)
+        # Per group its target's write and attend; groups in one shared buffer, batched.
+        plan = attention_plan(groups, _bounds(groups))
 
         def attend(layer, q, k, v):
             q, k, v = self.split_heads(q, k, v)
             out = torch.empty_like(q)
-            for g, (a, b) in zip(groups, bounds):
-                g.kv.write(layer, g.positions, k[a:b], v[a:b])
-                out[a:b] = g.kv.attend(layer, q[a:b], g.positions, g.length, scale)
+            for unit in plan:
+                unit(layer, q, k, v, out, scale)
             return out.flatten(1)
 
         ids, positions = _concat(groups)

@@ -329,6 +329,10 @@ class DenseKV:
 
     keys: torch.Tensor  # [num_layers, capacity, H, D]
     values: torch.Tensor
+    # Where keys/values are slices of a buffer shared with other computes
+    # (blend/dense_batch.py): that buffer's (keys, values) and the slice's first row.
+    arena: tuple[torch.Tensor, torch.Tensor] | None = None
+    offset: int = 0
 
     @classmethod
     def empty(cls, num_layers, capacity, num_heads, head_dim, dtype, device):

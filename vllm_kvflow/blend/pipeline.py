@@ -29,6 +29,7 @@ import torch
 from vllm_kvflow.blend import pass_graphs
 from vllm_kvflow.blend.executor import LayerwiseExecutor, RowGroup
 from vllm_kvflow.blend.glue import GlueCache
+from vllm_kvflow.blend.dense_batch import arena_order, dense_kv_many
 from vllm_kvflow.blend.paged import DenseKV, PagedKV, use_kernels
 from vllm_kvflow.blend.pass_graphs import PassGraphs, PrefillItem
 from vllm_kvflow.blend.selection import Method, SelectionInput, budget_for, method, select
@@ -354,30 +355,40 @@ class BlendPipeline:
     def compute_isolated_batch(self, tasks: list[IsolatedCompute]) -> list[ChunkKV]:
         """Each task's KV, computed alone behind its sink at positions 0.., in one pass
         for all of them; chunks go into the store, glue into the glue cache."""
-        runs = [self.start_isolated(t) for t in tasks]
+        runs = self.start_isolated(tasks)
         self.advance_isolated([(run, run.rows_left) for run in runs])
         return [self.finish_isolated(run) for run in runs]
 
-    def start_isolated(self, task: IsolatedCompute) -> IsolatedRun:
-        """An isolated compute's buffer, to be filled in one or more slices."""
+    def start_isolated(self, tasks: list[IsolatedCompute]) -> list[IsolatedRun]:
+        """The isolated computes' buffers, to be filled in one or more slices. On the
+        kernel path they are slices of one shared buffer, so that the passes attend for
+        all of them at once; elsewhere nothing batches attention over such a buffer, and
+        each keeps its own."""
+        if not tasks:
+            return []
         device = self.adapter.device
         shape = self.adapter.shape
         dtype = next(self.adapter.model.parameters()).dtype
-        ids = device_ints(task.sink + tuple(task.token_ids), device)
-        buf = DenseKV.empty(self.adapter.num_layers, ids.numel(), shape.num_kv_heads,
-                            shape.head_dim, dtype, device)
-        return IsolatedRun(task, ids, buf)
+        ids = [device_ints(t.sink + tuple(t.token_ids), device) for t in tasks]
+        caps = [x.numel() for x in ids]
+        args = (shape.num_kv_heads, shape.head_dim, dtype, device)
+        if use_kernels(ids[0]):
+            bufs = dense_kv_many(self.adapter.num_layers, caps, *args)
+        else:
+            bufs = [DenseKV.empty(self.adapter.num_layers, cap, *args) for cap in caps]
+        return [IsolatedRun(t, x, buf) for t, x, buf in zip(tasks, ids, bufs)]
 
     def advance_isolated(self, takes: list[tuple[IsolatedRun, int]]) -> None:
         """The next `take` rows of each run, in one batched pass. Exact in slices: a row
         attends only to earlier positions, which earlier slices have written."""
         device = self.adapter.device
         groups = []
-        for run, take in takes:
+        for run, take in arena_order(takes, lambda t: t[0].kv):
             if not 0 < take <= run.rows_left:  # past the buffer's end would write out of it
                 raise ValueError(f"kvflow: slice of {take} rows, {run.rows_left} left")
             positions = torch.arange(run.done, run.done + take, device=device)
-            groups.append(RowGroup(run.ids[run.done:run.done + take], positions, run.kv))
+            groups.append(RowGroup(run.ids[run.done:run.done + take], positions, run.kv,
+                                   length=run.done + take))
         self.executor.prefill_groups(groups)
         for run, take in takes:
             run.done += take
@@ -392,8 +403,8 @@ class BlendPipeline:
     def compute_isolated_many(self, items: list[tuple[tuple[int, ...], tuple[int, ...]]]) -> list[ChunkKV]:
         """KV of each [sink][tokens] at positions 0.., keeping the tokens' part (not
         stored)."""
-        runs = [self.start_isolated(IsolatedCompute(None, tuple(t), tuple(sink), True))
-                for t, sink in items]
+        runs = self.start_isolated([IsolatedCompute(None, tuple(t), tuple(sink), True)
+                                    for t, sink in items])
         self.advance_isolated([(run, run.rows_left) for run in runs])
         return [run.entry() for run in runs]
 
@@ -557,12 +568,17 @@ class BlendPipeline:
         positions = _positions([(1, 1 + n)], device)
         delta = torch.ones(n, dtype=torch.long, device=device)
         cos_sin = self.cos_sin.to(device)
+        ids = torch.zeros(4, dtype=torch.long, device=device)
         self._write_chunks(loads, kv)  # in place where the cache allows it
         self._write_gathered(loads, kv, positions, delta, cos_sin)
-        # Isolated computes (a dense buffer: the partial attention without splits).
+        # Isolated computes: buffers sharing one arena, the partial attention without
+        # splits over it (dense_batch.py); and a private buffer (the oracle-kv
+        # diagnostic's full prefill).
         self.compute_isolated_many([((1, 2), self.sink_ids), ((3,), ())])
+        private = DenseKV.empty(self.adapter.num_layers, 3, shape.num_kv_heads, shape.head_dim,
+                                keys[0].dtype, device)
+        self.executor.prefill(ids[:3], torch.arange(3, device=device), private)
         graphs = self.pass_graphs_for(kv)
-        ids = torch.zeros(4, dtype=torch.long, device=device)
         # Scoring over a 2048-key bucket: the partial attention with splits and their
         # merge, the row-lse and column-norm kernels (context count on the device).
         from vllm_kvflow.blend.pass_graphs import ScoreItem

@@ -275,12 +275,14 @@ class WorkQueue:
         new = [task for task, _ in takes if task.run is None]
         fetched = [self.pipeline.fetch_shared(task.compute) for task in new]
         agreed = self._all_ranks([e is not None for e in fetched])
-        done = []
+        done, starting = [], []
         for task, entry, everywhere in zip(new, fetched, agreed):
             if entry is not None and everywhere:
                 done.append((task, entry))
             else:
-                task.run = self.pipeline.start_isolated(task.compute)
+                starting.append(task)
+        for task, run in zip(starting, self.pipeline.start_isolated([t.compute for t in starting])):
+            task.run = run
         work = [(task, take) for task, take in takes if task.run is not None]  # not fetched
         if work:
             self.pipeline.advance_isolated([(task.run, take) for task, take in work])
