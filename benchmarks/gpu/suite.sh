@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU engine runs, in the order they were made on a two-GPU machine (each step fits
 # one 10-minute device call; independent runs go side by side, one per GPU).
-#   bash benchmarks/gpu/suite.sh tests|engine|more|tp2|profile|tp2check|load|loadapi|load64|fleet|vision|quality MODELS OUT
+#   bash benchmarks/gpu/suite.sh tests|engine|more|tp2|profile|batch|tp2check|load|loadapi|load64|fleet|vision|quality MODELS OUT
 # MODELS: model dirs from prepare_models.py; OUT: where logs and JSON go.
 set -o pipefail
 step=$1 models=$2 out=$3
@@ -29,6 +29,9 @@ case $step in
     OUT=$out bash "$here/parallel.sh" \
       "$prof --context-tokens 8192 --methods none,prefix-hit,infoflow --out $out/profile" \
       "$prof --context-tokens 32768 --methods none,prefix-hit --out $out/profile" ;;
+  batch)  # where a concurrent batch's time goes: GPU kernels, GPU busy share, host functions
+    bash "$here/env.sh" python3 "$here/profile_batch.py" --model "$models/llama-3.1-8b" \
+      --load-format dummy --requests 32 --out "$out/batch" 2>&1 | grep -v " INFO \| WARNING " | tail -n 6 ;;
   load)  # under load, one H200: full / none / infoflow at C = 8, 32 (one server start)
     load="bash $here/run_engine_gpu.sh load $models $out $models/llama-3.1-8b"
     $load --requests 300 --warmup 16 --docs 64 --docs-per-request 8 --doc-words 330 --zipf 1.1 \
