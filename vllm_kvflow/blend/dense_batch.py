@@ -3,11 +3,13 @@
 A burst of store misses starts tens of isolated computes in one engine step, each with
 its private KV buffer (DenseKV). Per layer, each then cost its own K/V write and its own
 attention launch: on an H200 with an 8B model, two passes over ~17 chunks each spent
-0.31 s of host time in those 2 x 32 x 17 writes and launches, the GPU mostly waiting. Here the computes that
-start together get their buffers as slices of one arena, and a pass writes all their
-K/V with one index_copy_ per layer and attends with one partial-attention launch per
-MAX_SEQS of them (the kernel is varlen over sequences; the arena is its paged cache,
-each slice a run of whole pages, so one block table row per compute).
+0.31 s of host time in those 2 x 32 x 17 writes and launches, the GPU mostly waiting.
+Here the computes that start together get their buffers as slices of one arena, and a
+pass writes all their K/V with one index_copy_ per layer and attends with one
+partial-attention launch per MAX_SEQS of them (the kernel is varlen over sequences; the
+arena is its paged cache, each slice a run of whole pages, so one block table row per
+compute). Only on the kernel path: elsewhere attention is per group anyway, and each
+compute keeps a private buffer (BlendPipeline.start_isolated).
 
 An arena is freed when its last compute is done (each slice is a view of it, and a
 finished compute's entry is a copy), so a compute spread over several steps keeps its

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from dataclasses import dataclass
 
 import torch
@@ -274,6 +275,7 @@ class PassGraphs:
                             "eagerly", MAX_GRAPHS)
                 self._full_logged = True
             return None
+        t0 = time.perf_counter()
         try:
             stream = torch.cuda.Stream()
             stream.wait_stream(torch.cuda.current_stream())
@@ -287,11 +289,16 @@ class PassGraphs:
                     capture_error_mode="thread_local"):
                 self._pass(buf, kind)
             self._pool = graph.pool()
-            return graph
         except Exception as e:  # noqa: BLE001 - the eager pass still works
             logger.warning("kvflow: %s-pass graph capture failed (%d rows), running eagerly: %s",
                            kind, buf.ids.numel(), e)
             return None
+        # A capture holds up the step it happens in (an eager pass, then the capture):
+        # one line per bucket, so a server's log shows how often serving met a new one.
+        logger.info("kvflow: %s-pass graph captured for %d rows in %.0f ms (%d graphs)", kind,
+                    buf.ids.numel(), 1e3 * (time.perf_counter() - t0),
+                    1 + sum(g is not None for _, g in self._entries.values()))
+        return graph
 
     @torch.inference_mode()
     def _pass(self, buf: _Buffers, kind: str) -> None:

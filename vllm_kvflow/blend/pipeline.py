@@ -27,9 +27,9 @@ import numpy as np
 import torch
 
 from vllm_kvflow.blend import pass_graphs
+from vllm_kvflow.blend.dense_batch import arena_order, dense_kv_many
 from vllm_kvflow.blend.executor import LayerwiseExecutor, RowGroup
 from vllm_kvflow.blend.glue import GlueCache
-from vllm_kvflow.blend.dense_batch import arena_order, dense_kv_many
 from vllm_kvflow.blend.paged import DenseKV, PagedKV, use_kernels
 from vllm_kvflow.blend.pass_graphs import PassGraphs, PrefillItem
 from vllm_kvflow.blend.selection import Method, SelectionInput, budget_for, method, select
