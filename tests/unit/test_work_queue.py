@@ -102,6 +102,7 @@ class FakePipeline:
     # stand-in steps above.
     run_whole = BlendPipeline.run_whole
     compute_isolated_batch = BlendPipeline.compute_isolated_batch
+    _compute_runs = BlendPipeline._compute_runs
 
 
 def job(req_id, chunks, rows=100, method_name="infoflow", prompt_len=1000):

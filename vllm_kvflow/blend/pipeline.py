@@ -119,8 +119,9 @@ class IsolatedCompute:
 
 @dataclass
 class IsolatedRun:
-    """An isolated compute under way: its [sink][tokens] ids, its private KV buffer and
-    how many rows (positions 0..done-1) are computed."""
+    """An isolated compute under way: its [sink][tokens] ids, its KV buffer (private, or a
+    slice of one shared with the computes started beside it) and how many rows
+    (positions 0..done-1) are computed."""
 
     task: IsolatedCompute
     ids: torch.Tensor
@@ -355,9 +356,13 @@ class BlendPipeline:
     def compute_isolated_batch(self, tasks: list[IsolatedCompute]) -> list[ChunkKV]:
         """Each task's KV, computed alone behind its sink at positions 0.., in one pass
         for all of them; chunks go into the store, glue into the glue cache."""
+        return [self.finish_isolated(run) for run in self._compute_runs(tasks)]
+
+    def _compute_runs(self, tasks: list[IsolatedCompute]) -> list[IsolatedRun]:
+        """The tasks' runs, started and computed whole in one batched pass."""
         runs = self.start_isolated(tasks)
         self.advance_isolated([(run, run.rows_left) for run in runs])
-        return [self.finish_isolated(run) for run in runs]
+        return runs
 
     def start_isolated(self, tasks: list[IsolatedCompute]) -> list[IsolatedRun]:
         """The isolated computes' buffers, to be filled in one or more slices. On the
@@ -403,10 +408,8 @@ class BlendPipeline:
     def compute_isolated_many(self, items: list[tuple[tuple[int, ...], tuple[int, ...]]]) -> list[ChunkKV]:
         """KV of each [sink][tokens] at positions 0.., keeping the tokens' part (not
         stored)."""
-        runs = self.start_isolated([IsolatedCompute(None, tuple(t), tuple(sink), True)
-                                    for t, sink in items])
-        self.advance_isolated([(run, run.rows_left) for run in runs])
-        return [run.entry() for run in runs]
+        return [run.entry() for run in self._compute_runs(
+            [IsolatedCompute(None, tuple(t), tuple(sink), True) for t, sink in items])]
 
     def compute_isolated(self, token_ids, sink: tuple[int, ...] | None = None) -> ChunkKV:
         """KV of [sink][chunk] at positions 0.., keeping the chunk's part."""

@@ -20,12 +20,12 @@ class KVFlowConnector(KVConnectorBase_V1):
         self._scheduler = self._worker = None
         if role == KVConnectorRole.SCHEDULER:
             from vllm_kvflow.connector.scheduler import KVFlowScheduler
-            from vllm_kvflow.connector.worker import timed_steps
+            from vllm_kvflow.connector.worker import device_type, timed_steps
 
             # The store holds chunk KV on the model's device: host memory on CPU engines.
-            device = getattr(getattr(vllm_config, "device_config", None), "device_type", "cpu")
+            cpu = device_type(vllm_config) == "cpu"
             self._scheduler = KVFlowScheduler(self.config, vllm_config.model_config.tokenizer,
-                                              store_tier="host" if device == "cpu" else "device",
+                                              store_tier="host" if cpu else "device",
                                               sync_loads=not timed_steps(self.config, vllm_config))
         else:
             from vllm_kvflow.connector.worker import KVFlowWorker

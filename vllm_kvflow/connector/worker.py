@@ -207,13 +207,17 @@ class KVFlowWorker:
         return KVFlowWorkerMetadata(results)
 
 
+def device_type(vllm_config) -> str:
+    """The engine's device type ("cpu", "cuda", ...); "cpu" where the config has none."""
+    return str(getattr(getattr(vllm_config, "device_config", None), "device_type", "cpu"))
+
+
 def timed_steps(config: KVFlowConfig, vllm_config) -> bool:
     """Whether a step's blend work is bounded in time too (max_blend_ms_per_step): on
     CPU engines of one rank. Every tensor-parallel rank must run the same rows (their
     passes run collectives), and each would measure its own cost per row; on GPU the
     passes are queued asynchronously, and timing them would make the host wait."""
-    device = getattr(getattr(vllm_config, "device_config", None), "device_type", "cpu")
-    return (config.max_blend_ms_per_step is not None and str(device) == "cpu"
+    return (config.max_blend_ms_per_step is not None and device_type(vllm_config) == "cpu"
             and vllm_config.parallel_config.tensor_parallel_size == 1)
 
 
