@@ -39,6 +39,8 @@ case $what in
     bash "$env_sh" python3 -m vllm_kvflow.cli bench load --server "http://127.0.0.1:$port" "$@" 2>&1 \
       | grep -v "INFO\|WARNING"
     grep -c "Triton\|JIT\|compil" "$log" | sed 's/^/log lines mentioning Triton\/JIT\/compile after start: /'
+    sed -n '/kvflow: pipeline ready/,$p' "$log" | grep -c "pass graph captured for" \
+      | sed 's/^/pass graphs captured while serving: /'
     kill $srv; wait $srv 2>/dev/null ;;
   ttft)
     bash "$env_sh" python3 -m vllm_kvflow.cli bench ttft --load-format dummy \

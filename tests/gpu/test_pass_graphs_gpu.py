@@ -218,5 +218,36 @@ def test_captured_batched_passes_equal_each_requests_eager_pass(dtype):
             torch.cuda.set_sync_debug_mode(0)
         for captured, want in zip(graphs.keys + graphs.values, reference):
             torch.testing.assert_close(captured[block_ids], want[block_ids], rtol=2e-2, atol=2e-2)
-    assert {k[3] for k in graphs._entries} == {8}
+    assert {k[3] for k in graphs._entries if k[0] == "score"} == {8}
     assert all(graph is not None for _, graph in graphs._entries.values()), "capture failed"
+
+
+def test_engine_start_capture_serves_every_later_recompute():
+    """capture_recompute (engine start) captures every recompute bucket up to the budget;
+    recomputes of 1 to 20 requests, of any contexts, then replay those graphs (no new
+    entry) and equal each request's eager prefill."""
+    from vllm_kvflow.blend.paged import PagedKV
+    from vllm_kvflow.blend.pass_graphs import PassGraphs, PrefillItem, recompute_buckets
+
+    ex, keys, values, block_ids, BS = _setup(torch.bfloat16, seed=5)
+    graphs = PassGraphs(ex, _clone(keys), _clone(values), BS, [1, 2])
+    assert graphs.capture_recompute(512) == len(recompute_buckets(512))
+    assert all(graph is not None for _, graph in graphs._entries.values()), "capture failed"
+    entries = set(graphs._entries)
+    per = block_ids.numel() // 20
+    blocks = [block_ids[i * per:(i + 1) * per] for i in range(20)]  # 30 blocks = 480 slots each
+    gen = torch.Generator().manual_seed(5)
+    for count in (1, 7, 20):
+        reference = [x.clone() for x in graphs.keys + graphs.values]
+        L = len(graphs.keys)
+        items = []
+        for b in range(count):
+            context = int(torch.randint(100, 480, (1,), generator=gen))
+            positions = torch.randperm(context, generator=gen)[:max(1, 480 // count // 2)].sort().values.cuda()
+            ids = (positions * 7 + b) % 1000
+            ex.prefill(ids, positions, PagedKV(reference[:L], reference[L:], blocks[b], BS))
+            items.append(PrefillItem(ids, positions, context, blocks[b]))
+        assert graphs.prefill_batch(items)
+        for captured, want in zip(graphs.keys + graphs.values, reference):
+            torch.testing.assert_close(captured[block_ids], want[block_ids], rtol=2e-2, atol=2e-2)
+    assert set(graphs._entries) == entries, "serving met a bucket the engine start did not capture"

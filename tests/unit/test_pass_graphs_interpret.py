@@ -140,13 +140,19 @@ def test_interp_padded_recompute_pass_equals_eager_prefill(interp, Hq, Hkv, sele
 
 
 def test_interp_prefill_buckets():
-    from vllm_kvflow.blend.pass_graphs import PREFILL_ROWS, prefill_bucket
+    from vllm_kvflow.blend.pass_graphs import PREFILL_ROWS, prefill_bucket, recompute_buckets
 
     assert [prefill_bucket(n) for n in (1, 16, 17, 256)] == [16, 16, 32, 256]
     for n in list(range(257, 5000, 37)) + [1192, 4779]:
         rows = prefill_bucket(n)
-        assert n <= rows <= n * (1 + 1 / 16), (n, rows)
-    assert prefill_bucket(1192) == 1216 and prefill_bucket(PREFILL_ROWS[1]) == PREFILL_ROWS[1]
+        assert n <= rows <= n * (1 + 1 / 8), (n, rows)
+    assert prefill_bucket(1192) == 1280 and prefill_bucket(PREFILL_ROWS[1]) == PREFILL_ROWS[1]
+    # What the engine start captures: every bucket up to the step's budget, each once.
+    buckets = recompute_buckets(1024)
+    assert buckets[:6] == [16, 32, 64, 128, 256, 288] and buckets[-1] == 1024
+    assert sorted(set(buckets)) == buckets and len(buckets) == 5 + 8 + 8
+    assert {prefill_bucket(n) for n in range(1, 1025)} == set(buckets)
+    assert recompute_buckets(10 ** 6)[-1] == PREFILL_ROWS[1] and recompute_buckets(0) == [16]
 
 
 def test_interp_recompute_beyond_the_largest_bucket_is_left_to_the_executor(interp, monkeypatch):
@@ -158,6 +164,35 @@ def test_interp_recompute_beyond_the_largest_bucket_is_left_to_the_executor(inte
     monkeypatch.setattr(pg, "PREFILL_ROWS", (16, 8))
     assert not graphs.prefill(torch.arange(9), torch.arange(9), 20, torch.tensor([1, 2]))
     assert not graphs.prefill(torch.arange(0), torch.arange(0), 20, torch.tensor([1, 2]))
+
+
+def test_interp_engine_start_captures_every_recompute_bucket_writing_only_the_null_block(interp, monkeypatch):
+    """capture_recompute (engine start) runs each bucket's pass once on padding only: every
+    bucket up to the budget gets its graph, and no cache slot changes but the null
+    block's. Requests of any count and context then replay those graphs. (On CPU the
+    capture itself is stood in for; tests/gpu captures for real.)"""
+    import vllm_kvflow.blend.pass_graphs as pg
+    from vllm_kvflow.blend.executor import LayerwiseExecutor
+
+    keys, values = _layers(22, 16, 2, 32, seed=9)
+    original = _clone(keys + values)
+    graphs = pg.PassGraphs(LayerwiseExecutor(Toy(4, 2, 32)), keys, values, 16, [1], capture=True,
+                           max_context=100)
+    captured = []
+    monkeypatch.setattr(graphs, "_capture", lambda buf, kind: captured.append(buf.ids.numel()))
+    assert graphs.capture_recompute(300) == len(pg.recompute_buckets(300)) == 7
+    assert captured == [16, 32, 64, 128, 256, 288, 320]
+    for after, before in zip(keys + values, original):
+        assert torch.equal(after[1:], before[1:])
+    # Two requests of different contexts, then three: the graphs captured at start.
+    for blocks in (BATCH_BLOCKS[:2], BATCH_BLOCKS):
+        items = [pg.PrefillItem(torch.arange(5), torch.arange(5) + 3 * b, 40 + 20 * b, torch.tensor(bl))
+                 for b, bl in enumerate(blocks)]
+        assert graphs.prefill_batch(items)
+    assert len(captured) == 7 and set(graphs._entries) == {("prefill", r) for r in captured}
+    # A context beyond max_context has no table here: left to the executor.
+    assert not graphs.prefill_batch([pg.PrefillItem(torch.arange(2), torch.tensor([3, 120]), 121,
+                                                    torch.tensor(BATCH_BLOCKS[0]))])
 
 
 def test_interp_capture_switch(interp, monkeypatch):
@@ -176,7 +211,7 @@ def test_interp_capture_switch(interp, monkeypatch):
     keys, values = _layers(4, 16, 2, 32, seed=5, num_layers=1)
     kv = PagedKV(keys, values, torch.tensor([1, 2]), 16)
     stub = types.SimpleNamespace(_graphs=None, executor=LayerwiseExecutor(Toy(4, 2, 32)),
-                                 scoring_layers=[0])
+                                 scoring_layers=[0], max_model_len=None)
     graphs = pipeline.BlendPipeline.pass_graphs_for(stub, kv)
     assert graphs is not None and not graphs.capture
     assert pipeline.BlendPipeline.pass_graphs_for(stub, kv) is graphs  # built once per cache
@@ -298,5 +333,5 @@ def test_interp_batched_recompute_equals_each_requests_eager_prefill(interp):
         torch.testing.assert_close(got[touched], want[touched], rtol=1e-5, atol=1e-6)
         assert not torch.equal(got[touched], before[touched])
         assert torch.equal(got[keep], before[keep])
-    (kind, rows, context, batch), = graphs._entries
-    assert (kind, rows, batch) == ("prefill", 32, 4)  # 20 rows -> 32, 3 requests -> 4
+    (kind, rows), = graphs._entries  # one graph per row bucket, whatever the requests
+    assert (kind, rows) == ("prefill", 32)  # 20 rows -> 32

@@ -6,21 +6,30 @@ scoring pass (the question, tens of tokens, through the first three quarters of 
 layers) and the partial recompute (the rho * T selected tokens, through all of them).
 Run eagerly, each layer launches ~15 kernels from Python: ~20 ms of host time per pass
 on an 8B model, more than the GPU work of a short pass. A captured graph replays the
-launches without Python, and a batched pass carries the rows of up to MAX_BATCH
-requests through each layer's matrix products at once; attention stays per request
+launches without Python, and a batched pass carries the rows of several requests
+(SCORE_BATCH, RECOMPUTE_BATCH) through each layer's matrix products at once; attention stays per request
 (the partial-attention kernel is varlen over requests, the scoring kernel runs once per
 request slot).
 
 A graph fixes every shape and every kernel argument, so what changes between replays
 lives in static device buffers, refreshed before each one: the rows' token ids, RoPE
 positions and attention positions, the request each row belongs to, the block tables,
-the sequence and context lengths. Graphs are keyed by (pass, row bucket, context
-bucket, batch bucket). Padding rows sit at attention position -1: they see no key (the
-kernels give them a zero output, so they add nothing to the scores) and write their K/V
-into slot 0 of vLLM's null block (block 0, never read unmasked). Block tables are padded
-with block 0 up to the context bucket; padding requests have no rows. Scoring gives each
-request a fixed slot of rows (its bucket), so the per-request scoring calls see static
-slices; the recompute packs the requests' rows one after another.
+the sequence and context lengths. Padding rows sit at attention position -1: they see no
+key (the kernels give them a zero output, so they add nothing to the scores) and write
+their K/V into slot 0 of vLLM's null block (block 0, never read unmasked). Block tables
+are padded with block 0; padding requests have no rows.
+
+- Scoring graphs are keyed by (row bucket, context bucket, batch bucket). Each request
+  has a fixed slot of rows (its bucket), so the per-request scoring calls see static
+  slices; its few rows need key splits to fill the GPU, and the splits depend on the
+  context, hence the context bucket.
+- Recompute graphs are keyed by their row bucket alone: the requests' rows are packed
+  one after another, the batch always has RECOMPUTE_BATCH request slots (padding ones
+  cost nothing), the block table is as wide as the longest context (the attention reads
+  only up to each request's length), and the attention runs without key splits. So
+  under load, where a step's recompute fills the step's row budget, one or two graphs
+  serve every step, and every bucket up to that budget is captured at engine start
+  (capture_recompute): serving never pays a capture for them.
 
 Under tensor parallelism the graphs are captured inside vLLM's graph_capture() (see
 patches/parallel.py), so that the layers' all-reduce may be captured. Off the GPU
@@ -43,10 +52,16 @@ logger = logging.getLogger("vllm_kvflow")
 
 SCORE_ROWS = (16, 256)  # question buckets, powers of two; longer questions: exact size
 PREFILL_ROWS = (16, 4096)  # recompute buckets; above, the pass is GPU-bound: run eagerly
-MIN_CONTEXT = 2048  # smallest context bucket (keys)
-# Requests per batched pass (the partial-attention kernel's varlen lookup holds up to
-# 31); batch buckets are powers of two up to it.
-MAX_BATCH = 16
+MIN_CONTEXT = 2048  # smallest context bucket of the scoring graphs (keys)
+# Requests per batched scoring pass; batch buckets are powers of two up to it (padding
+# requests' slots would carry rows through the layers).
+SCORE_BATCH = 16
+# Requests per batched recompute pass, always (padding requests have no rows): the
+# partial-attention kernel's varlen lookup holds up to 31 (its MAX_SEQS).
+RECOMPUTE_BATCH = 31
+# No key splits in the recompute graphs: a table as wide as the longest context would
+# give splits that fall mostly beyond a request's keys.
+NO_SPLITS = {"splits": 1}
 # Graphs kept per worker. Each bucket's first replay pays its capture (an eager pass and
 # a capture pass); past this many, new buckets stay eager, so a server seeing every
 # size bucket does not keep paying captures (nor holding hundreds of graphs).
@@ -58,12 +73,22 @@ def _pow2(n: int, lo: int) -> int:
 
 
 def prefill_bucket(n: int) -> int:
-    """Rows of the graph that recomputes n tokens: powers of two up to 256, then 16
-    steps per octave (padded rows cost linear-layer work: at most 1/16 more)."""
+    """Rows of the graph that recomputes n tokens: powers of two up to 256, then 8
+    steps per octave (padded rows cost linear-layer work, at most 1/8 more; fewer
+    buckets are fewer graphs to capture at engine start)."""
     if n <= 256:
         return _pow2(n, PREFILL_ROWS[0])
-    step = 1 << ((n - 1).bit_length() - 5)
+    step = 1 << ((n - 1).bit_length() - 4)
     return -(-n // step) * step
+
+
+def recompute_buckets(max_rows: int) -> list[int]:
+    """Every recompute row bucket up to the one holding max_rows (at most the largest)."""
+    last = prefill_bucket(max(1, min(max_rows, PREFILL_ROWS[1])))
+    buckets = [prefill_bucket(1)]
+    while buckets[-1] < last:
+        buckets.append(prefill_bucket(buckets[-1] + 1))
+    return buckets
 
 
 def enabled() -> bool:
@@ -118,6 +143,13 @@ class _Buffers:
                    zeros(batch), zeros(batch), zeros(batch + 1),
                    zeros(batch, context, dtype=torch.float32) if scores else None)
 
+    def first_rows(self, rows: int) -> "_Buffers":
+        """These buffers cut to their first `rows` rows (views: one set of buffers
+        serves every recompute graph, since graphs never run at the same time)."""
+        return _Buffers(self.ids[:rows], self.rope_pos[:rows], self.att_pos[:rows],
+                        self.row_seq[:rows], self.table, self.seq_len, self.num_context,
+                        self.cu_rows, self.total)
+
     @property
     def batch(self) -> int:
         return self.table.shape[0]
@@ -160,7 +192,10 @@ class PassGraphs:
     """Per worker: the graphs of the scoring and recompute passes over one paged cache."""
 
     def __init__(self, executor, keys: list[torch.Tensor], values: list[torch.Tensor],
-                 block_size: int, scoring_layers: list[int], capture: bool | None = None):
+                 block_size: int, scoring_layers: list[int], capture: bool | None = None,
+                 max_context: int | None = None):
+        """max_context: the longest context a request may have (vLLM's max_model_len);
+        by default every slot of the cache."""
         self.executor = executor
         self.keys, self.values = keys, values
         self.flat_keys = [k.view(-1, *k.shape[2:]) for k in keys]
@@ -168,9 +203,13 @@ class PassGraphs:
         self.block_size = block_size
         self.scoring_layers = sorted(scoring_layers)
         self.capture = keys[0].is_cuda if capture is None else capture
+        slots = keys[0].shape[0] * block_size
+        self.max_blocks = -(-min(max_context or slots, slots) // block_size)
         self._entries: dict[tuple, tuple[_Buffers, object]] = {}
+        self._recompute_buffers: _Buffers | None = None
         self._pool = None
         self._full_logged = False
+        self._at_start = False  # capture_recompute at engine start: captures log at DEBUG
 
     # -- the two passes --------------------------------------------------------------------
     def score(self, token_ids: torch.Tensor, q0: int, context_len: int,
@@ -182,12 +221,12 @@ class PassGraphs:
         return self.score_batch([ScoreItem(token_ids, q0, context_len, block_ids)])[0]
 
     def score_batch(self, items: list[ScoreItem]) -> list[torch.Tensor]:
-        """score() for several requests, MAX_BATCH per pass."""
+        """score() for several requests, SCORE_BATCH per pass."""
         if any(it.ids.numel() == 0 for it in items):
             raise ValueError("scoring needs at least one question token")
         out = []
-        for i in range(0, len(items), MAX_BATCH):
-            out += self._score_batch(items[i:i + MAX_BATCH])
+        for i in range(0, len(items), SCORE_BATCH):
+            out += self._score_batch(items[i:i + SCORE_BATCH])
         return out
 
     def _score_batch(self, items: list[ScoreItem]) -> list[torch.Tensor]:
@@ -206,9 +245,11 @@ class PassGraphs:
             seq_lens.append(it.context_len + n)
         starts = [b * slot for b in range(len(items))]
         cu_rows = [b * slot for b in range(batch + 1)]
-        buf = self._replay("score", slot * batch, context, batch, cached, starts, ids, rope, att,
-                           [it.block_ids for it in items], seq_lens,
-                           [it.context_len for it in items], cu_rows)
+        buf = self._replay(
+            "score", ("score", slot * batch, context, batch) if cached else None,
+            lambda: _Buffers.empty(slot * batch, context, batch, self.block_size, device, scores=True),
+            starts, ids, rope, att, [it.block_ids for it in items], seq_lens,
+            [it.context_len for it in items], cu_rows)
         layers = len(self.scoring_layers)
         return [buf.total[b, :it.context_len] / layers for b, it in enumerate(items)]
 
@@ -220,40 +261,66 @@ class PassGraphs:
         return self.prefill_batch([PrefillItem(token_ids, positions, context_end, block_ids)])
 
     def prefill_batch(self, items: list[PrefillItem]) -> bool:
-        """prefill() for up to MAX_BATCH requests in one pass; False (nothing done) where
-        they have no rows or more rows together than the largest bucket."""
+        """prefill() for up to RECOMPUTE_BATCH requests in one pass; False (nothing done)
+        where they have no rows or more rows together than the largest bucket."""
         n = sum(it.positions.numel() for it in items)
-        if n == 0 or n > PREFILL_ROWS[1] or len(items) > MAX_BATCH:
+        if n == 0 or n > PREFILL_ROWS[1] or len(items) > RECOMPUTE_BATCH:
             return False
         items = [it for it in items if it.positions.numel()]
-        rows = prefill_bucket(n)
-        batch = _pow2(len(items), 1)
-        context = _pow2(max(it.context_end for it in items), max(MIN_CONTEXT, self.block_size))
+        if max(it.context_end for it in items) > self.max_blocks * self.block_size:
+            return False  # longer than max_context: the executor's eager pass has no table
         starts, offset = [], 0
         for it in items:
             starts.append(offset)
             offset += it.positions.numel()
-        # The padding rows join the last request (at position -1 they see nothing).
-        cu_rows = starts + [rows] * (batch + 1 - len(items))
-        self._replay("prefill", rows, context, batch, True, starts, [it.ids for it in items],
-                     [it.positions for it in items], [it.positions for it in items],
-                     [it.block_ids for it in items], [it.positions[-1:] + 1 for it in items],
-                     [0] * len(items), cu_rows)
+        positions = [it.positions for it in items]
+        self._recompute(prefill_bucket(n), starts, [it.ids for it in items], positions, positions,
+                        [it.block_ids for it in items], [p[-1:] + 1 for p in positions])
         return True
 
+    def capture_recompute(self, max_rows: int) -> int:
+        """Capture now (engine start) the recompute graph of every row bucket up to the
+        one holding max_rows, so that serving replays them; how many were captured. Each
+        capture runs one padding-only pass (it writes only the null block's slot 0)."""
+        if not self.capture:
+            return 0
+        device = self.keys[0].device
+        zero = torch.zeros(1, dtype=torch.long, device=device)
+        before = len(self._entries)
+        self._at_start = True
+        try:
+            for rows in recompute_buckets(max_rows):  # one request of one padding row
+                self._recompute(rows, [0], [zero], [zero], [zero - 1], [zero], [0])
+        finally:
+            self._at_start = False
+        return len(self._entries) - before
+
+    def _recompute(self, rows: int, starts, ids, rope_pos, att_pos, block_ids, seq_lens) -> None:
+        # The padding rows and requests join the last request (at position -1 they see
+        # nothing; a padding request has no rows).
+        cu_rows = starts + [rows] * (RECOMPUTE_BATCH + 1 - len(starts))
+        self._replay("prefill", ("prefill", rows), lambda: self._shared_recompute_buffers(rows),
+                     starts, ids, rope_pos, att_pos, block_ids, seq_lens, [0] * len(starts),
+                     cu_rows)
+
+    def _shared_recompute_buffers(self, rows: int) -> _Buffers:
+        if self._recompute_buffers is None:
+            self._recompute_buffers = _Buffers.empty(
+                PREFILL_ROWS[1], self.max_blocks * self.block_size, RECOMPUTE_BATCH,
+                self.block_size, self.keys[0].device, scores=False)
+        return self._recompute_buffers.first_rows(rows)
+
     # -- graphs ------------------------------------------------------------------------------
-    def _replay(self, kind, rows, context, batch, cached: bool, *fill_args) -> _Buffers:
-        """Fill the (kind, rows, context, batch) buffers and run the pass: its graph,
-        captured on first use where capture is on; eagerly otherwise. Uncached buffers (a
-        question longer than every bucket) are built for this call and run eagerly."""
-        key = (kind, rows, context, batch)
-        entry = self._entries.get(key) if cached else None
+    def _replay(self, kind: str, key: tuple | None, make_buffers, *fill_args) -> _Buffers:
+        """Fill the buffers of `key` and run the pass: its graph, captured on first use
+        where capture is on; eagerly otherwise. key None (a question longer than every
+        bucket): buffers built for this call (make_buffers()), run eagerly."""
+        entry = self._entries.get(key) if key is not None else None
         if entry is None:
-            buf = _Buffers.empty(rows, context, batch, self.block_size, self.keys[0].device,
-                                 scores=kind == "score")
+            buf = make_buffers()
             buf.fill(*fill_args)
-            graph = self._capture(buf, kind) if cached else None
-            if cached:
+            graph = self._capture(buf, kind) if key is not None else None
+            if key is not None:
                 self._entries[key] = (buf, graph)
         else:
             buf, graph = entry
@@ -293,11 +360,13 @@ class PassGraphs:
             logger.warning("kvflow: %s-pass graph capture failed (%d rows), running eagerly: %s",
                            kind, buf.ids.numel(), e)
             return None
-        # A capture holds up the step it happens in (an eager pass, then the capture):
-        # one line per bucket, so a server's log shows how often serving met a new one.
-        logger.info("kvflow: %s-pass graph captured for %d rows in %.0f ms (%d graphs)", kind,
-                    buf.ids.numel(), 1e3 * (time.perf_counter() - t0),
-                    1 + sum(g is not None for _, g in self._entries.values()))
+        # A capture while serving holds up the step it happens in (an eager pass, then the
+        # capture): one line per bucket, so a server's log shows how often serving met a
+        # new one. Those of the engine start are summed up by its "pipeline ready" line.
+        logger.log(logging.DEBUG if self._at_start else logging.INFO,
+                   "kvflow: %s-pass graph captured for %d rows in %.0f ms (%d graphs)", kind,
+                   buf.ids.numel(), 1e3 * (time.perf_counter() - t0),
+                   1 + sum(g is not None for _, g in self._entries.values()))
         return graph
 
     @torch.inference_mode()
@@ -330,7 +399,8 @@ class PassGraphs:
                                                 buf.att_pos[rows], buf.num_context[b:b + 1], scale,
                                                 max_context=capacity))
             return partial_attention(q, self.keys[layer], self.values[layer], buf.table,
-                                     buf.seq_len, buf.cu_rows, buf.att_pos, scale).flatten(1)
+                                     buf.seq_len, buf.cu_rows, buf.att_pos, scale,
+                                     config=None if scoring else NO_SPLITS).flatten(1)
 
         num_layers = self.scoring_layers[-1] + 1 if scoring else None
         ex.run(buf.ids, buf.rope_pos, attend, num_layers)

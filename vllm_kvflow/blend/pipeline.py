@@ -292,8 +292,9 @@ class BlendPipeline:
     """Per-worker: executor + store + settings. One instance per worker process."""
 
     def __init__(self, executor: LayerwiseExecutor, store: ChunkStore, config: KVFlowConfig,
-                 model_id: str, sink_ids: tuple[int, ...]):
+                 model_id: str, sink_ids: tuple[int, ...], max_model_len: int | None = None):
         self.executor = executor
+        self.max_model_len = max_model_len  # the longest context (the pass graphs' tables)
         self.adapter = executor.adapter
         self.store = store
         self.config = config
@@ -478,7 +479,7 @@ class BlendPipeline:
     # -- 5. recompute -------------------------------------------------------------------------
     def recompute_slices(self, slices: list[tuple[Job, int, int]]) -> None:
         """Recompute chosen[start:end] of each job, in batched passes: replayed graphs of
-        up to MAX_BATCH requests where capture is on, else one eager pass over all. A
+        up to RECOMPUTE_BATCH requests where capture is on, else one eager pass over all. A
         job's selected tokens may come in several slices, in position order (exact: a
         token attends only to earlier positions, which earlier slices have written)."""
         slices = [(j, a, b) for j, a, b in slices if b > a]
@@ -491,8 +492,8 @@ class BlendPipeline:
             graphs = self.pass_graphs_for(jobs[0].kv)
             if graphs is not None and graphs.capture:
                 eager = []
-                for i in range(0, len(slices), pass_graphs.MAX_BATCH):
-                    batch = slices[i:i + pass_graphs.MAX_BATCH]
+                for i in range(0, len(slices), pass_graphs.RECOMPUTE_BATCH):
+                    batch = slices[i:i + pass_graphs.RECOMPUTE_BATCH]
                     items = [PrefillItem(j.ids[j.chosen[a:b]], j.chosen[a:b], j.plan.context_end,
                                          j.kv.block_ids) for j, a, b in batch]
                     if not graphs.prefill_batch(items):
@@ -550,14 +551,17 @@ class BlendPipeline:
         return len(self._graphs[1]._entries) if self._graphs else 0
 
     # -- engine start ----------------------------------------------------------------------
-    def warm_up(self, keys: list[torch.Tensor], values: list[torch.Tensor], block_size: int) -> None:
+    def warm_up(self, keys: list[torch.Tensor], values: list[torch.Tensor], block_size: int,
+                recompute_rows: int = 0) -> None:
         """Compile, at engine start, every Triton kernel specialization serving can launch
         (the kernels' varying arguments are not specialized on and their constexpr
         sizes are fixed, so one call of each variant covers every later shape): the
         chunk load read in place and gathered, the partial attention with and without key
         splits (and their merge), and both scoring kernels, through the passes that use
-        them, on tiny inputs. Everything is written into vLLM's null block (block 0,
-        never read unmasked). No-op off the kernel path."""
+        them, on tiny inputs. Then, where capture is on, the recompute graphs of every
+        row bucket up to recompute_rows (a step's blend budget: what a recompute pass
+        under load holds). Everything is written into vLLM's null block (block 0, never
+        read unmasked). No-op off the kernel path."""
         kv = PagedKV(keys, values, torch.zeros(64, dtype=torch.long, device=keys[0].device), block_size)
         if not (kv.strided and use_kernels(keys[0])):
             return
@@ -589,6 +593,7 @@ class BlendPipeline:
         graphs.score_batch([ScoreItem(ids, 40, 40, kv.block_ids)])
         graphs.prefill_batch([PrefillItem(ids, torch.arange(4, device=device), 40, kv.block_ids)])
         self.executor.prefill_groups([RowGroup(ids, torch.arange(4, device=device), kv)])
+        graphs.capture_recompute(recompute_rows)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
 
@@ -665,5 +670,6 @@ class BlendPipeline:
         cache_id = (kv.keys[0].data_ptr(), capture)
         if self._graphs is None or self._graphs[0] != cache_id:
             self._graphs = (cache_id, PassGraphs(self.executor, kv.keys, kv.values, kv.block_size,
-                                                 self.scoring_layers, capture=capture))
+                                                 self.scoring_layers, capture=capture,
+                                                 max_context=self.max_model_len))
         return self._graphs[1]

@@ -65,7 +65,8 @@ class KVFlowWorker:
             self._ready()
             views = self._views
             if views["cls"] is PagedKV:
-                self._pipeline.warm_up(views["keys"], views["values"], views["block_size"])
+                self._pipeline.warm_up(views["keys"], views["values"], views["block_size"],
+                                       recompute_rows=self._queue.budget.blend_rows)
         except Exception as e:  # noqa: BLE001 - never fail the engine's start
             logger.warning("kvflow: warm-up at engine start failed (%s); kernels compile on first use", e)
             self._pipeline = self._queue = None
@@ -88,7 +89,7 @@ class KVFlowWorker:
                 sink = (int(bos),)
             model_id = f"{model_config.model}|{model_config.dtype}"
             self._pipeline = BlendPipeline(LayerwiseExecutor(adapter), self.store, self.config,
-                                           model_id, sink)
+                                           model_id, sink, max_model_len=model_config.max_model_len)
             from vllm_kvflow.patches.parallel import all_ranks
 
             self._queue = WorkQueue(self._pipeline, step_budget(self.config, self.vllm_config), all_ranks)
