@@ -119,3 +119,23 @@ def test_a_lone_request_loads_asynchronously_where_steps_are_timed():
     sched = KVFlowScheduler(KVFlowConfig(), None, sync_loads=False)
     assert admit(sched, request("a")) == (80, True)
     assert [p.sync for p in step(sched).loads] == [False]
+
+
+def test_stats_that_arrive_in_the_update_finishing_the_request_still_reach_it():
+    """A request may stop on its first token in the very update that carries its load's
+    stats (a synchronous load; on GPU an asynchronous load's stats come a step late,
+    with the first token): request_finished returns the live dict, and the stats read
+    later in that update land in it."""
+    from vllm_kvflow.connector.metadata import KVFlowWorkerMetadata
+    from vllm_kvflow.connector.scheduler import STATS_KEY
+
+    sched = KVFlowScheduler(KVFlowConfig(), None)
+    step(sched, scheduled=["busy"])
+    assert admit(sched, request("a"))[1]  # asynchronous
+    step(sched, scheduled=["busy"])  # its plan goes to the worker
+    _, params = sched.request_finished(request("a"), [])
+    stats = params[STATS_KEY]
+    assert "chunks_hit" not in stats
+    sched.update_connector_output(types.SimpleNamespace(
+        kv_connector_worker_meta=KVFlowWorkerMetadata({"a": {"chunks_hit": 2}})))
+    assert stats["chunks_hit"] == 2 and stats["fallback"] is None

@@ -50,6 +50,7 @@ class KVFlowWorker:
         # Per request: its stats (a finished load's result, read in build_worker_meta:
         # its GPU timings would otherwise wait for the load) and host-side extras.
         self._results: dict[str, tuple[Finished | dict, dict[str, Any]]] = {}
+        self._held: dict[str, tuple[Finished | dict, dict[str, Any]]] = {}  # one step
         self._done: set[str] = set()  # loads finished (or dropped) since get_finished
         self._failed_blocks: set[int] = set()
         self._steps = 0
@@ -198,14 +199,37 @@ class KVFlowWorker:
         return failed
 
     def build_worker_meta(self) -> KVFlowWorkerMetadata | None:
-        if not self._results:
+        """The stats of the loads finished since the last call. On GPU an asynchronous
+        load's stats are held one step: its phase timings are CUDA events, and reading
+        them now would make the host wait for the load's GPU work, which this step's
+        forward is queued behind, instead of preparing the next step (a step later that
+        work is done). The request's first token comes from a later step's forward
+        anyway (get_finished has just reported its load), so its stats still reach the
+        scheduler no later than that token: in the same update at the latest, which the
+        scheduler side handles (a request that stops on its first token). Every
+        tensor-parallel rank holds the same ones. A synchronous load's forward is this
+        very step's: its stats go now."""
+        send, self._held = self._held, {}
+        for req_id, (outcome, extra) in self._results.items():
+            if _timed_on_gpu_async(outcome):
+                self._held[req_id] = (outcome, extra)
+            else:
+                send[req_id] = (outcome, extra)
+        self._results = {}
+        if not send:
             return None
         results = {}
-        for req_id, (outcome, extra) in self._results.items():
+        for req_id, (outcome, extra) in send.items():
             stats = outcome.job.result.as_dict() if isinstance(outcome, Finished) else outcome
             results[req_id] = {**stats, **extra}
-        self._results = {}
         return KVFlowWorkerMetadata(results)
+
+
+def _timed_on_gpu_async(outcome: Finished | dict) -> bool:
+    """An asynchronous load whose phases are timed by CUDA events."""
+    job = outcome.job if isinstance(outcome, Finished) else None
+    timer = job.result.timer if job is not None else None
+    return timer is not None and timer.on_cuda and not job.plan.sync
 
 
 def device_type(vllm_config) -> str:
