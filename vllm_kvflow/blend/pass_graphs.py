@@ -7,9 +7,9 @@ layers) and the partial recompute (the rho * T selected tokens, through all of t
 Run eagerly, each layer launches ~15 kernels from Python: ~20 ms of host time per pass
 on an 8B model, more than the GPU work of a short pass. A captured graph replays the
 launches without Python, and a batched pass carries the rows of several requests
-(SCORE_BATCH, RECOMPUTE_BATCH) through each layer's matrix products at once; attention stays per request
-(the partial-attention kernel is varlen over requests, the scoring kernel runs once per
-request slot).
+(SCORE_BATCH, RECOMPUTE_BATCH) through each layer's matrix products at once; attention
+stays per request (the partial-attention kernel is varlen over requests, the scoring
+kernel runs once per request slot).
 
 A graph fixes every shape and every kernel argument, so what changes between replays
 lives in static device buffers, refreshed before each one: the rows' token ids, RoPE
