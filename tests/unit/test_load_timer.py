@@ -22,11 +22,11 @@ def test_load_timings_are_summed_per_phase_and_read_after_the_fact():
     assert LoadResult().as_dict()["timings_s"] == {}
 
 
-def test_stats_of_an_asynchronous_load_go_one_step_later():
-    """An asynchronous load's stats leave the worker one step after the load finished (on
-    GPU, reading its CUDA-event timings at once would make the host wait for its GPU
-    work; every device does the same); a synchronous load's (its forward is this very
-    step's) and a failure's or refusal's (recorded as a dict) go at once; nothing is lost or sent twice."""
+def test_gpu_timed_stats_of_an_asynchronous_load_go_one_step_later():
+    """On GPU an asynchronous load's stats leave the worker one step after the load
+    finished (reading its CUDA-event timings at once would make the host wait for its GPU
+    work); a synchronous load's (its forward is this very step's), a CPU load's and an
+    error's go at once; nothing is lost or sent twice."""
     import types
 
     import pytest
@@ -35,20 +35,23 @@ def test_stats_of_an_asynchronous_load_go_one_step_later():
     from vllm_kvflow.blend.work_queue import Finished
     from vllm_kvflow.connector.worker import KVFlowWorker
 
-    def finished(sync: bool) -> Finished:
+    def finished(sync: bool, on_cuda: bool) -> Finished:
+        timer = _Timer(torch.device("cpu"))
+        timer.on_cuda = on_cuda  # no span recorded: reading it never touches CUDA
         job = types.SimpleNamespace(plan=types.SimpleNamespace(sync=sync),
-                                    result=LoadResult(chunks_hit=1, timer=_Timer(torch.device("cpu"))))
+                                    result=LoadResult(chunks_hit=1, timer=timer))
         return Finished(job)
 
     worker = object.__new__(KVFlowWorker)
     worker._results, worker._held = {}, {}
     extra = {"load_s": 0.0}
-    worker._results = {"async": (finished(False), extra),
-                       "sync": (finished(True), extra),
+    worker._results = {"gpu-async": (finished(False, True), extra),
+                       "gpu-sync": (finished(True, True), extra),
+                       "cpu-async": (finished(False, False), extra),
                        "refused": ({"error": "x", "fallback": "y"}, extra)}
     first = worker.build_worker_meta().results
-    assert set(first) == {"sync", "refused"}
-    worker._results = {"later": (finished(True), extra)}
+    assert set(first) == {"gpu-sync", "cpu-async", "refused"}
+    worker._results = {"later": (finished(True, True), extra)}
     second = worker.build_worker_meta().results
-    assert set(second) == {"async", "later"} and second["async"]["chunks_hit"] == 1
+    assert set(second) == {"gpu-async", "later"} and second["gpu-async"]["chunks_hit"] == 1
     assert worker.build_worker_meta() is None

@@ -199,20 +199,19 @@ class KVFlowWorker:
         return failed
 
     def build_worker_meta(self) -> KVFlowWorkerMetadata | None:
-        """The stats of the loads finished since the last call. An asynchronous load's
-        stats are held one step. On GPU its phase timings are CUDA events, and reading
+        """The stats of the loads finished since the last call. On GPU an asynchronous
+        load's stats are held one step: its phase timings are CUDA events, and reading
         them now would make the host wait for the load's GPU work, which this step's
         forward is queued behind, instead of preparing the next step (a step later that
         work is done). The request's first token comes from a later step's forward
         anyway (get_finished has just reported its load), so its stats still reach the
         scheduler no later than that token: in the same update at the latest, which the
-        scheduler side handles (a request that stops on its first token). Every device
-        does the same, so the CPU engine tests run this path, and every tensor-parallel
-        rank holds the same loads. A synchronous load's forward is this very step's:
-        its stats go now, as do failures and refusals (recorded as dicts)."""
+        scheduler side handles (a request that stops on its first token). Every
+        tensor-parallel rank holds the same ones. A synchronous load's forward is this
+        very step's: its stats go now."""
         send, self._held = self._held, {}
         for req_id, (outcome, extra) in self._results.items():
-            if _asynchronous_load(outcome):
+            if _timed_on_gpu_async(outcome):
                 self._held[req_id] = (outcome, extra)
             else:
                 send[req_id] = (outcome, extra)
@@ -226,10 +225,11 @@ class KVFlowWorker:
         return KVFlowWorkerMetadata(results)
 
 
-def _asynchronous_load(outcome: Finished | dict) -> bool:
-    """The outcome of an asynchronous load that finished."""
+def _timed_on_gpu_async(outcome: Finished | dict) -> bool:
+    """An asynchronous load whose phases are timed by CUDA events."""
     job = outcome.job if isinstance(outcome, Finished) else None
-    return job is not None and not job.plan.sync
+    timer = job.result.timer if job is not None else None
+    return timer is not None and timer.on_cuda and not job.plan.sync
 
 
 def device_type(vllm_config) -> str:
