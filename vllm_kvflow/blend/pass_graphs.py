@@ -184,8 +184,14 @@ class _Buffers:
         for b, n in enumerate(num_context):
             if n:
                 self.num_context[b].fill_(n)
-        for b, offset in enumerate(cu_rows):
+        # A recompute's padding requests all end where the rows end (31 slots, most
+        # unused): their equal offsets go in with one launch.
+        tail = len(cu_rows) - 1
+        while tail > 0 and cu_rows[tail - 1] == cu_rows[-1]:
+            tail -= 1
+        for b, offset in enumerate(cu_rows[:tail]):
             self.cu_rows[b].fill_(offset)
+        self.cu_rows[tail:].fill_(cu_rows[-1])
 
 
 class PassGraphs:
