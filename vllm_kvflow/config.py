@@ -17,6 +17,8 @@ METHODS = tuple(_REGISTERED)
 # of the vision encoder's full-attention blocks (vision/encoder_attention.py).
 IMAGE_CHUNK_MODES = ("declared", "all")
 VISION_ATTENTION = ("stock", "hilberta")
+# Where a GPU engine's blend work runs (blend/side_stream.py).
+BLEND_STREAMS = ("side", "main")
 
 
 @dataclass(frozen=True)
@@ -74,6 +76,11 @@ class KVFlowConfig:
     # these steps. On GPU the passes are queued asynchronously (timing them would make
     # the host wait) and the row budgets, cheap there, are the bound.
     max_blend_ms_per_step: float | None = 200.0
+    # GPU engines of one rank: "side" runs the blend work on a CUDA stream of its own,
+    # beside the step's forward (a load is reported once that stream has passed it):
+    # small requests wait less during bursts of misses, at a lower blend throughput
+    # (blend/side_stream.py). "main" queues it on vLLM's stream ahead of the forward.
+    blend_stream: str = "main"
     # Isolated computes one request may cause, at most this multiple of its prompt's
     # tokens (each computed segment also counts 32 rows); beyond, it is prefilled.
     max_isolated_tokens_per_prompt_token: float = 4.0
@@ -131,7 +138,8 @@ class KVFlowConfig:
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"kvflow: {name} must be an integer >= 1, got {value!r}")
         for name, allowed in (("image_chunks", IMAGE_CHUNK_MODES),
-                              ("vision_attention", VISION_ATTENTION)):
+                              ("vision_attention", VISION_ATTENTION),
+                              ("blend_stream", BLEND_STREAMS)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"kvflow: {name} must be one of {allowed}, got {getattr(self, name)!r}")
         if self.store_disk_path is not None and (

@@ -1,7 +1,9 @@
 """Worker side: each engine step, queue the step's new loads and run a bounded share of
 the blend work (blend/work_queue.py: store misses computed in isolation, then loads,
 signals, selections and recomputes batched over the requests that are ready), and
-report the requests whose KV is in place through get_finished.
+report the requests whose KV is in place through get_finished. On GPU engines of one
+rank the blend work may run on a CUDA stream of its own, beside the step's forward, a
+load then reported once that stream has passed it (blend_stream, blend/side_stream.py).
 
 A load that fails marks the request's blocks as failed, so vLLM recomputes them
 (kv_load_failure_policy="recompute"): the request falls back to full prefill rather
@@ -29,6 +31,7 @@ from vllm_kvflow.blend.paged import (
     split_kv_cache,
 )
 from vllm_kvflow.blend.pipeline import BlendPipeline, LoadPlan, device_ints
+from vllm_kvflow.blend.side_stream import BlendStream
 from vllm_kvflow.blend.work_queue import Finished, LoadRefused, StepBudget, WorkQueue
 from vllm_kvflow.config import KVFlowConfig
 from vllm_kvflow.connector.metadata import KVFlowConnectorMetadata, KVFlowWorkerMetadata
@@ -54,6 +57,8 @@ class KVFlowWorker:
         self._done: set[str] = set()  # loads finished (or dropped) since get_finished
         self._failed_blocks: set[int] = set()
         self._steps = 0
+        self._stream = BlendStream.for_device(device_type(vllm_config), separate_blend_stream(
+            config, vllm_config))
 
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
         """At engine start: the caches, then the pipeline and its kernels, compiled now
@@ -136,20 +141,25 @@ class KVFlowWorker:
                         block_size=v["block_size"], **v["extra"])
 
     def start_load_kv(self, metadata: KVFlowConnectorMetadata) -> None:
-        """Run this step's synchronous loads whole, queue its asynchronous ones, then run
-        the step's share of the queue."""
-        for plan in metadata.loads:
-            self._submit(plan)
-        if self._queue is None or not len(self._queue):
-            return
-        t0 = time.perf_counter()
-        self._steps += 1
-        with _maybe_profiled(f"step{self._steps:06d}"):
-            finished = self._queue.step(others_running=metadata.scheduled_tokens > 0,
-                                        requests_starting=metadata.starting > 0)
-        host_s = time.perf_counter() - t0
-        for item in finished:
-            self._finish(item.job.plan, item, host_s)
+        """Run this step's synchronous loads whole (the forward queued next reads them),
+        queue its asynchronous ones, then run the step's share of the queue, unless the
+        previous step's share still runs on a blend stream of its own."""
+        self._stream.run_ready()
+        with self._stream.queued():
+            for plan in metadata.loads:
+                self._submit(plan)
+            if self._queue is not None and len(self._queue) and not self._stream.busy():
+                t0 = time.perf_counter()
+                self._steps += 1
+                with _maybe_profiled(f"step{self._steps:06d}"):
+                    finished = self._queue.step(others_running=metadata.scheduled_tokens > 0,
+                                                requests_starting=metadata.starting > 0)
+                host_s = time.perf_counter() - t0
+                for item in finished:
+                    self._finish(item.job.plan, item, host_s)
+        if any(plan.sync for plan in metadata.loads):
+            self._stream.join()
+        self._stream.run_ready()
 
     def _submit(self, plan: LoadPlan) -> None:
         try:
@@ -168,7 +178,15 @@ class KVFlowWorker:
             self._finish(plan, Finished(None, e), 0.0)
 
     def _finish(self, plan: LoadPlan, outcome: Finished | dict, host_s: float) -> None:
-        """Record a load's outcome; a failed one marks its blocks for vLLM to recompute."""
+        """Record a load's outcome once its GPU work is done (a synchronous load's at
+        once: this step's forward is queued after it); a failed one marks its blocks
+        for vLLM to recompute."""
+        if plan.sync:
+            self._record(plan, outcome, host_s)
+        else:
+            self._stream.after_queued(lambda: self._record(plan, outcome, host_s))
+
+    def _record(self, plan: LoadPlan, outcome: Finished | dict, host_s: float) -> None:
         error = outcome.error if isinstance(outcome, Finished) else outcome.get("error")
         if error is not None:
             if isinstance(error, BaseException):
@@ -183,11 +201,14 @@ class KVFlowWorker:
     def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
         """(sending, receiving): the requests whose loads finished since the last call,
         and aborted requests whose loads were dropped (vLLM holds their blocks until
-        they are reported here, so no write ever lands in a reused block)."""
+        they are reported here), each once the blend work queued before it has run on
+        the GPU, so no forward reads a load's KV, or writes a reused block, before it
+        (blend/side_stream.py)."""
         if self._queue is not None:
             for req_id in finished_req_ids or ():
                 if self._queue.cancel(req_id) is not None:
-                    self._done.add(req_id)
+                    self._stream.after_queued(lambda req_id=req_id: self._done.add(req_id))
+        self._stream.run_ready()
         done, self._done = self._done, set()
         return None, done or None
 
@@ -235,6 +256,14 @@ def _timed_on_gpu_async(outcome: Finished | dict) -> bool:
 def device_type(vllm_config) -> str:
     """The engine's device type ("cpu", "cuda", ...); "cpu" where the config has none."""
     return str(getattr(getattr(vllm_config, "device_config", None), "device_type", "cpu"))
+
+
+def separate_blend_stream(config: KVFlowConfig, vllm_config) -> bool:
+    """Whether blend work runs on a stream of its own (blend_stream "side"): on GPU
+    engines of one rank. Several ranks run collectives in their passes, which must
+    come in one order on every rank beside those of the forward."""
+    return (config.blend_stream == "side" and device_type(vllm_config) == "cuda"
+            and vllm_config.parallel_config.tensor_parallel_size == 1)
 
 
 def timed_steps(config: KVFlowConfig, vllm_config) -> bool:

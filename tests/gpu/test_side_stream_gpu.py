@@ -1,0 +1,74 @@
+"""The blend stream on a real GPU (blend/side_stream.py; tests/unit/test_side_stream.py
+has the ordering rules with fake streams): work queued there runs beside the current
+stream instead of ahead of it, deferred actions wait for it, and both orderings hold."""
+import pytest
+import torch
+
+from vllm_kvflow.blend.side_stream import BlendStream
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+]
+
+# ~0.2-0.5 s of GPU time on current cards: long beside the host's microseconds.
+SLEEP_CYCLES = 500_000_000
+
+
+def _forward_stand_in(x: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.Event]:
+    total = x.sum()
+    done = torch.cuda.Event()
+    done.record()
+    return total, done
+
+
+def test_current_stream_work_is_not_held_up_by_blend_work():
+    stream = BlendStream.for_device("cuda", enabled=True)
+    assert stream.separate
+    x = torch.ones(1024, device="cuda")
+    # Every kernel and allocation used below once first: a first launch loads its module
+    # and a first allocation calls cudaMalloc, either of which may wait for the device.
+    with stream.queued():
+        torch.cuda._sleep(1000)
+        blend_done = torch.cuda.Event()
+        blend_done.record()
+    _forward_stand_in(x)[1].synchronize()
+    torch.cuda.synchronize()
+    stream.run_ready()
+
+    ran = []
+    with stream.queued():
+        torch.cuda._sleep(SLEEP_CYCLES)
+        blend_done = torch.cuda.Event()
+        blend_done.record()
+        stream.after_queued(lambda: ran.append("blend done"))
+    total, done = _forward_stand_in(x)  # queued after the blend work, on the current stream
+    done.synchronize()
+    assert float(total) == 1024.0
+    assert not blend_done.query(), "the current stream waited for the blend stream's work"
+    stream.run_ready()
+    assert ran == []
+    torch.cuda.synchronize()
+    stream.run_ready()
+    assert ran == ["blend done"]
+
+
+def test_blend_work_sees_earlier_current_stream_writes_and_join_orders_reads_after_it():
+    stream = BlendStream.for_device("cuda", enabled=True)
+    src = torch.zeros(1 << 20, device="cuda")
+    torch.cuda._sleep(SLEEP_CYCLES // 4)  # the write below lands late on the current stream
+    src.fill_(3.0)
+    out = torch.empty_like(src)
+    with stream.queued():
+        out.copy_(src * 2)  # must read the 3s: the blend stream waits for the current one
+        torch.cuda._sleep(SLEEP_CYCLES // 4)
+        out.add_(1.0)
+    stream.join()  # what the current stream queues now reads the finished result
+    check = out.clone()
+    torch.cuda.synchronize()
+    assert torch.equal(check, torch.full_like(src, 7.0))
+
+
+def test_disabled_or_cpu_runs_inline():
+    assert not BlendStream.for_device("cuda", enabled=False).separate
+    assert not BlendStream.for_device("cpu", enabled=True).separate
