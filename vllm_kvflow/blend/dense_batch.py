@@ -24,6 +24,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from vllm_kvflow.blend.host_ints import device_ints
 from vllm_kvflow.blend.paged import DenseKV, use_kernels
 
 PAGE = 16  # arena rows per page as the kernel sees them; each slice starts on a page
@@ -42,12 +43,6 @@ def dense_kv_many(num_layers: int, capacities: list[int], num_heads: int, head_d
     values = torch.empty(shape, dtype=dtype, device=device)
     return [DenseKV(keys[:, o:o + cap], values[:, o:o + cap], arena=(keys, values), offset=o)
             for o, cap in zip(offsets, capacities)]
-
-
-def _to_device(values, dtype, device) -> torch.Tensor:
-    # non_blocking: a blocking host-to-device copy waits for the stream, i.e. for every
-    # pass already queued; these few ints need not.
-    return torch.from_numpy(np.asarray(values, dtype=dtype)).to(device, non_blocking=True)
 
 
 class OwnBuffer:
@@ -84,9 +79,9 @@ class SharedBatch:
             first = rows[0][0]
             self.launches.append((
                 (first, rows[-1][1]),
-                _to_device(table, np.int32, device),
-                _to_device([g.length for g in part], np.int32, device),
-                _to_device([a - first for a, _ in rows] + [rows[-1][1] - first], np.int32, device),
+                device_ints(table, device, np.int32),
+                device_ints([g.length for g in part], device, np.int32),
+                device_ints([a - first for a, _ in rows] + [rows[-1][1] - first], device, np.int32),
                 torch.cat([g.positions for g in part]).to(torch.int32),
             ))
 

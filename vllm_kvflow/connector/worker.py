@@ -30,7 +30,8 @@ from vllm_kvflow.blend.paged import (
     page_order,
     split_kv_cache,
 )
-from vllm_kvflow.blend.pipeline import BlendPipeline, LoadPlan, device_ints
+from vllm_kvflow.blend.host_ints import device_ints
+from vllm_kvflow.blend.pipeline import BlendPipeline, LoadPlan
 from vllm_kvflow.blend.side_stream import BlendStream
 from vllm_kvflow.blend.work_queue import Finished, LoadRefused, StepBudget, WorkQueue
 from vllm_kvflow.config import KVFlowConfig
