@@ -40,6 +40,8 @@ Variants (`--variants`, comma list of names or families; `all` runs every one):
                 context a span missed grows with it)
   first-N       the first N tokens of every chunk first (the tokens next to the sink in
                 isolation), the rest by infoflow score
+  lead-F        EPIC's first tokens for a share F of the budget (split over the chunks by
+                their length, as EPIC splits it), the rest by infoflow score
   auto-TAU      adaptive budget: candidates by infoflow score until they hold TAU of the
                 candidates' share of the question's attention mass, at most 0.3*T (one
                 run, not per rho)
@@ -207,6 +209,20 @@ def pick_first(q: Question, score: torch.Tensor, k: int, first: int) -> torch.Te
     return torch.tensor(sorted(chosen))
 
 
+def pick_lead(q: Question, score: torch.Tensor, k: int, share: float) -> torch.Tensor:
+    """EPIC's rule for int(share * k) tokens: each candidate span's first tokens, in
+    proportion to its length; the rest of the budget by the score."""
+    lead = int(share * k)
+    spans = q.blend.candidate_spans
+    total = sum(e - s for s, e in spans)
+    chosen = set()
+    for s, e in spans:
+        chosen.update(range(s, s + min(e - s, lead * (e - s) // total)))
+    rest = torch.tensor([p for p in q.candidates.tolist() if p not in chosen], dtype=torch.long)
+    chosen.update(top_k(rest, score[rest], k - len(chosen)).tolist())
+    return torch.tensor(sorted(chosen))
+
+
 def refine(q: Question, spec: dict, k: int, stages: int):
     """Staged: returns the recomputed cache itself (no token is recomputed twice)."""
     kv = q.blend.kv.clone()
@@ -329,6 +345,8 @@ def parse(name: str) -> dict:
             spec["dev"] = (kind, float(power))
         elif part.startswith("first-"):
             spec["rule"] = ("first", int(part[len("first-"):]))
+        elif part.startswith("lead-"):
+            spec["rule"] = ("lead", float(part[len("lead-"):]))
         elif part.startswith("span-w"):
             spec["rule"] = ("span", int(part[len("span-w"):]))
         elif part.startswith("smooth-w"):
@@ -395,6 +413,8 @@ def variant_cache(q: Question, name: str, ratio: float):
         positions = pick_floor(q, score, k, rule[1])
     elif rule[0] == "first":
         positions = pick_first(q, score, k, rule[1])
+    elif rule[0] == "lead":
+        positions = pick_lead(q, score, k, rule[1])
     elif rule[0] == "auto":
         c = q.candidates
         mass = attention_mass(q, spec)[c]
