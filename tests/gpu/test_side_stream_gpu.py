@@ -72,3 +72,23 @@ def test_blend_work_sees_earlier_current_stream_writes_and_join_orders_reads_aft
 def test_disabled_or_cpu_runs_inline():
     assert not BlendStream.for_device("cuda", enabled=False).separate
     assert not BlendStream.for_device("cpu", enabled=True).separate
+
+
+def test_an_entry_computed_on_the_blend_stream_is_encoded_whole_on_a_writer_thread():
+    import threading
+
+    from vllm_kvflow.store.chunk_format import decode, encode
+    from vllm_kvflow.store.entry import ChunkKV
+
+    stream = BlendStream.for_device("cuda", enabled=True)
+    with stream.queued():
+        keys = torch.zeros(2, 64, 8, 128, device="cuda")
+        torch.cuda._sleep(SLEEP_CYCLES // 4)  # the write lands late on the blend stream
+        keys.fill_(2.0)
+        entry = ChunkKV(tuple(range(64)), keys, keys + 1, 1).mark_computed()
+    out = []
+    writer = threading.Thread(target=lambda: out.append(encode("k", "id", entry)))
+    writer.start()
+    writer.join()
+    back = decode(out[0], "k", "id")
+    assert torch.equal(back.keys, torch.full((2, 64, 8, 128), 2.0))

@@ -174,3 +174,21 @@ def test_the_setting_is_validated_and_a_separate_stream_is_for_one_gpu_rank_only
     assert not separate_blend_stream(side, engine("cuda", 2))  # collectives in one order
     assert not separate_blend_stream(side, engine("cpu", 1))
     assert not separate_blend_stream(KVFlowConfig(), engine("cuda", 1))
+
+
+def test_a_writer_thread_waits_for_the_work_that_computed_an_entry():
+    """The disk and remote writers encode entries on threads of their own, whose CUDA
+    stream is not ordered after the blend stream that computed them: encode waits for
+    the event ChunkStore.put recorded (a CPU entry records none)."""
+    import torch
+
+    from vllm_kvflow.store.chunk_format import encode
+    from vllm_kvflow.store.entry import ChunkKV
+
+    kv = torch.zeros(1, 2, 1, 4)
+    entry = ChunkKV((1, 2), kv, kv.clone(), 1)
+    assert entry.mark_computed().ready is None  # on CPU: nothing to wait for
+    waited = []
+    entry.ready = types.SimpleNamespace(synchronize=lambda: waited.append(True))
+    encode("key", "identity", entry)
+    assert waited == [True]

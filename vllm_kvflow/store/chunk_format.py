@@ -105,11 +105,7 @@ def check_meta(meta: dict[str, str], identity: str, key: str | None) -> None:
 
 
 def encode(key: str, identity: str, entry: ChunkKV) -> bytes:
-    if entry.keys.is_cuda:
-        # The disk and remote writers encode on threads of their own, whose stream
-        # is not ordered after the one that computed the entry (the worker's blend
-        # stream, blend/side_stream.py): wait for all of the device's work first.
-        torch.cuda.synchronize(entry.keys.device)
+    entry.wait_computed()  # encoded on a writer thread, whose stream is not ordered after it
     tensors = {"keys": entry.keys.detach().cpu().contiguous(),
                "values": entry.values.detach().cpu().contiguous(),
                "token_ids": torch.tensor(entry.token_ids, dtype=torch.int64)}

@@ -126,6 +126,7 @@ class ChunkStore:
     def put(self, key: str, entry: ChunkKV) -> bool:
         """Insert (or replace) an entry, demoting LRU entries to fit. False if no tier
         can hold it."""
+        entry.mark_computed()  # the disk and remote writers read it on their own threads
         for tier in self.tiers:
             tier.pop(key)
         stored = self._insert(0, key, entry)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import struct
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
@@ -65,6 +66,8 @@ class ChunkKV:
     keys: torch.Tensor
     values: torch.Tensor
     local_start: int
+    # A CUDA event after the work that computed keys and values (mark_computed).
+    ready: object = dataclasses.field(default=None, compare=False, repr=False)
 
     @property
     def nbytes(self) -> int:
@@ -75,6 +78,21 @@ class ChunkKV:
     @property
     def num_tokens(self) -> int:
         return len(self.token_ids)
+
+    def mark_computed(self) -> "ChunkKV":
+        """Note where the current stream stands, for readers on threads of their own
+        (the disk and remote writers): their streams are not ordered after the one that
+        computed this entry, which may be the worker's blend stream
+        (blend/side_stream.py)."""
+        if self.keys.is_cuda:
+            self.ready = torch.cuda.Event()
+            self.ready.record()
+        return self
+
+    def wait_computed(self) -> None:
+        """Block this thread until the work noted by mark_computed is done."""
+        if self.ready is not None:
+            self.ready.synchronize()
 
     def to(self, device) -> "ChunkKV":
         """This entry with tensors on device (itself if None or already there)."""
