@@ -45,7 +45,7 @@ class KVFlowWorker:
     def __init__(self, config: KVFlowConfig, vllm_config):
         self.config = config
         self.vllm_config = vllm_config
-        self.store = build_store(config, str(vllm_config.device_config.device_type),
+        self.store = build_store(config, device_type(vllm_config),
                                  store_identity(vllm_config))
         self._kv_caches: dict[str, torch.Tensor] = {}
         self._pipeline: BlendPipeline | None = None
