@@ -197,15 +197,18 @@ def main() -> int:
     ap.add_argument("--tp", type=int, default=1, help="tensor-parallel size (workers in subprocesses)")
     ap.add_argument("--out", required=True)
     ap.add_argument("--only-concurrent", action="store_true", help="the concurrency check alone")
+    ap.add_argument("--settings", default="{}",
+                    help='more engine settings as JSON, e.g. \'{"blend_stream": "side"}\'')
     args = ap.parse_args()
+    settings = json.loads(args.settings)
 
     from vllm_kvflow.bench.engine import environment, make_llm, randomize_weights
 
     if args.tp > 1:
         os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")  # a function via collective_rpc
     llm = make_llm(args.model, load_format="dummy", dtype=args.dtype, max_model_len=4096,
-                   tensor_parallel_size=args.tp, prefix_caching=True, method="infoflow", log_stats=False,
-                   debug_selection=True)
+                   tensor_parallel_size=args.tp, prefix_caching=True,
+                   **{"method": "infoflow", "log_stats": False, "debug_selection": True, **settings})
     if args.tp > 1:
         llm.collective_rpc(_randomize_on_worker)
     else:
@@ -215,9 +218,10 @@ def main() -> int:
         c = check_concurrent(llm, tok)
         print(f"\n{args.model}: {c}")
         with open(args.out, "w") as f:
-            json.dump({**environment(), "model": args.model, "concurrent": c}, f, indent=1)
+            json.dump({**environment(), "model": args.model, "settings": settings, "concurrent": c},
+                      f, indent=1)
         return 0 if c["ok"] else 1
-    report = {**environment(), "model": args.model, "tp": args.tp,
+    report = {**environment(), "model": args.model, "tp": args.tp, "settings": settings,
               "ratio_one": check_ratio_one(llm, tok, args.prompts, args.max_tokens),
               # The worker (and its cache) lives in this process only without TP.
               "rerotated_keys": check_rerotated_keys(tok) if args.tp == 1 else None,
