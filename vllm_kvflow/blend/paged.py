@@ -16,9 +16,11 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from vllm_kvflow.blend.attention import masked_attention
+from vllm_kvflow.blend.host_ints import device_ints
 
 
 def packed_pages(kv_cache: torch.Tensor, head_dim: int):
@@ -75,7 +77,7 @@ class _PassIndex:
         self.slots = slots
         self.table = table  # block table, where the holder does not have its own
         self.positions_i32 = positions.to(torch.int32)
-        self.cu_seqlens_q = torch.tensor([0, positions.numel()], dtype=torch.int32).to(dev)
+        self.cu_seqlens_q = device_ints([0, positions.numel()], dev, np.int32)
         self._seq_lens: dict[int, torch.Tensor] = {}
 
     @staticmethod

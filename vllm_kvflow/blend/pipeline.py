@@ -606,9 +606,8 @@ class BlendPipeline:
         positions = _positions([(first, c1) for *_, first, c1 in loads], device)
         # A segment's tokens all move by the same distance: its start minus its local
         # start. Built on the host and copied once (not a kernel per segment).
-        delta = torch.tensor(np.repeat([c0 - e.local_start for e, _, c0, _, _ in loads],
-                                       [c1 - first for *_, first, c1 in loads]),
-                             dtype=torch.long).to(device, non_blocking=True)
+        delta = device_ints(np.repeat([c0 - e.local_start for e, _, c0, _, _ in loads],
+                                      [c1 - first for *_, first, c1 in loads]), device)
         cos_sin = self.cos_sin.to(device)
         if (kv.strided and use_kernels(positions)) or getattr(kv, "write_op", None) is not None:
             try:
