@@ -18,7 +18,7 @@ METHODS = tuple(_REGISTERED)
 IMAGE_CHUNK_MODES = ("declared", "all")
 VISION_ATTENTION = ("stock", "hilberta")
 # Where a GPU engine's blend work runs (blend/side_stream.py).
-BLEND_STREAMS = ("side", "main")
+BLEND_STREAMS = ("side", "background", "main")
 
 
 @dataclass(frozen=True)

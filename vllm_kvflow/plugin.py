@@ -25,7 +25,9 @@ def register() -> None:
     stream_stats.install()  # patches the API server's stream generators on their import
     declaration_guard.install()  # and its entry points: 400 for untransportable declarations
 
-    from vllm_kvflow.patches import vision_attention
+    from vllm_kvflow.patches import forward_priority, vision_attention
+
+    forward_priority.install()  # vLLM's stream above the blend stream (blend_stream background)
 
     vision_attention.install()  # HilbertA in vision encoders built with vision_attention on
 

@@ -92,3 +92,28 @@ def test_an_entry_computed_on_the_blend_stream_is_encoded_whole_on_a_writer_thre
     writer.join()
     back = decode(out[0], "k", "id")
     assert torch.equal(back.keys, torch.full((2, 64, 8, 128), 2.0))
+
+
+def test_a_lifted_current_stream_outranks_the_blend_stream_and_the_orderings_hold():
+    """blend_stream "background" (patches/forward_priority.py): vLLM's thread queues on
+    a stream above the blend stream; the blend stream still starts after its writes."""
+    from vllm_kvflow.patches.forward_priority import lift_current_stream
+
+    before = torch.cuda.current_stream()
+    try:
+        lifted = lift_current_stream(torch.device("cuda"))
+        assert torch.cuda.current_stream() == lifted
+        stream = BlendStream.for_device("cuda", enabled=True)
+        assert lifted.priority < stream.stream.priority  # a lower number runs first
+        src = torch.zeros(1 << 20, device="cuda")
+        torch.cuda._sleep(SLEEP_CYCLES // 4)
+        src.fill_(5.0)
+        out = torch.empty_like(src)
+        with stream.queued():
+            out.copy_(src + 1)
+        stream.join()
+        check = out.clone()
+        torch.cuda.synchronize()
+        assert torch.equal(check, torch.full_like(src, 6.0))
+    finally:
+        torch.cuda.set_stream(before)

@@ -174,6 +174,10 @@ def test_the_setting_is_validated_and_a_separate_stream_is_for_one_gpu_rank_only
     assert not separate_blend_stream(side, engine("cuda", 2))  # collectives in one order
     assert not separate_blend_stream(side, engine("cpu", 1))
     assert not separate_blend_stream(KVFlowConfig(), engine("cuda", 1))
+    background = KVFlowConfig(blend_stream="background")  # a side stream, below vLLM's
+    assert separate_blend_stream(background, engine("cuda", 1))
+    assert not separate_blend_stream(background, engine("cuda", 2))
+    assert not separate_blend_stream(background, engine("cpu", 1))
 
 
 def test_a_writer_thread_waits_for_the_work_that_computed_an_entry():

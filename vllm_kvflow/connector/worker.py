@@ -260,10 +260,12 @@ def device_type(vllm_config) -> str:
 
 
 def separate_blend_stream(config: KVFlowConfig, vllm_config) -> bool:
-    """Whether blend work runs on a stream of its own (blend_stream "side"): on GPU
+    """Whether blend work runs on a stream of its own (blend_stream "side", or
+    "background": the same, with vLLM's stream lifted above it by
+    patches/forward_priority.py): on GPU
     engines of one rank. Several ranks run collectives in their passes, which must
     come in one order on every rank beside those of the forward."""
-    return (config.blend_stream == "side" and device_type(vllm_config) == "cuda"
+    return (config.blend_stream in ("side", "background") and device_type(vllm_config) == "cuda"
             and vllm_config.parallel_config.tensor_parallel_size == 1)
 
 

@@ -1,0 +1,83 @@
+"""vLLM's own GPU work on a high-priority CUDA stream (blend_stream "background").
+
+With blend work on a stream of its own (blend/side_stream.py) the forward no longer
+waits for it, but the two share the GPU at equal priority: the block scheduler
+interleaves their kernels, and a small request's step ran at about half speed during a
+burst of misses. CUDA offers no priority below the default one, which is where vLLM
+queues its work (the thread's current stream), so the only way to put the blend work
+behind the forward is to lift vLLM's: right after the worker has set up its device,
+the thread's current stream becomes a stream of the highest priority. Everything the
+worker queues from then on (forwards and their CUDA graphs, sampling, the output
+copies, which wait on the stream current when the runner first reads it) goes there,
+and the blend stream keeps the default priority. A pending forward's thread blocks
+then start ahead of any blend kernel's; blend kernels already running finish their
+blocks.
+
+vLLM 0.26 GPU workers (`Worker.init_device` in vllm.v1.worker.gpu_worker); the worker
+thread that runs init_device is the one that runs every step (uniprocess and
+multiprocess executors alike). One tensor-parallel rank only, like the side stream.
+"""
+from __future__ import annotations
+
+import functools
+import logging
+
+from vllm_kvflow.patches.import_hooks import when_imported
+
+logger = logging.getLogger("vllm_kvflow")
+
+WORKER_MODULE = "vllm.v1.worker.gpu_worker"
+HIGHEST = -(1 << 10)  # torch maps a priority beyond the device's range to its end
+
+
+def wanted(vllm_config) -> bool:
+    """Whether this engine runs its blend work in the background: the kvflow connector
+    with blend_stream "background", on CUDA, one rank."""
+    from vllm_kvflow.plugin import CONNECTOR_MODULE, CONNECTOR_NAME
+
+    kvt = getattr(vllm_config, "kv_transfer_config", None)
+    if kvt is None or not (getattr(kvt, "kv_connector", None) == CONNECTOR_NAME
+                           or getattr(kvt, "kv_connector_module_path", None) == CONNECTOR_MODULE):
+        return False
+    extra = getattr(kvt, "kv_connector_extra_config", None) or {}
+    device = getattr(getattr(vllm_config, "device_config", None), "device_type", None)
+    ranks = getattr(getattr(vllm_config, "parallel_config", None), "tensor_parallel_size", 1)
+    return extra.get("blend_stream") == "background" and device == "cuda" and ranks == 1
+
+
+def lift_current_stream(device):
+    """Make a highest-priority stream this thread's current one on device; returns it."""
+    import torch
+
+    stream = torch.cuda.Stream(device=device, priority=HIGHEST)
+    torch.cuda.synchronize(device)  # whatever init_device queued is done before the switch
+    torch.cuda.set_stream(stream)
+    return stream
+
+
+def _wrap_init_device(module) -> None:
+    cls = getattr(module, "Worker", None)
+    original = getattr(cls, "init_device", None)
+    if original is None or getattr(original, "_kvflow_wrapped", False):
+        return
+
+    @functools.wraps(original)
+    def init_device(self, *args, **kwargs):
+        out = original(self, *args, **kwargs)
+        if wanted(self.vllm_config):
+            stream = lift_current_stream(self.device)
+            # The V2 runner caches the stream current at its first read; drop a read
+            # made before the switch, if any.
+            runner = getattr(self, "model_runner", None)
+            if runner is not None:
+                runner.__dict__.pop("main_stream", None)
+            logger.info("kvflow: vLLM's work on a stream of priority %d, blend work "
+                        "behind it", stream.priority)
+        return out
+
+    init_device._kvflow_wrapped = True
+    cls.init_device = init_device
+
+
+def install() -> None:
+    when_imported(WORKER_MODULE, _wrap_init_device)
