@@ -92,6 +92,12 @@ def enable(encoder, settings: HilbertASettings | None = None, *, kernel: str | N
     on CUDA, SDPA elsewhere). Returns the context its blocks share."""
     ctx = getattr(encoder, "_kvflow_hilberta", None)
     if ctx is not None:
+        if (settings is not None and settings != ctx.settings) or (kernel is not None and kernel != ctx.kernel):
+            # A benchmark sweeping settings must disable first, or it measures the old ones.
+            logger.warning("kvflow: HilbertA already on in %s with %s, kernel %s; keeping them "
+                           "(asked: %s, kernel %s; disable first to change)", type(encoder).__name__,
+                           ctx.settings.identity(), ctx.kernel,
+                           settings.identity() if settings else None, kernel)
         return ctx
     family = family or _family_of(encoder)
     compiled = [i for i, b in enumerate(encoder.blocks) if getattr(b, "do_not_compile", True) is False]
@@ -124,15 +130,14 @@ def enable(encoder, settings: HilbertASettings | None = None, *, kernel: str | N
 
 
 def disable(encoder) -> None:
-    """Undo enable: the stock op in every block, the class's forward."""
-    if getattr(encoder, "_kvflow_hilberta", None) is None:
-        return
-    for block in encoder.blocks:
+    """Undo enable: the stock op in every block, the class's forward (also after an
+    enable that raised half-way)."""
+    for block in getattr(encoder, "blocks", ()):
         op = block.attn.attn
         if isinstance(op, HilbertEncoderAttention):
             block.attn.attn = op.stock
-    del encoder.forward
-    del encoder._kvflow_hilberta
+    vars(encoder).pop("forward", None)
+    vars(encoder).pop("_kvflow_hilberta", None)
 
 
 def configured_mode(vllm_config) -> str:

@@ -87,6 +87,20 @@ def test_only_full_attention_blocks_are_swapped_and_disable_restores():
     assert torch.equal(enc(x, GRID), stock)
 
 
+def test_enable_keeps_its_settings_loudly_and_disable_undoes_a_partial_swap(caplog):
+    enc = _encoder()
+    ops = [b.attn.attn for b in enc.blocks]
+    ctx = va.enable(enc, SMALL, kernel="sdpa")
+    with caplog.at_level(logging.WARNING, logger="vllm_kvflow"):
+        assert va.enable(enc, HilbertASettings(tiles=5), kernel="sdpa") is ctx
+    assert "already on" in caplog.text and ctx.settings == SMALL
+    va.disable(enc)
+    # an enable that raised after swapping one block: disable still restores it
+    enc.blocks[3].attn.attn = HilbertEncoderAttention(ops[3], 0, ctx, ops[3].scale)
+    va.disable(enc)
+    assert [b.attn.attn for b in enc.blocks] == ops and "forward" not in vars(enc)
+
+
 @torch.no_grad()
 def test_the_window_order_comes_from_the_encoder_itself():
     enc, x = _encoder(), _inputs()
@@ -172,17 +186,38 @@ def test_encoders_built_with_the_setting_on_get_hilberta(monkeypatch):
     assert not any(isinstance(b.attn.attn, HilbertEncoderAttention) for b in enc.blocks)
 
 
+def _vllm_sources() -> list[Path]:
+    """vLLM source trees to read: vLLM 0.26 where it is unpacked (the GPU machine's
+    $HOME/site, this machine's build cache, KVFLOW_VLLM026_SRC) and the installed vLLM."""
+    import os
+
+    roots = [os.environ.get("KVFLOW_VLLM026_SRC"), Path.home() / "site/vllm",
+             Path.home() / ".cache/kvflow-gpu-build/site/vllm"]
+    spec = importlib.util.find_spec("vllm")
+    if spec is not None and spec.origin:
+        roots.append(Path(spec.origin).parent)
+    found = []
+    for root in roots:
+        if root and (Path(root) / "model_executor/layers/attention/mm_encoder_attention.py").is_file():
+            if Path(root).resolve() not in [f.resolve() for f in found]:
+                found.append(Path(root))
+    return found
+
+
 def test_drop_in_has_the_op_signature_of_vllm():
     """vLLM 0.26's MMEncoderAttention.forward_native / forward_cuda take (query, key, value,
-    cu_seqlens, max_seqlen, sequence_lengths); so does the installed vLLM's (read from its
-    source, without importing vLLM)."""
+    cu_seqlens, max_seqlen, sequence_lengths); so do the staged 0.26's and the installed
+    vLLM's (read from their source, without importing vLLM)."""
     names = ["self", "query", "key", "value", "cu_seqlens", "max_seqlen", "sequence_lengths"]
     assert list(inspect.signature(HilbertEncoderAttention.forward).parameters) == names
-    spec = importlib.util.find_spec("vllm")
-    if spec is None:
-        pytest.skip("vLLM is not installed")
-    path = Path(spec.origin).parent / "model_executor/layers/attention/mm_encoder_attention.py"
-    tree = ast.parse(path.read_text())
-    cls = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "MMEncoderAttention")
-    for fn in (n for n in cls.body if isinstance(n, ast.FunctionDef) and n.name.startswith("forward_")):
-        assert [a.arg for a in fn.args.args] == names, fn.name
+    roots = _vllm_sources()
+    if not roots:
+        pytest.skip("no vLLM source here")
+    for root in roots:
+        path = root / "model_executor/layers/attention/mm_encoder_attention.py"
+        tree = ast.parse(path.read_text())
+        cls = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "MMEncoderAttention")
+        forwards = [n for n in cls.body if isinstance(n, ast.FunctionDef) and n.name.startswith("forward_")]
+        assert {"forward_native", "forward_cuda"} <= {fn.name for fn in forwards}, path
+        for fn in forwards:
+            assert [a.arg for a in fn.args.args] == names, (path, fn.name)
