@@ -61,6 +61,9 @@ class KVFlowConfig:
     seed: int = 0
     # Log one line of stats per request.
     log_stats: bool = True
+    # Log, every this many seconds, the engine's step periods and the connector's host
+    # time per step as the worker sees them (blend/step_log.py); None: off.
+    log_steps_every_s: float | None = None
     # Blend work one engine step may carry (loads are asynchronous: vLLM keeps
     # scheduling other requests meanwhile), in rows through the model's layers: the
     # signal and recompute passes of ready requests, and the isolated computes of store
@@ -126,6 +129,10 @@ class KVFlowConfig:
         if step_ms is not None and (isinstance(step_ms, bool) or not isinstance(step_ms, (int, float))
                                     or not step_ms > 0):
             raise ValueError(f"kvflow: max_blend_ms_per_step must be a number > 0 or null, got {step_ms!r}")
+        every = self.log_steps_every_s
+        if every is not None and (isinstance(every, bool) or not isinstance(every, (int, float))
+                                  or not every > 0):
+            raise ValueError(f"kvflow: log_steps_every_s must be a number > 0 or null, got {every!r}")
         if (isinstance(self.max_pending_loads, bool) or not isinstance(self.max_pending_loads, int)
                 or self.max_pending_loads < 1):
             raise ValueError(f"kvflow: max_pending_loads must be a positive integer, got {self.max_pending_loads!r}")

@@ -24,7 +24,7 @@ case $what in
     port=$((18000 + RANDOM % 2000))
     # KVFLOW_SETTINGS: more engine settings as JSON, e.g. '{"max_blend_tokens_per_step": 256}';
     # SERVE_ARGS: more `vllm serve` flags, e.g. '--api-server-count 2'
-    cfg=$(KVFLOW_SETTINGS=${KVFLOW_SETTINGS:-'{}'} bash "$env_sh" python3 -c 'import json, os, vllm_kvflow; print(json.dumps(vllm_kvflow.transfer_config(log_stats=False, store_device_gb=24.0, **json.loads(os.environ["KVFLOW_SETTINGS"]))))')
+    cfg=$(KVFLOW_SETTINGS=${KVFLOW_SETTINGS:-'{}'} bash "$env_sh" python3 -c 'import json, os, vllm_kvflow; print(json.dumps(vllm_kvflow.transfer_config(**{"log_stats": False, "store_device_gb": 24.0, **json.loads(os.environ["KVFLOW_SETTINGS"])})))')
     log="$out/server${TAG:+_$TAG}.log"
     t0=$(date +%s.%N)
     bash "$env_sh" python3 -m vllm.entrypoints.cli.main serve "$model" --load-format dummy \
@@ -41,6 +41,7 @@ case $what in
     grep -c "Triton\|JIT\|compil" "$log" | sed 's/^/log lines mentioning Triton\/JIT\/compile after start: /'
     sed -n '/kvflow: pipeline ready/,$p' "$log" | grep -c "pass graph captured for" \
       | sed 's/^/pass graphs captured while serving: /'
+    grep -ho "kvflow steps (last.*" "$log" | tail -n 40  # with log_steps_every_s set
     kill $srv; wait $srv 2>/dev/null ;;
   ttft)
     bash "$env_sh" python3 -m vllm_kvflow.cli bench ttft --load-format dummy \

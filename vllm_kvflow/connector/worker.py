@@ -33,6 +33,7 @@ from vllm_kvflow.blend.paged import (
 from vllm_kvflow.blend.host_ints import device_ints
 from vllm_kvflow.blend.pipeline import BlendPipeline, LoadPlan
 from vllm_kvflow.blend.side_stream import BlendStream
+from vllm_kvflow.blend.step_log import StepLog
 from vllm_kvflow.blend.work_queue import Finished, LoadRefused, StepBudget, WorkQueue
 from vllm_kvflow.config import KVFlowConfig
 from vllm_kvflow.connector.metadata import KVFlowConnectorMetadata, KVFlowWorkerMetadata
@@ -60,6 +61,7 @@ class KVFlowWorker:
         self._steps = 0
         self._stream = BlendStream.for_device(device_type(vllm_config), separate_blend_stream(
             config, vllm_config))
+        self._step_log = StepLog(config.log_steps_every_s)
 
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
         """At engine start: the caches, then the pipeline and its kernels, compiled now
@@ -145,11 +147,15 @@ class KVFlowWorker:
         """Run this step's synchronous loads whole (the forward queued next reads them),
         queue its asynchronous ones, then run the step's share of the queue, unless the
         previous step's share still runs on a blend stream of its own."""
+        started = self._step_log.begin()
+        worked = False
         self._stream.run_ready()
         with self._stream.queued():
             for plan in metadata.loads:
+                worked = True
                 self._submit(plan)
             if self._queue is not None and len(self._queue) and not self._stream.busy():
+                worked = True
                 t0 = time.perf_counter()
                 self._steps += 1
                 with _maybe_profiled(f"step{self._steps:06d}"):
@@ -161,6 +167,7 @@ class KVFlowWorker:
         if any(plan.sync for plan in metadata.loads):
             self._stream.join()
         self._stream.run_ready()
+        self._step_log.end(started, worked)
 
     def _submit(self, plan: LoadPlan) -> None:
         try:

@@ -1,0 +1,79 @@
+"""A periodic log line of the engine's step timing, seen from the connector (setting
+log_steps_every_s).
+
+vLLM calls the worker's start_load_kv once per engine step, just before it queues the
+step's forward. The time between two calls is the step period the host sees, and the
+time spent inside the call is the connector's host work, which delays that step's
+forward however the GPU work is queued (blend_stream main, side or background). One
+line per interval gives both, for steps with blend work and without, which is what a
+small request arriving during a burst of misses waits for. Cheap enough to leave on:
+two clock reads per step and a few list appends.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from typing import Callable
+
+logger = logging.getLogger("vllm_kvflow")
+
+
+def _ms(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return 1e3 * ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def _summary(values: list[float]) -> str:
+    if not values:
+        return "none"
+    return (f"{len(values)}, p50 {_ms(values, 0.5):.1f} / p90 {_ms(values, 0.9):.1f} / "
+            f"max {_ms(values, 1.0):.1f} ms")
+
+
+class StepLog:
+    def __init__(self, every_s: float | None, clock: Callable[[], float] = time.perf_counter,
+                 emit: Callable[[str], None] | None = None):
+        """every_s: seconds between log lines (None: off)."""
+        self.every_s = every_s
+        self.clock = clock
+        self.emit = emit or (lambda line: logger.info("%s", line))
+        self._window_start: float | None = None
+        self._last_start: float | None = None
+        self._periods: list[float] = []
+        self._host_work: list[float] = []   # connector time in steps with blend work
+        self._host_idle: list[float] = []   # and in steps without
+
+    @property
+    def enabled(self) -> bool:
+        return self.every_s is not None
+
+    def begin(self) -> float | None:
+        """At the start of start_load_kv: the step's start time (None when off)."""
+        if self.every_s is None:
+            return None
+        now = self.clock()
+        if self._last_start is not None:
+            self._periods.append(now - self._last_start)
+        self._last_start = now
+        if self._window_start is None:
+            self._window_start = now
+        return now
+
+    def end(self, started: float | None, worked: bool) -> None:
+        """At the end of start_load_kv; worked: the step ran blend work."""
+        if started is None:
+            return
+        now = self.clock()
+        (self._host_work if worked else self._host_idle).append(now - started)
+        if now - self._window_start >= self.every_s:
+            self.flush(now)
+
+    def flush(self, now: float | None = None) -> None:
+        if self._window_start is None or not (self._periods or self._host_work or self._host_idle):
+            return
+        now = self.clock() if now is None else now
+        self.emit(f"kvflow steps (last {now - self._window_start:.1f} s): periods "
+                  f"{_summary(self._periods)}; connector host time, steps with blend work "
+                  f"{_summary(self._host_work)}, others {_summary(self._host_idle)}")
+        self._window_start = now
+        self._periods, self._host_work, self._host_idle = [], [], []
