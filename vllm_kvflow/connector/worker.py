@@ -324,12 +324,34 @@ def store_identity(vllm_config) -> str:
 
 @contextlib.contextmanager
 def _maybe_profiled(name: str):
-    """KVFLOW_PROFILE_DIR=dir: profile each step's blend work with torch.profiler and
-    write its top operators (by host time and by device time) to dir/<name>.txt. For
-    finding where a load's time goes on a new card or backend; off by default."""
+    """KVFLOW_PROFILE_DIR=dir: profile each step's blend work and write its top entries
+    to dir/<name>.txt. For finding where a load's time goes on a new card or backend;
+    off by default. KVFLOW_PROFILE_MODE "torch" (default): torch.profiler's operators
+    by host and device time (the step then waits for its GPU work, so that the device
+    times are complete); "python": cProfile's functions by cumulative host time, with
+    nothing waited for, i.e. the host time that delays the step's forward."""
     out_dir = os.environ.get("KVFLOW_PROFILE_DIR")
     if not out_dir:
         yield
+        return
+    os.makedirs(out_dir, exist_ok=True)
+    safe = "".join(c if c.isalnum() or c in "-_" else "_" for c in name)[:80]
+    path = os.path.join(out_dir, f"{safe}.txt")
+    if os.environ.get("KVFLOW_PROFILE_MODE", "torch") == "python":
+        import cProfile
+        import io
+        import pstats
+
+        profiler = cProfile.Profile()
+        profiler.enable()
+        try:
+            yield
+        finally:
+            profiler.disable()
+            text = io.StringIO()
+            pstats.Stats(profiler, stream=text).sort_stats("cumulative").print_stats(45)
+            with open(path, "w") as f:
+                f.write(text.getvalue())
         return
     from torch.profiler import ProfilerActivity, profile
 
@@ -339,9 +361,7 @@ def _maybe_profiled(name: str):
         if torch.cuda.is_available():
             torch.cuda.synchronize()  # a load does not wait for its GPU work: the profile must
     table = prof.key_averages()
-    os.makedirs(out_dir, exist_ok=True)
-    safe = "".join(c if c.isalnum() or c in "-_" else "_" for c in name)[:80]
-    with open(os.path.join(out_dir, f"{safe}.txt"), "w") as f:
+    with open(path, "w") as f:
         f.write(table.table(sort_by="self_cpu_time_total", row_limit=40))
         if torch.cuda.is_available():
             f.write("\n")
