@@ -24,7 +24,8 @@ DOCS = ["Zorbia\nThe capital of Zorbia is Quellport, a harbor city on the easter
 @pytest.fixture(scope="module")
 def server_process(model_path, tmp_path_factory):
     log = tmp_path_factory.mktemp("server") / "server.log"
-    with ServerProcess(model_path, log, vllm_kvflow.transfer_config(),
+    # Step lines on (log_steps_every_s): the probe smoke test reads them from the log.
+    with ServerProcess(model_path, log, vllm_kvflow.transfer_config(log_steps_every_s=0.5),
                        cpu_server_args(model_path, 1024, 8)) as srv:
         yield srv
 
@@ -203,9 +204,10 @@ def test_bench_load_smoke(server, tmp_path):
     assert result["server_info"]["uptime_at_bench_start_s"] > 0
 
 
-def test_bench_load_probe_smoke(server, tmp_path):
+def test_bench_load_probe_smoke(server_process, tmp_path):
     from vllm_kvflow.bench import load
 
+    server = server_process.base_url
     out = tmp_path / "probe.json"
     rc = load.main(["--server", server, "--probe", "--probe-tokens", "40", "--probe-repeats", "2",
                     "--probe-delay", "0.2", "--burst", "3", "--burst-docs", "2",
@@ -214,3 +216,24 @@ def test_bench_load_probe_smoke(server, tmp_path):
     assert rc == 0 and probe["burst_errors"] == 0
     assert probe["burst_chunks_missed"] == 6  # fresh documents: every chunk a miss
     assert probe["alone_ttft_s"] > 0 and probe["during"] and probe["ratio_max"] > 0
+    # The worker's step lines (log_steps_every_s): the burst's misses were blend work.
+    time.sleep(0.6)  # the window holding the burst's last steps closes at the next step
+    KVFlowClient(server).query("Anything?", _docs("step-lines"), max_tokens=2)
+    lines = load.step_lines(server_process.log_path)
+    assert lines, "no step lines in the server log"
+    worked = [int(m.group(1)) for line in lines
+              for m in [re.search(r"steps with blend work (\d+),", line)] if m]
+    assert sum(worked) > 0 and all("periods" in line for line in lines)
+
+
+def test_bench_load_settings_only_for_a_spawned_server(server, capsys):
+    from vllm_kvflow.bench import load
+
+    for bad, message in ((["--server", server, "--settings", "{}"], "spawned server"),
+                         (["--spawn", "--settings", "[1]"], "JSON object"),
+                         (["--spawn", "--settings", "{nope"], "not JSON"),
+                         (["--spawn", "--settings", '{"log_steps_every_s": 0}'], "log_steps_every_s"),
+                         (["--spawn", "--settings", '{"no_such": 1}'], "unknown settings")):
+        with pytest.raises(SystemExit) as e:
+            load.main(bad)
+        assert e.value.code == 2 and message in capsys.readouterr().err, bad

@@ -35,6 +35,7 @@ from pathlib import Path
 
 from vllm_kvflow.bench.dataset import generate
 from vllm_kvflow.client import KVFlowClient, ServerError
+from vllm_kvflow.config import KVFlowConfig
 
 
 def document_pool(n: int, words: int, seed: int) -> list[dict]:
@@ -285,6 +286,34 @@ def run(args, base_url: str) -> dict:
                        for p in phases}}
 
 
+def _engine_settings(parser, args) -> dict:
+    """--settings as a dict of valid engine settings (only for a spawned server: a
+    running server's settings were fixed at its start)."""
+    if args.settings is None:
+        return {}
+    if not args.spawn:
+        parser.error("--settings applies to a spawned server (--spawn); a running server "
+                     "keeps the settings it was started with")
+    try:
+        settings = json.loads(args.settings)
+    except json.JSONDecodeError as e:
+        parser.error(f"--settings is not JSON: {e}")
+    if not isinstance(settings, dict):
+        parser.error("--settings must be a JSON object of engine settings")
+    try:
+        KVFlowConfig.from_extra_config(settings)
+    except (TypeError, ValueError) as e:
+        parser.error(f"--settings: {e}")
+    return settings
+
+
+def step_lines(log_path) -> list[str]:
+    """The worker's step lines (setting log_steps_every_s) in a server log."""
+    marker = "kvflow steps (last"
+    lines = Path(log_path).read_text(errors="replace").splitlines()
+    return [line[line.index(marker):] for line in lines if marker in line]
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="kvflow bench load", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -300,6 +329,9 @@ def main(argv: list[str] | None = None) -> int:
                         "holds at once, sized in bytes from it (default: the largest --concurrency)")
     p.add_argument("--compile", action="store_true",
                    help="spawned server: torch.compile the model (minutes at start on CPU; default eager)")
+    p.add_argument("--settings", default=None,
+                   help="spawned server: more engine settings, JSON (README, Engine settings), e.g. "
+                        "'{\"log_steps_every_s\": 1}': its step lines are then printed and kept in --out")
     p.add_argument("--requests", type=int, default=500, help="measured requests per phase")
     p.add_argument("--warmup", type=int, default=0, help="requests per phase before the measured ones")
     p.add_argument("--docs", type=int, default=64, help="document pool size")
@@ -321,6 +353,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--burst-method", default="infoflow")
     p.add_argument("--out", help="JSON file for summaries and per-request records")
     args = p.parse_args(argv)
+    settings = _engine_settings(p, args)
 
     if args.spawn:
         import vllm_kvflow
@@ -334,13 +367,18 @@ def main(argv: list[str] | None = None) -> int:
         if args.probe:
             seqs = max(seqs, args.burst + 1)
         t0 = time.perf_counter()
-        with ServerProcess(model, log, vllm_kvflow.transfer_config(log_stats=False),
+        with ServerProcess(model, log, vllm_kvflow.transfer_config(**{"log_stats": False, **settings}),
                            cpu_server_args(model, args.max_model_len, seqs, eager=not args.compile,
                                            size_flags="--max-model-len or --max-seqs")) as srv:
             start_s = time.perf_counter() - t0
             print(f"server up in {start_s:.1f} s", file=sys.stderr)
             result = run(args, srv.base_url)
             result["server_info"]["start_to_healthy_s"] = start_s
+        if settings:
+            result["server_info"]["settings"] = settings
+        if settings.get("log_steps_every_s"):
+            result["server_step_lines"] = step_lines(log)
+            print("\n".join(result["server_step_lines"]), file=sys.stderr)
     else:
         result = run(args, args.server)
     if args.probe:

@@ -1,10 +1,11 @@
 """A periodic log line of the engine's step timing, seen from the connector (setting
 log_steps_every_s).
 
-vLLM calls the worker's start_load_kv once per engine step, just before it queues the
-step's forward. The time between two calls is the step period the host sees, and the
-time spent inside the call is the connector's host work, which delays that step's
-forward however the GPU work is queued (blend_stream main, side or background). One
+vLLM calls the worker's start_load_kv once per engine step (0.26: right before it
+queues the step's forward; 0.32: right after it). The time between two calls is the
+step period the host sees, and the time spent inside the call is the connector's host
+work, which delays a forward (on 0.26 that very step's) however the GPU work is queued
+(blend_stream main, side or background). One
 line per interval gives both, for steps with blend work and without, which is what a
 small request arriving during a burst of misses waits for. Cheap enough to leave on:
 two clock reads per step and a few list appends.
