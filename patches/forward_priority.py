@@ -32,17 +32,20 @@ HIGHEST = -(1 << 10)  # torch maps a priority beyond the device's range to its e
 
 def wanted(vllm_config) -> bool:
     """Whether this engine runs its blend work in the background: the kvflow connector
-    with blend_stream "background", on CUDA, one rank."""
-    from vllm_kvflow.plugin import CONNECTOR_MODULE, CONNECTOR_NAME
+    with blend_stream "background", where the worker gives blend work a stream of its
+    own (CUDA, one rank). Settings the connector will refuse count as not."""
+    from vllm_kvflow.config import KVFlowConfig
+    from vllm_kvflow.connector.worker import separate_blend_stream
+    from vllm_kvflow.plugin import connector_settings
 
-    kvt = getattr(vllm_config, "kv_transfer_config", None)
-    if kvt is None or not (getattr(kvt, "kv_connector", None) == CONNECTOR_NAME
-                           or getattr(kvt, "kv_connector_module_path", None) == CONNECTOR_MODULE):
+    extra = connector_settings(vllm_config)
+    if extra is None or extra.get("blend_stream") != "background":
         return False
-    extra = getattr(kvt, "kv_connector_extra_config", None) or {}
-    device = getattr(getattr(vllm_config, "device_config", None), "device_type", None)
-    ranks = getattr(getattr(vllm_config, "parallel_config", None), "tensor_parallel_size", 1)
-    return extra.get("blend_stream") == "background" and device == "cuda" and ranks == 1
+    try:
+        config = KVFlowConfig.from_extra_config(extra)
+    except (TypeError, ValueError):
+        return False  # the connector reports them when it starts
+    return separate_blend_stream(config, vllm_config)
 
 
 def lift_current_stream(device):

@@ -144,13 +144,9 @@ def configured_mode(vllm_config) -> str:
     """The kvflow connector's vision_attention setting in this vLLM config ("stock" when
     the engine has no kvflow connector or leaves it unset). ValueError if misspelled."""
     from vllm_kvflow.config import VISION_ATTENTION
-    from vllm_kvflow.plugin import CONNECTOR_MODULE, CONNECTOR_NAME
+    from vllm_kvflow.plugin import connector_settings
 
-    kvt = getattr(vllm_config, "kv_transfer_config", None) if vllm_config is not None else None
-    if kvt is None or not (getattr(kvt, "kv_connector", None) == CONNECTOR_NAME
-                           or getattr(kvt, "kv_connector_module_path", None) == CONNECTOR_MODULE):
-        return "stock"
-    mode = (getattr(kvt, "kv_connector_extra_config", None) or {}).get("vision_attention", "stock")
+    mode = (connector_settings(vllm_config) or {}).get("vision_attention", "stock")
     if mode not in VISION_ATTENTION:
         raise ValueError(f"kvflow: vision_attention must be one of {VISION_ATTENTION}, got {mode!r}")
     return mode

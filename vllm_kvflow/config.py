@@ -82,7 +82,9 @@ class KVFlowConfig:
     # GPU engines of one rank: "side" runs the blend work on a CUDA stream of its own,
     # beside the step's forward (a load is reported once that stream has passed it):
     # small requests wait less during bursts of misses, at a lower blend throughput
-    # (blend/side_stream.py). "main" queues it on vLLM's stream ahead of the forward.
+    # (blend/side_stream.py); "background" is the same with vLLM's stream lifted above
+    # it in priority (patches/forward_priority.py). "main" queues it on vLLM's stream
+    # ahead of the forward.
     blend_stream: str = "main"
     # Isolated computes one request may cause, at most this multiple of its prompt's
     # tokens (each computed segment also counts 32 rows); beyond, it is prefilled.
@@ -125,14 +127,11 @@ class KVFlowConfig:
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise ValueError(f"kvflow: {name} must be a positive integer or null, got {value!r}")
-        step_ms = self.max_blend_ms_per_step
-        if step_ms is not None and (isinstance(step_ms, bool) or not isinstance(step_ms, (int, float))
-                                    or not step_ms > 0):
-            raise ValueError(f"kvflow: max_blend_ms_per_step must be a number > 0 or null, got {step_ms!r}")
-        every = self.log_steps_every_s
-        if every is not None and (isinstance(every, bool) or not isinstance(every, (int, float))
-                                  or not every > 0):
-            raise ValueError(f"kvflow: log_steps_every_s must be a number > 0 or null, got {every!r}")
+        for name in ("max_blend_ms_per_step", "log_steps_every_s"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                      or not value > 0):
+                raise ValueError(f"kvflow: {name} must be a number > 0 or null, got {value!r}")
         if (isinstance(self.max_pending_loads, bool) or not isinstance(self.max_pending_loads, int)
                 or self.max_pending_loads < 1):
             raise ValueError(f"kvflow: max_pending_loads must be a positive integer, got {self.max_pending_loads!r}")

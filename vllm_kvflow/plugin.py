@@ -32,6 +32,17 @@ def register() -> None:
     vision_attention.install()  # HilbertA in vision encoders built with vision_attention on
 
 
+def connector_settings(vllm_config) -> dict | None:
+    """The kvflow connector's kv_connector_extra_config in a vLLM config ({} when unset),
+    or None when the engine has no kvflow connector: for patches that act before the
+    connector exists (a worker's device set-up, a vision encoder's construction)."""
+    kvt = getattr(vllm_config, "kv_transfer_config", None) if vllm_config is not None else None
+    if kvt is None or not (getattr(kvt, "kv_connector", None) == CONNECTOR_NAME
+                           or getattr(kvt, "kv_connector_module_path", None) == CONNECTOR_MODULE):
+        return None
+    return getattr(kvt, "kv_connector_extra_config", None) or {}
+
+
 def log_through_vllm() -> None:
     """vLLM configures handlers for its own "vllm" logger only, so in a server's
     processes the "vllm_kvflow" logger had none and its INFO lines (log_stats) were

@@ -309,9 +309,10 @@ def _engine_settings(parser, args) -> dict:
 
 def step_lines(log_path) -> list[str]:
     """The worker's step lines (setting log_steps_every_s) in a server log."""
-    marker = "kvflow steps (last"
+    from vllm_kvflow.blend.step_log import LINE_PREFIX
+
     lines = Path(log_path).read_text(errors="replace").splitlines()
-    return [line[line.index(marker):] for line in lines if marker in line]
+    return [line[line.index(LINE_PREFIX):] for line in lines if LINE_PREFIX in line]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -18,6 +18,8 @@ from typing import Callable
 
 logger = logging.getLogger("vllm_kvflow")
 
+LINE_PREFIX = "kvflow steps (last"  # how readers of a server log find the lines
+
 
 def _ms(values: list[float], q: float) -> float:
     ordered = sorted(values)
@@ -73,7 +75,7 @@ class StepLog:
         if self._window_start is None or not (self._periods or self._host_work or self._host_idle):
             return
         now = self.clock() if now is None else now
-        self.emit(f"kvflow steps (last {now - self._window_start:.1f} s): periods "
+        self.emit(f"{LINE_PREFIX} {now - self._window_start:.1f} s): periods "
                   f"{_summary(self._periods)}; connector host time, steps with blend work "
                   f"{_summary(self._host_work)}, others {_summary(self._host_idle)}")
         self._window_start = now

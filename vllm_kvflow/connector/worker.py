@@ -148,11 +148,10 @@ class KVFlowWorker:
         queue its asynchronous ones, then run the step's share of the queue, unless the
         previous step's share still runs on a blend stream of its own."""
         started = self._step_log.begin()
-        worked = False
+        worked = bool(metadata.loads)
         self._stream.run_ready()
         with self._stream.queued():
             for plan in metadata.loads:
-                worked = True
                 self._submit(plan)
             if self._queue is not None and len(self._queue) and not self._stream.busy():
                 worked = True
