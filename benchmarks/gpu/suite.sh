@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU engine runs, in the order they were made on a two-GPU machine (each step fits
 # one 10-minute device call; independent runs go side by side, one per GPU).
-#   bash benchmarks/gpu/suite.sh tests|engine|more|tp2|profile|batch|tp2check|load|loadapi|load64|fleet|vision|quality MODELS OUT
+#   bash benchmarks/gpu/suite.sh tests|engine|more|tp2|profile|batch|tp2check|load|loadapi|load64|arena|fleet|vision|quality MODELS OUT
 # MODELS: model dirs from prepare_models.py; OUT: where logs and JSON go.
 set -o pipefail
 step=$1 models=$2 out=$3
@@ -51,6 +51,17 @@ case $step in
       --out "$out/load_gpu_llama8b_c64_H200.json"
     TAG=probe $load --probe --probe-tokens 200 --burst 32 --burst-docs 8 --burst-doc-words 330 \
       --probe-repeats 5 --out "$out/probe_gpu_llama8b_H200.json" ;;
+  arena)  # isolated computes on the static arena (KVFLOW_ISOLATED_ARENA=1, its passes from CUDA
+          # graphs) against the eager isolated pass: the GPU tests, then the burst probe with
+          # and without it, on one machine start (main stream, step lines in the log)
+    bash "$here/env.sh" python3 -m pytest tests/gpu/test_dense_batch_gpu.py tests/gpu/test_pass_graphs_gpu.py \
+      tests/gpu/test_no_jit_while_serving.py -q 2>&1 | tail -n 5
+    for arena in 1 0; do
+      KVFLOW_ISOLATED_ARENA=$arena KVFLOW_SETTINGS='{"log_steps_every_s": 0.5}' \
+        SERVE_ARGS="--api-server-count 4" TAG=arena$arena bash "$here/run_engine_gpu.sh" load "$models" "$out" \
+        "$models/llama-3.1-8b" --probe --probe-tokens 200 --burst 32 --burst-docs 8 --burst-doc-words 330 \
+        --probe-repeats 5 --out "$out/probe_gpu_llama8b_arena${arena}_H200.json"
+    done ;;
   fleet)  # two replicas (one per GPU), each store alone, then both on one Redis (the shared tier)
     bash "$here/fleet.sh" "$models" "$out" "${REDIS_DIR:-.redis}" --requests 300 --warmup 0 --docs 64 \
       --docs-per-request 8 --doc-words 330 --zipf 1.1 --max-tokens 16 --concurrency 32 --max-seconds 120 ;;

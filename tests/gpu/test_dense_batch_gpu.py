@@ -49,3 +49,61 @@ def test_shared_buffers_equal_private_buffers_on_the_gpu(dtype):
     for s, p in zip(shared, private):
         torch.testing.assert_close(s.keys, p.keys, **tol)
         torch.testing.assert_close(s.values, p.values, **tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_captured_arena_passes_equal_private_buffers_without_waiting(dtype):
+    """The isolated arena (blend/isolated_arena.py): its passes, captured at start for
+    every bucket up to 1024 rows, give the same K/V as each compute alone in a private
+    buffer (40 chunks of 1..600 rows over scattered pages, in two slices, so many passes
+    of up to 31 computes), and queue their work without a host sync."""
+    from vllm_kvflow.blend.executor import LayerwiseExecutor, RowGroup
+    from vllm_kvflow.blend.isolated_arena import IsolatedArena
+    from vllm_kvflow.blend.paged import DenseKV
+
+    Hq, Hkv, D = 32, 8, 128
+    toy = Toy(Hq, Hkv, D, hidden=64)
+    toy.proj, toy.mix = (0.3 * toy.proj).to("cuda", dtype), (0.3 * toy.mix).to("cuda", dtype)
+    embed = toy.embed
+    toy.embed = lambda ids: embed(ids).to(dtype)
+    ex = LayerwiseExecutor(toy)
+    arena = IsolatedArena(ex, 3, 16384, Hkv, D, dtype, "cuda", capture=True)
+    assert arena.capture(1024) > 0
+    graphs = dict(arena.graphs._entries)
+    assert all(graph is not None for _, graph in graphs.values()), "capture failed"
+    gen = torch.Generator().manual_seed(1)
+    lengths = [int(x) for x in torch.randint(1, 600, (40,), generator=gen)]
+    seqs = [torch.randint(0, 1000, (n,), generator=gen).cuda() for n in lengths]
+    holes = [arena.allocate(int(n)) for n in torch.randint(1, 100, (20,), generator=gen)]
+    for hole in holes[::2]:
+        hole.release()  # free pages scattered between taken ones
+    kvs = [arena.allocate(n) for n in lengths]
+    private = [DenseKV.empty(3, n, Hkv, D, dtype, "cuda") for n in lengths]
+    halves = [n // 2 for n in lengths]
+    for first in (True, False):
+        pieces = [(kv, ids[:h], 0) if first else (kv, ids[h:], h)
+                  for kv, ids, h in zip(kvs, seqs, halves) if (h if first else ids.numel() - h)]
+        # Each slice's pieces take at most 1024 rows, so that they replay the graphs.
+        batch, rows = [], 0
+        for piece in pieces + [None]:
+            if piece is None or rows + piece[1].numel() > 1024:
+                torch.cuda.synchronize()
+                torch.cuda.set_sync_debug_mode("error")
+                try:
+                    arena.advance(batch)
+                finally:
+                    torch.cuda.set_sync_debug_mode(0)
+                batch, rows = [], 0
+            if piece is not None:
+                batch.append(piece)
+                rows += piece[1].numel()
+        for ids, buf, h in zip(seqs, private, halves):
+            a, b = (0, h) if first else (h, ids.numel())
+            if b > a:
+                ex.prefill_groups([RowGroup(ids[a:b], torch.arange(a, b, device="cuda"), buf)])
+    assert arena.graphs._entries.keys() == graphs.keys(), "a pass met a bucket not captured at start"
+    tol = dict(rtol=2e-2, atol=2e-2) if dtype == torch.bfloat16 else dict(rtol=1e-4, atol=1e-5)
+    for kv, p, n in zip(kvs, private, lengths):
+        keys, values = kv.copy_rows(0, n)
+        torch.testing.assert_close(keys, p.keys, **tol)
+        torch.testing.assert_close(values, p.values, **tol)

@@ -67,10 +67,13 @@ def test_prefill_equals_transformers_forward(ref, prompt):
 def test_rerotated_isolated_kv_equals_kv_computed_at_shifted_positions(ref, prompt):
     c0, c1 = CHUNKS[1]
     blend = ref.blend(prompt, CHUNKS)
+    # Equal up to float32 rounding, which differs between the two positions' rotations
+    # and between CPUs: up to 1.5e-5 on an AVX512 Xeon (values of magnitude ~8, weights
+    # at 0.3), where 1e-5 failed. 1e-4 stays 100x below what rotation changes (below).
     for start, end, keys, values in ref.pieces_at_shifted_positions(prompt, CHUNKS):
         for layer in range(ref.num_layers):
-            assert torch.allclose(blend.kv.keys[layer][start:end], keys[layer], atol=1e-5)
-            assert torch.allclose(blend.kv.values[layer][start:end], values[layer], atol=1e-5)
+            assert torch.allclose(blend.kv.keys[layer][start:end], keys[layer], atol=1e-4)
+            assert torch.allclose(blend.kv.values[layer][start:end], values[layer], atol=1e-4)
     # The comparison sees rotation: keys left at their isolated positions differ.
     unrotated = ref.blend(prompt, CHUNKS, rerotate=False)
     assert (unrotated.kv.keys[1][c0:c1] - blend.kv.keys[1][c0:c1]).abs().max() > 1e-2

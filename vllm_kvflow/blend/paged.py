@@ -349,6 +349,14 @@ class DenseKV:
     def read(self, layer: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.keys[layer, :length], self.values[layer, :length]
 
+    def copy_rows(self, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values of rows [start, stop), every layer: contiguous copies."""
+        return (self.keys[:, start:stop].clone(memory_format=torch.contiguous_format),
+                self.values[:, start:stop].clone(memory_format=torch.contiguous_format))
+
+    def release(self) -> None:
+        """Nothing to hand back: the buffer goes with its last reference."""
+
     def attend(self, layer: int, q: torch.Tensor, positions: torch.Tensor, length: int,
                scale: float) -> torch.Tensor:
         if not use_kernels(q):

@@ -199,9 +199,12 @@ class PassGraphs:
 
     def __init__(self, executor, keys: list[torch.Tensor], values: list[torch.Tensor],
                  block_size: int, scoring_layers: list[int], capture: bool | None = None,
-                 max_context: int | None = None):
+                 max_context: int | None = None, capture_while_serving: bool = True,
+                 pool_of: "PassGraphs | None" = None):
         """max_context: the longest context a request may have (vLLM's max_model_len);
-        by default every slot of the cache."""
+        by default every slot of the cache. capture_while_serving False: only
+        capture_recompute (engine start) captures; other buckets run eagerly. pool_of:
+        the graphs whose memory pool these share (passes never run at the same time)."""
         self.executor = executor
         self.keys, self.values = keys, values
         self.flat_keys = [k.view(-1, *k.shape[2:]) for k in keys]
@@ -214,6 +217,8 @@ class PassGraphs:
         self._entries: dict[tuple, tuple[_Buffers, object]] = {}
         self._recompute_buffers: _Buffers | None = None
         self._pool = None
+        self._pool_owner = pool_of or self
+        self.capture_while_serving = capture_while_serving
         self._full_logged = False
         self._at_start = False  # capture_recompute at engine start: captures log at DEBUG
 
@@ -326,7 +331,9 @@ class PassGraphs:
             buf = make_buffers()
             buf.fill(*fill_args)
             graph = self._capture(buf, kind) if key is not None else None
-            if key is not None:
+            # Kept, graph or not (a bucket past MAX_GRAPHS stays eager); except, where only
+            # the engine start captures, a bucket met first while serving.
+            if key is not None and (graph is not None or self.capture_while_serving):
                 self._entries[key] = (buf, graph)
         else:
             buf, graph = entry
@@ -340,7 +347,7 @@ class PassGraphs:
     def _capture(self, buf: _Buffers, kind: str):
         """A graph of the pass on these buffers; None (eager) where capture is off or
         fails, which is logged once per bucket."""
-        if not self.capture:
+        if not self.capture or not (self._at_start or self.capture_while_serving):
             return None
         if sum(graph is not None for _, graph in self._entries.values()) >= MAX_GRAPHS:
             if not self._full_logged:
@@ -357,11 +364,12 @@ class PassGraphs:
             torch.cuda.current_stream().wait_stream(stream)
             graph = torch.cuda.CUDAGraph()
             # One memory pool for every graph: they never run at the same time.
+            owner = self._pool_owner
             with graph_capture_stream(buf.ids.device) as capture_stream, torch.cuda.graph(
-                    graph, pool=self._pool, stream=capture_stream,
+                    graph, pool=owner._pool, stream=capture_stream,
                     capture_error_mode="thread_local"):
                 self._pass(buf, kind)
-            self._pool = graph.pool()
+            owner._pool = graph.pool()
         except Exception as e:  # noqa: BLE001 - the eager pass still works
             logger.warning("kvflow: %s-pass graph capture failed (%d rows), running eagerly: %s",
                            kind, buf.ids.numel(), e)

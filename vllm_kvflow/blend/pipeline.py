@@ -26,11 +26,12 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 import torch
 
-from vllm_kvflow.blend import pass_graphs
+from vllm_kvflow.blend import isolated_arena, pass_graphs
 from vllm_kvflow.blend.dense_batch import arena_order, dense_kv_many
 from vllm_kvflow.blend.executor import LayerwiseExecutor, RowGroup
 from vllm_kvflow.blend.glue import GlueCache
 from vllm_kvflow.blend.host_ints import device_ints
+from vllm_kvflow.blend.isolated_arena import ArenaKV, IsolatedArena, arena_rows
 from vllm_kvflow.blend.paged import DenseKV, PagedKV, use_kernels
 from vllm_kvflow.blend.pass_graphs import PassGraphs, PrefillItem
 from vllm_kvflow.blend.selection import Method, SelectionInput, budget_for, method, select
@@ -126,7 +127,7 @@ class IsolatedRun:
 
     task: IsolatedCompute
     ids: torch.Tensor
-    kv: DenseKV
+    kv: DenseKV | ArenaKV
     done: int = 0
 
     @property
@@ -134,10 +135,12 @@ class IsolatedRun:
         return int(self.ids.numel()) - self.done
 
     def entry(self) -> ChunkKV:
-        """The completed run's KV of its tokens (the sink's part dropped)."""
+        """The completed run's KV of its tokens (the sink's part dropped), copied out of
+        its buffer, which is then released."""
         sink = len(self.task.sink)
-        return ChunkKV(tuple(int(t) for t in self.task.token_ids), self.kv.keys[:, sink:].clone(),
-                       self.kv.values[:, sink:].clone(), local_start=sink)
+        keys, values = self.kv.copy_rows(sink, int(self.ids.numel()))
+        self.kv.release()
+        return ChunkKV(tuple(int(t) for t in self.task.token_ids), keys, values, local_start=sink)
 
 
 @dataclass
@@ -296,6 +299,7 @@ class BlendPipeline:
         self.sink_ids = tuple(sink_ids)
         self.glue = GlueCache()
         self._graphs: tuple[tuple, PassGraphs] | None = None
+        self._arena: IsolatedArena | None = None  # built at engine start (warm_up)
         self.scoring_layers = resolve_layers(config.scoring_layers, self.adapter.num_layers)
         cache, self.rotary_dim, self.is_neox = self.adapter.rope_cache()
         self.cos_sin = cache.float()
@@ -360,10 +364,11 @@ class BlendPipeline:
         return runs
 
     def start_isolated(self, tasks: list[IsolatedCompute]) -> list[IsolatedRun]:
-        """The isolated computes' buffers, to be filled in one or more slices. On the
-        kernel path they are slices of one shared buffer, so that the passes attend for
-        all of them at once; elsewhere nothing batches attention over such a buffer, and
-        each keeps its own."""
+        """The isolated computes' buffers, to be filled in one or more slices: pages of
+        the arena, where there is one and it has room (its passes replay CUDA graphs:
+        blend/isolated_arena.py); else, on the kernel path, slices of one buffer shared
+        by the rest, so that their pass still attends for all of them at once; elsewhere
+        nothing batches attention over such a buffer, and each keeps its own."""
         if not tasks:
             return []
         device = self.adapter.device
@@ -371,24 +376,34 @@ class BlendPipeline:
         dtype = next(self.adapter.model.parameters()).dtype
         ids = [device_ints(t.sink + tuple(t.token_ids), device) for t in tasks]
         caps = [x.numel() for x in ids]
-        args = (shape.num_kv_heads, shape.head_dim, dtype, device)
-        if use_kernels(ids[0]):
-            bufs = dense_kv_many(self.adapter.num_layers, caps, *args)
-        else:
-            bufs = [DenseKV.empty(self.adapter.num_layers, cap, *args) for cap in caps]
+        bufs: list = [self._arena.allocate(cap) if self._arena else None for cap in caps]
+        rest = [n for n, buf in enumerate(bufs) if buf is None]
+        if rest:
+            layers, rest_caps = self.adapter.num_layers, [caps[n] for n in rest]
+            args = (shape.num_kv_heads, shape.head_dim, dtype, device)
+            own = (dense_kv_many(layers, rest_caps, *args) if use_kernels(ids[0])
+                   else [DenseKV.empty(layers, cap, *args) for cap in rest_caps])
+            for n, buf in zip(rest, own):
+                bufs[n] = buf
         return [IsolatedRun(t, x, buf) for t, x, buf in zip(tasks, ids, bufs)]
 
     def advance_isolated(self, takes: list[tuple[IsolatedRun, int]]) -> None:
-        """The next `take` rows of each run, in one batched pass. Exact in slices: a row
-        attends only to earlier positions, which earlier slices have written."""
+        """The next `take` rows of each run: the arena's in its graphs' passes, the
+        others in one batched eager pass. Exact in slices: a row attends only to earlier
+        positions, which earlier slices have written."""
         device = self.adapter.device
-        groups = []
+        groups, pieces = [], []
         for run, take in arena_order(takes, lambda t: t[0].kv):
             if not 0 < take <= run.rows_left:  # past the buffer's end would write out of it
                 raise ValueError(f"kvflow: slice of {take} rows, {run.rows_left} left")
-            positions = torch.arange(run.done, run.done + take, device=device)
-            groups.append(RowGroup(run.ids[run.done:run.done + take], positions, run.kv,
-                                   length=run.done + take))
+            ids = run.ids[run.done:run.done + take]
+            if isinstance(run.kv, ArenaKV):
+                pieces.append((run.kv, ids, run.done))
+            else:
+                positions = torch.arange(run.done, run.done + take, device=device)
+                groups.append(RowGroup(ids, positions, run.kv, length=run.done + take))
+        if pieces:
+            self._arena.advance(pieces)
         self.executor.prefill_groups(groups)
         for run, take in takes:
             run.done += take
@@ -539,12 +554,13 @@ class BlendPipeline:
         job.result.chunks_exact = sum(seg.exact for seg in job.segments if seg.is_chunk)
 
     def captured_graphs(self) -> int:
-        """How many pass graphs this worker holds."""
-        return len(self._graphs[1]._entries) if self._graphs else 0
+        """How many pass graphs this worker holds (the isolated arena's included)."""
+        held = len(self._graphs[1]._entries) if self._graphs else 0
+        return held + (len(self._arena.graphs._entries) if self._arena else 0)
 
     # -- engine start ----------------------------------------------------------------------
     def warm_up(self, keys: list[torch.Tensor], values: list[torch.Tensor], block_size: int,
-                recompute_rows: int = 0) -> None:
+                recompute_rows: int = 0, isolated_rows: int = 0) -> None:
         """Compile, at engine start, every Triton kernel specialization serving can launch
         (the kernels' varying arguments are not specialized on and their constexpr
         sizes are fixed, so one call of each variant covers every later shape): the
@@ -552,8 +568,10 @@ class BlendPipeline:
         splits (and their merge), and both scoring kernels, through the passes that use
         them, on tiny inputs. Then, where capture is on, the recompute graphs of every
         row bucket up to recompute_rows (a step's blend budget: what a recompute pass
-        under load holds). Everything is written into vLLM's null block (block 0, never
-        read unmasked). No-op off the kernel path."""
+        under load holds), and, where it is on, the isolated arena with the graphs of
+        its passes up to isolated_rows (a step's isolated budget). Everything is
+        written into vLLM's null block (block 0, never read unmasked) or the arena's
+        null page. No-op off the kernel path."""
         kv = PagedKV(keys, values, torch.zeros(64, dtype=torch.long, device=keys[0].device), block_size)
         if not (kv.strided and use_kernels(keys[0])):
             return
@@ -586,8 +604,27 @@ class BlendPipeline:
         graphs.prefill_batch([PrefillItem(ids, torch.arange(4, device=device), 40, kv.block_ids)])
         self.executor.prefill_groups([RowGroup(ids, torch.arange(4, device=device), kv)])
         graphs.capture_recompute(recompute_rows)
+        if isolated_arena.enabled():
+            self._build_arena(graphs, isolated_rows, keys[0].dtype)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
+
+    def _build_arena(self, graphs: PassGraphs, isolated_rows: int, dtype) -> None:
+        """The isolated computes' arena and its graphs (blend/isolated_arena.py); where
+        the device has no room left for it, the computes keep their own buffers."""
+        shape = self.adapter.shape
+        rows = arena_rows(isolated_rows)
+        try:
+            arena = IsolatedArena(self.executor, self.adapter.num_layers, rows, shape.num_kv_heads,
+                                  shape.head_dim, dtype, self.adapter.device,
+                                  capture=graphs.capture, pool_of=graphs)
+        except torch.OutOfMemoryError:
+            logger.warning("kvflow: no device memory for the isolated arena (%d rows); isolated "
+                           "computes run eagerly", rows)
+            return
+        arena.capture(isolated_rows)
+        self._arena = arena
+        self.compute_isolated_many([((1, 2), self.sink_ids)])  # through the arena, as served
 
     # -- steps ----------------------------------------------------------------------------
     def _write_chunks(self, loads, kv: PagedKV) -> bool:

@@ -75,7 +75,8 @@ class KVFlowWorker:
             views = self._views
             if views["cls"] is PagedKV:
                 self._pipeline.warm_up(views["keys"], views["values"], views["block_size"],
-                                       recompute_rows=self._queue.budget.blend_rows)
+                                       recompute_rows=self._queue.budget.blend_rows,
+                                       isolated_rows=self._queue.budget.isolated_rows)
         except Exception as e:  # noqa: BLE001 - never fail the engine's start
             logger.warning("kvflow: warm-up at engine start failed (%s); kernels compile on first use", e)
             self._pipeline = self._queue = None
