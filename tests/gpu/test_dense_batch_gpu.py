@@ -19,18 +19,27 @@ pytestmark = [
 ]
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_shared_buffers_equal_private_buffers_on_the_gpu(dtype):
-    from vllm_kvflow.blend.dense_batch import SharedBatch, attention_plan, dense_kv_many
-    from vllm_kvflow.blend.executor import LayerwiseExecutor, RowGroup
-    from vllm_kvflow.blend.paged import DenseKV
+Hq, Hkv, D = 32, 8, 128
 
-    Hq, Hkv, D = 32, 8, 128
+
+def _toy_executor(dtype):
+    """The executor over a toy decoder on the GPU, Llama-8B's attention shape."""
+    from vllm_kvflow.blend.executor import LayerwiseExecutor
+
     toy = Toy(Hq, Hkv, D, hidden=64)
     toy.proj, toy.mix = (0.3 * toy.proj).to("cuda", dtype), (0.3 * toy.mix).to("cuda", dtype)
     embed = toy.embed
     toy.embed = lambda ids: embed(ids).to(dtype)
-    ex = LayerwiseExecutor(toy)
+    return LayerwiseExecutor(toy)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_shared_buffers_equal_private_buffers_on_the_gpu(dtype):
+    from vllm_kvflow.blend.dense_batch import SharedBatch, attention_plan, dense_kv_many
+    from vllm_kvflow.blend.executor import RowGroup
+    from vllm_kvflow.blend.paged import DenseKV
+
+    ex = _toy_executor(dtype)
     gen = torch.Generator().manual_seed(0)
     lengths = [int(x) for x in torch.randint(1, 600, (40,), generator=gen)]
     seqs = [torch.randint(0, 1000, (n,), generator=gen).cuda() for n in lengths]
@@ -57,16 +66,11 @@ def test_captured_arena_passes_equal_private_buffers_without_waiting(dtype):
     every bucket up to 1024 rows, give the same K/V as each compute alone in a private
     buffer (40 chunks of 1..600 rows over scattered pages, in two slices, so many passes
     of up to 31 computes), and queue their work without a host sync."""
-    from vllm_kvflow.blend.executor import LayerwiseExecutor, RowGroup
+    from vllm_kvflow.blend.executor import RowGroup
     from vllm_kvflow.blend.isolated_arena import IsolatedArena
     from vllm_kvflow.blend.paged import DenseKV
 
-    Hq, Hkv, D = 32, 8, 128
-    toy = Toy(Hq, Hkv, D, hidden=64)
-    toy.proj, toy.mix = (0.3 * toy.proj).to("cuda", dtype), (0.3 * toy.mix).to("cuda", dtype)
-    embed = toy.embed
-    toy.embed = lambda ids: embed(ids).to(dtype)
-    ex = LayerwiseExecutor(toy)
+    ex = _toy_executor(dtype)
     arena = IsolatedArena(ex, 3, 16384, Hkv, D, dtype, "cuda", capture=True)
     assert arena.capture(1024) > 0
     graphs = dict(arena.graphs._entries)

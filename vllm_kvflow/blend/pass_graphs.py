@@ -62,9 +62,10 @@ RECOMPUTE_BATCH = 31
 # No key splits in the recompute graphs: a table as wide as the longest context would
 # give splits that fall mostly beyond a request's keys.
 NO_SPLITS = {"splits": 1}
-# Graphs kept per worker. Each bucket's first replay pays its capture (an eager pass and
-# a capture pass); past this many, new buckets stay eager, so a server seeing every
-# size bucket does not keep paying captures (nor holding hundreds of graphs).
+# Graphs kept per PassGraphs (a worker has one, and one more over the isolated arena).
+# Each bucket's first replay pays its capture (an eager pass and a capture pass); past
+# this many, new buckets stay eager, so a server seeing every size bucket does not keep
+# paying captures (nor holding hundreds of graphs).
 MAX_GRAPHS = 128
 
 
