@@ -56,9 +56,9 @@ def arena_rows(step_rows: int) -> int:
 class ArenaKV:
     """One isolated compute's pages of the arena (its KV target while it runs)."""
 
-    def __init__(self, arena: "IsolatedArena", pages: list[int], capacity: int):
+    def __init__(self, arena: "IsolatedArena", pages: list[int]):
         # Not named `arena`: dense_batch reads that name as a shared buffer's tensors.
-        self.owner, self.pages, self.capacity = arena, pages, capacity
+        self.owner, self.pages = arena, pages
         self.block_ids = device_ints(pages, arena.device)
         # The pages return to the free list once, whichever comes first: release() or
         # this object's collection (a compute dropped with its last waiting request).
@@ -106,7 +106,7 @@ class IsolatedArena:
         if need > len(self._free):
             return None
         pages = [self._free.pop() for _ in range(need)]
-        return ArenaKV(self, pages, capacity)
+        return ArenaKV(self, pages)
 
     def free(self, pages: list[int]) -> None:
         self._free.extend(pages)
