@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The GPU engine runs, in the order they were made on a two-GPU machine (each step fits
 # one 10-minute device call; independent runs go side by side, one per GPU).
-#   bash benchmarks/gpu/suite.sh tests|engine|more|tp2|profile|batch|tp2check|load|loadapi|load64|arena|fleet|vision|quality MODELS OUT
-# MODELS: model dirs from prepare_models.py; OUT: where logs and JSON go.
+#   bash benchmarks/gpu/suite.sh tests|engine|more|tp2|profile|batch|tp2check|load|loadapi|load64|arena|arenastreams|arenaload|fleet|vision|quality MODELS OUT
+# MODELS: model dirs from prepare_models.py; OUT: where logs and JSON go. vLLM staged as
+# ../shared/gpu/README.md says, in the parts of resplit_stage.sh (which fit beside this tree).
 set -o pipefail
 step=$1 models=$2 out=$3
 here=$(dirname "$0")
@@ -62,6 +63,20 @@ case $step in
         "$models/llama-3.1-8b" --probe --probe-tokens 200 --burst 32 --burst-docs 8 --burst-doc-words 330 \
         --probe-repeats 5 --out "$out/probe_gpu_llama8b_arena${arena}_H200.json"
     done ;;
+  arenastreams)  # the arena's passes on a stream of their own (side, then background):
+                 # the same probe, one server start each
+    for stream in side background; do
+      KVFLOW_ISOLATED_ARENA=1 KVFLOW_SETTINGS="{\"log_steps_every_s\": 0.5, \"blend_stream\": \"$stream\"}" \
+        SERVE_ARGS="--api-server-count 4" TAG=arena_$stream bash "$here/run_engine_gpu.sh" load "$models" "$out" \
+        "$models/llama-3.1-8b" --probe --probe-tokens 200 --burst 32 --burst-docs 8 --burst-doc-words 330 \
+        --probe-repeats 5 --out "$out/probe_gpu_llama8b_arena_${stream}_H200.json"
+    done ;;
+  arenaload)  # C = 32 with the arena, four API servers (STREAM: blend_stream, default main)
+    KVFLOW_ISOLATED_ARENA=1 KVFLOW_SETTINGS="{\"blend_stream\": \"${STREAM:-main}\"}" \
+      SERVE_ARGS="--api-server-count 4" TAG=arenaload bash "$here/run_engine_gpu.sh" load "$models" "$out" \
+      "$models/llama-3.1-8b" --requests 300 --warmup 16 --docs 64 --docs-per-request 8 --doc-words 330 \
+      --zipf 1.1 --max-tokens 16 --concurrency 32 --methods full,none,infoflow --max-seconds 90 \
+      --out "$out/load_gpu_llama8b_c32_arena_${STREAM:-main}_H200.json" ;;
   fleet)  # two replicas (one per GPU), each store alone, then both on one Redis (the shared tier)
     bash "$here/fleet.sh" "$models" "$out" "${REDIS_DIR:-.redis}" --requests 300 --warmup 0 --docs 64 \
       --docs-per-request 8 --doc-words 330 --zipf 1.1 --max-tokens 16 --concurrency 32 --max-seconds 120 ;;

@@ -210,7 +210,7 @@ def test_bench_load_probe_smoke(server_process, tmp_path):
     server = server_process.base_url
     out = tmp_path / "probe.json"
     rc = load.main(["--server", server, "--probe", "--probe-tokens", "40", "--probe-repeats", "2",
-                    "--probe-delay", "0.2", "--burst", "3", "--burst-docs", "2",
+                    "--probe-warmup", "1", "--probe-delay", "0.2", "--burst", "3", "--burst-docs", "2",
                     "--burst-doc-words", "40", "--out", str(out)])
     probe = json.loads(out.read_text())["probe"]
     assert rc == 0 and probe["burst_errors"] == 0

@@ -172,7 +172,11 @@ def probe(client: KVFlowClient, args) -> dict:
                 ttft = time.perf_counter() - t0
         return {"ttft_s": ttft, "latency_s": time.perf_counter() - t0}
 
-    small()  # untimed: first-request costs
+    # Untimed: first-request costs, paid once per API server process (vLLM hands requests
+    # to its --api-server-count processes in turn); with one warm-up request, the first
+    # timed ones of a four-process server took 2-3x the later ones.
+    for _ in range(args.probe_warmup):
+        small()
     alone = [small() for _ in range(args.probe_repeats)]
     # Fresh documents (never seen by the server: every chunk a miss), worded like the
     # pool's, each opened by a tag unique to this run.
@@ -347,6 +351,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--probe", action="store_true", help="measure a small request during a miss burst")
     p.add_argument("--probe-tokens", type=int, default=200)
     p.add_argument("--probe-repeats", type=int, default=5)
+    p.add_argument("--probe-warmup", type=int, default=8,
+                   help="untimed small requests before the timed ones (at least one per API server)")
     p.add_argument("--probe-delay", type=float, default=1.0, help="seconds into the burst")
     p.add_argument("--burst", type=int, default=32, help="all-miss requests in the burst")
     p.add_argument("--burst-docs", type=int, default=8, help="fresh documents per burst request")

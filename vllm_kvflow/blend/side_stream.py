@@ -26,7 +26,10 @@ C = 32 the blend work ran at about half the rate (infoflow 2.89x full's throughp
 against 3.22x). Two variants did worse: two steps in flight (the forwards then shared
 the GPU with more blend work: 17x on a slower host), and reporting loads at once with
 vLLM's stream made to wait for their work (a forward then waited for two steps of it:
-16x, throughput unchanged). Hence opt-in.
+16x, throughput unchanged). Hence opt-in. With the isolated arena (isolated_arena.py),
+whose passes cost the host almost nothing, the probe took 1.8x its time alone against
+4.7x on vLLM's stream, at 2.85x against 2.99x full's throughput; but one C = 8 load run
+stopped making progress on this stream (not diagnosed: README, "Under load").
 
 Without a stream (the default "main"; CPU engines; several tensor-parallel ranks, whose
 collectives must run in one order on every rank) everything runs inline on the current
