@@ -2,10 +2,14 @@
 engine core, each worker), possibly more than once: everything here is idempotent."""
 from __future__ import annotations
 
+import faulthandler
 import logging
+import signal
+import threading
 
 CONNECTOR_NAME = "KVFlowConnector"
 CONNECTOR_MODULE = "vllm_kvflow.connector.connector"
+_stack_dumps_set = False  # stack_dumps_on_sigusr1 ran in this process
 
 
 def register() -> None:
@@ -15,6 +19,7 @@ def register() -> None:
         KVConnectorFactory.register_connector(CONNECTOR_NAME, CONNECTOR_MODULE, CONNECTOR_NAME)
 
     log_through_vllm()
+    stack_dumps_on_sigusr1()
 
     from vllm_kvflow.patches import model_hook
 
@@ -41,6 +46,23 @@ def connector_settings(vllm_config) -> dict | None:
                            or getattr(kvt, "kv_connector_module_path", None) == CONNECTOR_MODULE):
         return None
     return getattr(kvt, "kv_connector_extra_config", None) or {}
+
+
+def stack_dumps_on_sigusr1() -> bool:
+    """`kill -USR1 PID` then prints every thread's Python stack to that process's stderr
+    (a server's log) and the process goes on: how a stalled engine is looked into
+    without stopping it (benchmarks/gpu/run_engine_gpu.sh does it when a load run
+    times out). Only from the main thread (where signal handlers are set) and where
+    no Python handler has SIGUSR1; whether this call set it (once per process:
+    faulthandler's handler is invisible to signal.getsignal)."""
+    global _stack_dumps_set
+    if _stack_dumps_set or not hasattr(signal, "SIGUSR1") \
+            or threading.current_thread() is not threading.main_thread() \
+            or signal.getsignal(signal.SIGUSR1) != signal.SIG_DFL:
+        return False
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
+    _stack_dumps_set = True
+    return True
 
 
 def log_through_vllm() -> None:

@@ -36,8 +36,18 @@ case $what in
     done
     echo "server up in $(python3 -c "print(round($(date +%s.%N) - $t0, 1))") s"
     grep -h "kvflow: pipeline ready" "$log" | tail -n 1
-    bash "$env_sh" python3 -m vllm_kvflow.cli bench load --server "http://127.0.0.1:$port" "$@" 2>&1 \
-      | grep -v "INFO\|WARNING"
+    # LOAD_TIMEOUT_S: past it, every server process prints its threads' Python stacks
+    # into the log (the plugin's SIGUSR1 handler) and the stacks are shown: a stall is
+    # seen where it stands instead of being killed blind at the device call's limit.
+    timeout "${LOAD_TIMEOUT_S:-0}" bash "$env_sh" python3 -m vllm_kvflow.cli bench load \
+      --server "http://127.0.0.1:$port" "$@" 2>&1 | grep -v "INFO\|WARNING"
+    if [ "${PIPESTATUS[0]}" = 124 ]; then
+      echo "bench load timed out after $LOAD_TIMEOUT_S s: the server's Python stacks"
+      descendants() { local c; for c in $(pgrep -P "$1"); do echo "$c"; descendants "$c"; done; }
+      for p in $srv $(descendants $srv); do kill -USR1 "$p" 2>/dev/null; done
+      sleep 3
+      grep -A25 "^Current thread\|^Thread 0x" "$log" | grep -v "site-packages/torch\|threading.py" | tail -n 150
+    fi
     grep -c "Triton\|JIT\|compil" "$log" | sed 's/^/log lines mentioning Triton\/JIT\/compile after start: /'
     sed -n '/kvflow: pipeline ready/,$p' "$log" | grep -c "pass graph captured for" \
       | sed 's/^/pass graphs captured while serving: /'
