@@ -173,12 +173,23 @@ def check_concurrent(llm, tok, n: int = 24) -> dict:
                for a, b, sa, sb in zip(together, alone, st_together, st_alone))
     same_selection = sum(sa.get("selected_positions") == sb.get("selected_positions")
                          for sa, sb in zip(st_together, st_alone))
+    # How far apart differing selections are: rounding flips near-ties at the budget's
+    # edge (a few positions of a request), a defect changes many.
+    overlap = [_jaccard(sa.get("selected_positions"), sb.get("selected_positions"))
+               for sa, sb in zip(st_together, st_alone)]
     return {"requests": n, "identical": same, "vllm_floor_identical": floor,
             "same_selection": same_selection,
+            "selection_overlap_min": min(overlap), "selection_overlap_mean": sum(overlap) / n,
             "misses_together": sum(s["chunks_missed"] for s in st_together),
             "max_batched_with": max(s.get("batched_with", 0) for s in st_together),
             "fallbacks": sum(bool(s.get("fallback")) for s in st_together + st_alone),
             "ok": same >= floor and not any(s.get("fallback") for s in st_together + st_alone)}
+
+
+def _jaccard(a, b) -> float:
+    """|a & b| / |a | b| of two selections (position lists); 1.0 when both are empty."""
+    a, b = set(a or ()), set(b or ())
+    return len(a & b) / len(a | b) if a | b else 1.0
 
 
 def _randomize_on_worker(worker) -> None:
@@ -256,7 +267,9 @@ def main() -> int:
     print(f"  {c['requests']} concurrent requests (cold store: {c['misses_together']} misses, "
           f"passes batched up to {c['max_batched_with'] + 1} requests): {c['identical']} identical "
           f"to one at a time (vLLM's own full prefill: {c['vllm_floor_identical']}), "
-          f"{c['fallbacks']} fallbacks")
+          f"{c['fallbacks']} fallbacks; same selection {c['same_selection']}/{c['requests']}, "
+          f"overlap of the selections min {c['selection_overlap_min']:.3f} / mean "
+          f"{c['selection_overlap_mean']:.3f}")
     ok &= k["ok"] and k["values_equal"] and report["partial"]["ok"] and c["ok"]
     report["pass"] = bool(ok)
     with open(args.out, "w") as f:

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU engine runs, in the order they were made on a two-GPU machine (each step fits
 # one 10-minute device call; independent runs go side by side, one per GPU).
-#   bash benchmarks/gpu/suite.sh tests|engine|more|tp2|profile|batch|tp2check|load|loadapi|load64|arena|arenastreams|arenaload|fleet|vision|quality MODELS OUT
+#   bash benchmarks/gpu/suite.sh tests|engine|more|tp2|profile|batch|tp2check|load|loadapi|load64|arena|arenastreams|arenaload|concurrent|fleet|vision|quality MODELS OUT
 # MODELS: model dirs from prepare_models.py; OUT: where logs and JSON go. vLLM staged as
 # ../shared/gpu/README.md says, in the parts of resplit_stage.sh (which fit beside this tree).
 set -o pipefail
@@ -85,6 +85,13 @@ case $step in
     bash "$here/env.sh" python3 -m pytest tests/gpu/test_vision_encoder_gpu.py -q 2>&1 | tail -n 15
     bash "$here/env.sh" python3 benchmarks/gpu/vision_encoder_bench.py \
       --out "$out/vision_encoder_H200.json" 2>&1 | grep -v " INFO \| WARNING " | tail -n 20 ;;
+  concurrent)  # the concurrency check alone in fp16 and in fp32 (Llama-8B shape): if fp32
+               # selections agree where fp16's differ, the fp16 failure is rounding at
+               # near-ties of random weights, not a defect of the batched passes
+    for dt in float16 float32; do
+      bash "$here/env.sh" python3 "$here/engine_check.py" --model "$models/llama-3.1-8b" --dtype $dt \
+        --only-concurrent --out "$out/check_concurrent_$dt.json" 2>&1 | grep -A3 "^$models" | tail -n 3
+    done ;;
   tp2check)  # the tensor-parallel exactness check alone
     CHECK_MODELS=llama-3.1-8b TAG=tp2 bash "$here/run_engine_gpu.sh" check "$models" "$out/check" --dtype float16 --tp 2 ;;
   quality)  # real SmolLM2-135M-Instruct weights (bf16), both question sets side by side on
