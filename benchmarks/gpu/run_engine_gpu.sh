@@ -46,7 +46,7 @@ case $what in
       descendants() { local c; for c in $(pgrep -P "$1"); do echo "$c"; descendants "$c"; done; }
       for p in $srv $(descendants $srv); do kill -USR1 "$p" 2>/dev/null; done
       sleep 3
-      grep -A25 "^Current thread\|^Thread 0x" "$log" | grep -v "site-packages/torch\|threading.py" | tail -n 150
+      grep -A25 "Current thread 0x\|Thread 0x" "$log" | grep -v "site-packages/torch\|threading.py" | tail -n 150
     fi
     grep -c "Triton\|JIT\|compil" "$log" | sed 's/^/log lines mentioning Triton\/JIT\/compile after start: /'
     sed -n '/kvflow: pipeline ready/,$p' "$log" | grep -c "pass graph captured for" \
