@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -237,3 +238,25 @@ def test_bench_load_settings_only_for_a_spawned_server(server, capsys):
         with pytest.raises(SystemExit) as e:
             load.main(bad)
         assert e.value.code == 2 and message in capsys.readouterr().err, bad
+
+
+def test_sigusr1_prints_the_servers_stacks_and_it_keeps_serving(server_process, client):
+    """`kill -USR1` on the API server and on its engine core (the plugin's handler,
+    README "Serving"): each prints its Python stacks into the server log, and the server
+    still answers."""
+    import psutil
+
+    api = psutil.Process(server_process.proc.pid)
+    engines = [p for p in api.children(recursive=True)
+               if "EngineCore" in p.name() or any("EngineCore" in a for a in p.cmdline())]
+    assert engines, [(p.name(), p.cmdline()[:3]) for p in api.children(recursive=True)]
+    before = server_process.log_path.read_text().count("Current thread 0x")
+    for proc in [api, *engines]:
+        proc.send_signal(signal.SIGUSR1)
+    deadline = time.monotonic() + 10
+    while (server_process.log_path.read_text().count("Current thread 0x") < before + 1 + len(engines)
+           and time.monotonic() < deadline):
+        time.sleep(0.2)
+    assert server_process.log_path.read_text().count("Current thread 0x") == before + 1 + len(engines)
+    r = client.query("What is the capital of Zorbia?", _docs("sigusr1"), max_tokens=2)
+    assert r.stats["chunks"] == 3 and api.is_running() and all(p.is_running() for p in engines)
