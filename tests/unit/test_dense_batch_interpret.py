@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from interpreter_child import require_interpreter_child, run_interpreter_child
-from toy_decoder import Toy
+from toy_decoder import Toy, token_ids
 
 
 def test_dense_batch_under_triton_interpreter():
@@ -23,10 +23,6 @@ def test_dense_batch_under_triton_interpreter():
 @pytest.fixture(scope="module")
 def interp():
     require_interpreter_child("test_dense_batch_under_triton_interpreter")
-
-
-def _ids(n, seed):
-    return torch.randint(0, 1000, (n,), generator=torch.Generator().manual_seed(seed))
 
 
 def _groups(spans, bufs, seqs):
@@ -53,7 +49,7 @@ def test_interp_shared_buffers_equal_private_buffers_in_slices(interp, lengths, 
 
     Hq, Hkv, D = 4, 2, 32
     ex = LayerwiseExecutor(Toy(Hq, Hkv, D))
-    seqs = [_ids(n, seed) for seed, n in enumerate(lengths)]
+    seqs = [token_ids(n, seed) for seed, n in enumerate(lengths)]
     shared = dense_kv_many(3, lengths, Hkv, D, torch.float32, "cpu")
     private = [_private(n, Hkv, D) for n in lengths]
     halves = [n // 2 for n in lengths]
@@ -77,7 +73,7 @@ def test_interp_a_private_buffer_between_shared_runs_splits_the_plan(interp):
     Hq, Hkv, D = 4, 2, 32
     ex = LayerwiseExecutor(Toy(Hq, Hkv, D))
     lengths = [20, 9, 30, 17, 25]
-    seqs = [_ids(n, seed) for seed, n in enumerate(lengths)]
+    seqs = [token_ids(n, seed) for seed, n in enumerate(lengths)]
     a = dense_kv_many(3, lengths[:2], Hkv, D, torch.float32, "cpu")
     b = dense_kv_many(3, lengths[3:], Hkv, D, torch.float32, "cpu")
     bufs = a + [_private(lengths[2], Hkv, D)] + b

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from interpreter_child import require_interpreter_child, run_interpreter_child
-from toy_decoder import Toy
+from toy_decoder import Toy, token_ids
 
 Hq, Hkv, D = 4, 2, 32
 
@@ -28,10 +28,6 @@ def test_isolated_arena_under_triton_interpreter():
 @pytest.fixture(scope="module")
 def interp():
     require_interpreter_child("test_isolated_arena_under_triton_interpreter")
-
-
-def _ids(n, seed):
-    return torch.randint(0, 1000, (n,), generator=torch.Generator().manual_seed(seed))
 
 
 def _arena(ex, rows, **kw):
@@ -72,7 +68,7 @@ def test_interp_arena_computes_in_slices_equal_private_computes(interp):
     lengths.append(33)
     # Pages 1-3 again, handed out in reverse: a table that runs backwards.
     assert kvs[-1].pages == [3, 2, 1] and 0 not in sum((kv.pages for kv in kvs), [])
-    seqs = [_ids(n, seed) for seed, n in enumerate(lengths)]
+    seqs = [token_ids(n, seed) for seed, n in enumerate(lengths)]
     halves = [n // 2 for n in lengths]
     arena.advance([(kv, ids[:h], 0) for kv, ids, h in zip(kvs, seqs, halves)])
     arena.advance([(kv, ids[h:], h) for kv, ids, h in zip(kvs, seqs, halves)])
@@ -100,7 +96,7 @@ def test_interp_passes_are_cut_to_the_largest_bucket_and_the_batch(interp, monke
                         or real(items))
     lengths = [70, 3, 4, 5, 6]
     kvs = [arena.allocate(n) for n in lengths]
-    seqs = [_ids(n, 10 + seed) for seed, n in enumerate(lengths)]
+    seqs = [token_ids(n, 10 + seed) for seed, n in enumerate(lengths)]
     arena.advance([(kv, ids, 0) for kv, ids in zip(kvs, seqs)])
     assert passes == [[(0, 32)], [(32, 32)], [(64, 6), (0, 3), (0, 4)], [(0, 5), (0, 6)]]
     for kv, ids in zip(kvs, seqs):
@@ -119,7 +115,7 @@ def test_interp_pipeline_uses_the_arena_where_it_has_room(interp):
 
     ex = LayerwiseExecutor(Toy(Hq, Hkv, D))
     pipe = BlendPipeline(ex, None, SimpleNamespace(scoring_layers=None, seed=0), "toy", (7,))
-    items = [(tuple(int(t) for t in _ids(n, 20 + n)), (7,)) for n in (30, 50, 12)]
+    items = [(tuple(int(t) for t in token_ids(n, 20 + n)), (7,)) for n in (30, 50, 12)]
     without = pipe.compute_isolated_many(items)
     pipe._arena = _arena(ex, 96)  # room for the first two (2 + 4 pages), not the third
     free = pipe._arena.free_rows

@@ -7,6 +7,11 @@ from __future__ import annotations
 import torch
 
 
+def token_ids(n: int, seed: int) -> torch.Tensor:
+    """n random token ids in [0, 1000) (the toy embeds any id), the same for the same seed."""
+    return torch.randint(0, 1000, (n,), generator=torch.Generator().manual_seed(seed))
+
+
 class Toy:
     """The adapter surface the executor uses: 3 'layers' that are attention plus a mix."""
 
