@@ -64,6 +64,10 @@ class KVFlowConfig:
     # Log, every this many seconds, the engine's step periods and the connector's host
     # time per step as the worker sees them (blend/step_log.py); None: off.
     log_steps_every_s: float | None = None
+    # When no engine step finishes for this many seconds while blend work is pending,
+    # log what was pending and every thread's Python stack (blend/stall_watch.py),
+    # once per stall; None: off.
+    stall_report_s: float | None = 120.0
     # Blend work one engine step may carry (loads are asynchronous: vLLM keeps
     # scheduling other requests meanwhile), in rows through the model's layers: the
     # signal and recompute passes of ready requests, and the isolated computes of store
@@ -128,7 +132,7 @@ class KVFlowConfig:
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise ValueError(f"kvflow: {name} must be a positive integer or null, got {value!r}")
-        for name in ("max_blend_ms_per_step", "log_steps_every_s"):
+        for name in ("max_blend_ms_per_step", "log_steps_every_s", "stall_report_s"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
                                       or not value > 0):

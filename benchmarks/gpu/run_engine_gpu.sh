@@ -48,6 +48,7 @@ case $what in
       sleep 3
       grep -A25 "Current thread 0x\|Thread 0x" "$log" | grep -v "site-packages/torch\|threading.py" | tail -n 150
     fi
+    grep -A80 "no engine step finished" "$log" | grep -v "site-packages/torch\|threading.py" | head -n 120
     grep -c "Triton\|JIT\|compil" "$log" | sed 's/^/log lines mentioning Triton\/JIT\/compile after start: /'
     sed -n '/kvflow: pipeline ready/,$p' "$log" | grep -c "pass graph captured for" \
       | sed 's/^/pass graphs captured while serving: /'

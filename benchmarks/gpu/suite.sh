@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU engine runs, in the order they were made on a two-GPU machine (each step fits
 # one 10-minute device call; independent runs go side by side, one per GPU).
-#   bash benchmarks/gpu/suite.sh tests|engine|more|tp2|profile|batch|tp2check|load|loadapi|load64|arena|arenastreams|arenaload|concurrent|fleet|vision|quality MODELS OUT
+#   bash benchmarks/gpu/suite.sh tests|engine|more|tp2|profile|batch|tp2check|load|loadapi|load64|arena|arenastreams|arenaload|arenabudget|sidec8|concurrent|fleet|vision|quality MODELS OUT
 # MODELS: model dirs from prepare_models.py; OUT: where logs and JSON go. vLLM staged as
 # ../shared/gpu/README.md says, in the parts of resplit_stage.sh (which fit beside this tree).
 set -o pipefail
@@ -77,6 +77,31 @@ case $step in
       "$models/llama-3.1-8b" --requests 300 --warmup 16 --docs 64 --docs-per-request 8 --doc-words 330 \
       --zipf 1.1 --max-tokens 16 --concurrency 32 --methods full,none,infoflow --max-seconds 90 \
       --out "$out/load_gpu_llama8b_c32_arena_${STREAM:-main}_H200.json" ;;
+  arenabudget)  # smaller step budgets on `main` with the arena (BUDGETS, default "512 256": rows
+                # per step for isolated computes and for blend passes alike): the burst probe
+                # for each, C = 32 for the first (one server start each, step lines on)
+    first=1
+    for b in ${BUDGETS:-512 256}; do
+      settings="{\"log_steps_every_s\": 0.5, \"max_isolated_tokens_per_step\": $b, \"max_blend_tokens_per_step\": $b}"
+      KVFLOW_SETTINGS=$settings SERVE_ARGS="--api-server-count 4" TAG=budget${b}probe LOAD_TIMEOUT_S=150 \
+        bash "$here/run_engine_gpu.sh" load "$models" "$out" "$models/llama-3.1-8b" --probe --probe-tokens 200 \
+        --burst 32 --burst-docs 8 --burst-doc-words 330 --probe-repeats 5 \
+        --out "$out/probe_gpu_llama8b_arena_budget${b}_H200.json"
+      [ $first = 1 ] && KVFLOW_SETTINGS=$settings SERVE_ARGS="--api-server-count 4" TAG=budget${b}load \
+        LOAD_TIMEOUT_S=240 bash "$here/run_engine_gpu.sh" load "$models" "$out" "$models/llama-3.1-8b" \
+        --requests 300 --warmup 16 --docs 64 --docs-per-request 8 --doc-words 330 --zipf 1.1 --max-tokens 16 \
+        --concurrency 32 --methods full,none,infoflow --max-seconds 90 \
+        --out "$out/load_gpu_llama8b_c32_arena_budget${b}_H200.json"
+      first=0
+    done ;;
+  sidec8)  # the C = 8 run that stalled on `side` with the arena, step lines and per-request
+           # stats in the log; the engine reports a stall of 30 s itself (stall_report_s), and
+           # past LOAD_TIMEOUT_S every server process is asked for its Python stacks
+    KVFLOW_SETTINGS='{"blend_stream": "side", "log_steps_every_s": 1.0, "log_stats": true, "stall_report_s": 30}' \
+      SERVE_ARGS="--api-server-count 4" TAG=c8side LOAD_TIMEOUT_S=${LOAD_TIMEOUT_S:-180} \
+      bash "$here/run_engine_gpu.sh" load "$models" "$out" "$models/llama-3.1-8b" --requests 300 --warmup 16 \
+      --docs 64 --docs-per-request 8 --doc-words 330 --zipf 1.1 --max-tokens 16 --concurrency 8 \
+      --methods full,none,infoflow --max-seconds 50 --out "$out/load_gpu_llama8b_c8_arena_side_H200.json" ;;
   fleet)  # two replicas (one per GPU), each store alone, then both on one Redis (the shared tier)
     bash "$here/fleet.sh" "$models" "$out" "${REDIS_DIR:-.redis}" --requests 300 --warmup 0 --docs 64 \
       --docs-per-request 8 --doc-words 330 --zipf 1.1 --max-tokens 16 --concurrency 32 --max-seconds 120 ;;

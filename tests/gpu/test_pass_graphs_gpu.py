@@ -251,3 +251,37 @@ def test_engine_start_capture_serves_every_later_recompute():
         for captured, want in zip(graphs.keys + graphs.values, reference):
             torch.testing.assert_close(captured[block_ids], want[block_ids], rtol=2e-2, atol=2e-2)
     assert set(graphs._entries) == entries, "serving met a bucket the engine start did not capture"
+
+
+def test_engine_start_scoring_capture_serves_later_scores():
+    """capture_scoring (engine start) captures the scoring graphs of short questions for
+    every context and batch bucket; batches of 1 to 16 requests with questions of up to
+    64 tokens then replay them (no new entry) and equal each request's eager score, and
+    no cache slot but the null block's changed at the capture."""
+    from vllm_kvflow.blend.paged import PagedKV
+    from vllm_kvflow.blend.pass_graphs import PassGraphs, ScoreItem, score_buckets
+
+    ex, keys, values, block_ids, BS = _setup(torch.bfloat16, seed=6)
+    graphs = PassGraphs(ex, _clone(keys), _clone(values), BS, [1, 2], max_context=9600)
+    before = [x.clone() for x in graphs.keys + graphs.values]
+    assert graphs.capture_scoring(64, limit=100) == len(score_buckets(64, 9600, BS)) == 60
+    assert all(graph is not None for _, graph in graphs._entries.values()), "capture failed"
+    for after, want in zip(graphs.keys + graphs.values, before):
+        torch.testing.assert_close(after[1:], want[1:], rtol=0, atol=0)
+    entries = set(graphs._entries)
+    gen = torch.Generator().manual_seed(6)
+    for count in (1, 5, 16):
+        per = block_ids.numel() // count
+        items, eager = [], []
+        for b in range(count):
+            blocks = block_ids[b * per:(b + 1) * per]
+            context = int(torch.randint(100, min(per * BS, 9000) - 70, (1,), generator=gen))
+            n = int(torch.randint(1, 65, (1,), generator=gen))
+            ids = torch.arange(10 * b, 10 * b + n, device="cuda") % 1000
+            kv = PagedKV([x.clone() for x in graphs.keys], [x.clone() for x in graphs.values], blocks, BS)
+            eager.append(ex.score(ids, torch.arange(context + 2, context + 2 + n, device="cuda"), kv,
+                                  context, [1, 2]))
+            items.append(ScoreItem(ids, context + 2, context, blocks))
+        for got, want in zip(graphs.score_batch(items), eager):
+            torch.testing.assert_close(got, want, rtol=2e-2, atol=1e-4)
+    assert set(graphs._entries) == entries, "serving met a scoring bucket the engine start did not capture"

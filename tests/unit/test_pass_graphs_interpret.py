@@ -195,6 +195,39 @@ def test_interp_engine_start_captures_every_recompute_bucket_writing_only_the_nu
                                                     torch.tensor(BATCH_BLOCKS[0]))])
 
 
+def test_interp_engine_start_captures_scoring_buckets_writing_only_the_null_block(interp, monkeypatch):
+    """capture_scoring (engine start) runs each scoring bucket's pass once on padding
+    only, smallest context first, up to its limit: no cache slot changes but the null
+    block's, and a request meeting a captured bucket then replays it (no capture while
+    serving) with the eager score."""
+    import vllm_kvflow.blend.pass_graphs as pg
+    from vllm_kvflow.blend.executor import LayerwiseExecutor
+    from vllm_kvflow.blend.paged import PagedKV
+
+    keys, values = _layers(22, 16, 2, 32, seed=10)
+    original = _clone(keys + values)
+    ex = LayerwiseExecutor(Toy(4, 2, 32))
+    graphs = pg.PassGraphs(ex, keys, values, 16, [1, 2], capture=True, max_context=100)
+    captured = []
+    monkeypatch.setattr(graphs, "_capture", lambda buf, kind: captured.append((kind, buf.batch)))
+    assert pg.score_buckets(16, 100, 16) == [(16, 2048, b) for b in (1, 2, 4, 8, 16)]
+    assert graphs.capture_scoring(16, limit=3) == 3
+    assert captured == [("score", 1), ("score", 2), ("score", 4)]
+    assert graphs.capture_scoring(16, limit=3) == 0  # already there
+    for after, before in zip(keys + values, original):
+        assert torch.equal(after[1:], before[1:])
+    # Two requests of 9-token questions: the (16 rows, 2048 keys, 2 requests) bucket.
+    ids = torch.arange(40, 49)
+    items = [pg.ScoreItem(ids, 60, 57, torch.tensor(BATCH_BLOCKS[0])),
+             pg.ScoreItem(ids + 1, 40, 37, torch.tensor(BATCH_BLOCKS[1]))]
+    eager = [ex.score(it.ids, torch.arange(it.q0, it.q0 + 9), PagedKV(
+        _clone(keys), _clone(values), it.block_ids, 16), it.context_len, [1, 2]) for it in items]
+    got = graphs.score_batch(items)
+    assert len(captured) == 3, "a bucket captured at start was captured again"
+    for g, e in zip(got, eager):
+        torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-7)
+
+
 def test_interp_capture_switch(interp, monkeypatch):
     """Graphs on CUDA unless KVFLOW_GRAPHS=0; off CUDA the passes always run eagerly."""
     import types

@@ -22,7 +22,9 @@ are padded with block 0; padding requests have no rows.
 - Scoring graphs are keyed by (row bucket, context bucket, batch bucket). Each request
   has a fixed slot of rows (its bucket), so the per-request scoring calls see static
   slices; its few rows need key splits to fill the GPU, and the splits depend on the
-  context, hence the context bucket.
+  context, hence the context bucket. Those of short questions are captured at engine
+  start (capture_scoring), every context and batch bucket; a longer question's on
+  first use.
 - Recompute graphs are keyed by their row bucket alone: the requests' rows are packed
   one after another, the batch always has RECOMPUTE_BATCH request slots (padding ones
   cost nothing), the block table is as wide as the longest context (the attention reads
@@ -90,6 +92,23 @@ def recompute_buckets(max_rows: int) -> list[int]:
     while buckets[-1] < last:
         buckets.append(prefill_bucket(buckets[-1] + 1))
     return buckets
+
+
+def score_buckets(max_question: int, max_context: int, block_size: int) -> list[tuple[int, int, int]]:
+    """The (question slot, context bucket, batch bucket) of every scoring graph that a
+    question of up to max_question tokens, over contexts of up to max_context tokens,
+    can meet: smallest contexts first (the common ones, and the first kept where a
+    capture budget cuts the list)."""
+    lo = max(MIN_CONTEXT, block_size)
+    slots = [s for s in (1 << i for i in range(4, 9)) if s <= _pow2(max(1, max_question), SCORE_ROWS[0])]
+    out = []
+    context = lo
+    while True:
+        out += [(slot, context, batch) for slot in slots for batch in (1 << i for i in range(5))
+                if batch <= SCORE_BATCH]
+        if context >= max_context:
+            return out
+        context *= 2
 
 
 def enabled() -> bool:
@@ -303,6 +322,35 @@ class PassGraphs:
         try:
             for rows in recompute_buckets(max_rows):  # one request of one padding row
                 self._recompute(rows, [0], [zero], [zero], [zero - 1], [zero], [0])
+        finally:
+            self._at_start = False
+        return len(self._entries) - before
+
+    def capture_scoring(self, max_question: int, limit: int) -> int:
+        """Capture now (engine start) the scoring graphs of questions of up to
+        max_question tokens (score_buckets), at most `limit` of them; how many were
+        captured. Serving would otherwise capture each bucket on first use: ~40 ms of
+        eager pass and capture inside a step, with a device-wide sync (torch.cuda.graph),
+        in the step of every request that meets a new one. Each capture runs one
+        padding-only pass: rows at attention position -1, no context column, writes to
+        the null block's slot 0 only."""
+        if not self.capture:
+            return 0
+        device = self.keys[0].device
+        before = len(self._entries)
+        self._at_start = True
+        try:
+            for slot, context, batch in score_buckets(max_question, self.max_blocks * self.block_size,
+                                                      self.block_size)[:max(0, limit)]:
+                key = ("score", slot * batch, context, batch)
+                if key in self._entries:
+                    continue
+                one = [torch.zeros(1, dtype=torch.long, device=device)] * batch
+                self._replay(
+                    "score", key,
+                    lambda: _Buffers.empty(slot * batch, context, batch, self.block_size, device, scores=True),
+                    [b * slot for b in range(batch)], one, one, [o - 1 for o in one], one,
+                    [0] * batch, [0] * batch, [b * slot for b in range(batch + 1)])
         finally:
             self._at_start = False
         return len(self._entries) - before

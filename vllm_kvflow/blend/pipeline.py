@@ -41,6 +41,11 @@ from vllm_kvflow.store import ChunkKV, ChunkStore, chunk_key
 
 logger = logging.getLogger("vllm_kvflow")
 
+# Questions (with their generation prompt) of up to this many tokens have their scoring
+# graphs captured at engine start, for every context and batch bucket (longer ones on
+# first use while serving): RAG questions are mostly a sentence or two.
+START_SCORE_QUESTION = 64
+
 
 @dataclass
 class LoadPlan:
@@ -568,7 +573,8 @@ class BlendPipeline:
         splits (and their merge), and both scoring kernels, through the passes that use
         them, on tiny inputs. Then, where capture is on, the recompute graphs of every
         row bucket up to recompute_rows (a step's blend budget: what a recompute pass
-        under load holds), and, where it is on, the isolated arena with the graphs of
+        under load holds) and the scoring graphs of questions of up to
+        START_SCORE_QUESTION tokens, and, where it is on, the isolated arena with the graphs of
         its passes up to isolated_rows (a step's isolated budget). Everything is
         written into vLLM's null block (block 0, never read unmasked) or the arena's
         null page. No-op off the kernel path."""
@@ -604,6 +610,7 @@ class BlendPipeline:
         graphs.prefill_batch([PrefillItem(ids, torch.arange(4, device=device), 40, kv.block_ids)])
         self.executor.prefill_groups([RowGroup(ids, torch.arange(4, device=device), kv)])
         graphs.capture_recompute(recompute_rows)
+        graphs.capture_scoring(START_SCORE_QUESTION, pass_graphs.MAX_GRAPHS // 2)
         if isolated_arena.enabled():
             self._build_arena(graphs, isolated_rows, keys[0].dtype)
         if device.type == "cuda":

@@ -106,6 +106,11 @@ class BlendStream:
         else:
             self._pending.append((self._last, action))
 
+    @property
+    def pending(self) -> int:
+        """Deferred actions not yet run."""
+        return len(self._pending)
+
     def run_ready(self) -> None:
         """Run the deferred actions whose work is done, in the order they were deferred."""
         while self._pending:

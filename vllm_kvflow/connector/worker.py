@@ -33,6 +33,7 @@ from vllm_kvflow.blend.paged import (
 from vllm_kvflow.blend.host_ints import device_ints
 from vllm_kvflow.blend.pipeline import BlendPipeline, LoadPlan
 from vllm_kvflow.blend.side_stream import BlendStream
+from vllm_kvflow.blend.stall_watch import StallWatch
 from vllm_kvflow.blend.step_log import StepLog
 from vllm_kvflow.blend.work_queue import Finished, LoadRefused, StepBudget, WorkQueue
 from vllm_kvflow.config import KVFlowConfig
@@ -43,6 +44,8 @@ logger = logging.getLogger("vllm_kvflow")
 
 
 class KVFlowWorker:
+    _watch: StallWatch | None = None  # the stall report (stall_report_s); None: off
+
     def __init__(self, config: KVFlowConfig, vllm_config):
         self.config = config
         self.vllm_config = vllm_config
@@ -62,6 +65,8 @@ class KVFlowWorker:
         self._stream = BlendStream.for_device(device_type(vllm_config), separate_blend_stream(
             config, vllm_config))
         self._step_log = StepLog(config.log_steps_every_s)
+        self._watch = StallWatch(config.stall_report_s, self._pending).start() \
+            if config.stall_report_s else None
 
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
         """At engine start: the caches, then the pipeline and its kernels, compiled now
@@ -148,6 +153,10 @@ class KVFlowWorker:
         """Run this step's synchronous loads whole (the forward queued next reads them),
         queue its asynchronous ones, then run the step's share of the queue, unless the
         previous step's share still runs on a blend stream of its own."""
+        with self._watched():
+            self._start_load_kv(metadata)
+
+    def _start_load_kv(self, metadata: KVFlowConnectorMetadata) -> None:
         started = self._step_log.begin()
         worked = bool(metadata.loads)
         self._stream.run_ready()
@@ -212,6 +221,10 @@ class KVFlowWorker:
         they are reported here), each once the blend work queued before it has run on
         the GPU, so no forward reads a load's KV, or writes a reused block, before it
         (blend/side_stream.py)."""
+        with self._watched():
+            return self._get_finished(finished_req_ids)
+
+    def _get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
         if self._queue is not None:
             for req_id in finished_req_ids or ():
                 if self._queue.cancel(req_id) is not None:
@@ -220,7 +233,36 @@ class KVFlowWorker:
         done, self._done = self._done, set()
         return None, done or None
 
+    @contextlib.contextmanager
+    def _watched(self):
+        if self._watch is None:
+            yield
+            return
+        self._watch.enter()
+        try:
+            yield
+        finally:
+            self._watch.leave()
+
+    def _pending(self) -> str | None:
+        """What blend work is pending, for the stall report; None: nothing."""
+        parts = []
+        if self._queue is not None and len(self._queue):
+            parts.append(f"{len(self._queue)} loads queued")
+        if self._stream.pending:
+            parts.append(f"{self._stream.pending} actions deferred behind the blend stream")
+        if self._held or self._results:
+            parts.append(f"{len(self._held) + len(self._results)} loads' stats not yet sent")
+        if not parts:
+            return None
+        if self._stream.separate:
+            parts.append("blend stream " + ("busy (its GPU work has not finished)"
+                                            if self._stream.busy() else "idle"))
+        return "; ".join(parts)
+
     def shutdown(self) -> None:
+        if self._watch is not None:
+            self._watch.stop()
         self.store.close()  # queued disk writes land before the process goes
 
     def get_block_ids_with_load_errors(self) -> set[int]:
@@ -238,6 +280,10 @@ class KVFlowWorker:
         scheduler side handles (a request that stops on its first token). Every
         tensor-parallel rank holds the same ones. A synchronous load's forward is this
         very step's: its stats go now."""
+        with self._watched():
+            return self._build_worker_meta()
+
+    def _build_worker_meta(self) -> KVFlowWorkerMetadata | None:
         send, self._held = self._held, {}
         for req_id, (outcome, extra) in self._results.items():
             if _timed_on_gpu_async(outcome):
