@@ -52,9 +52,13 @@ def graph_capture_stream(device: torch.device):
     the graph's buffers and registers them with the other ranks on exit (a collective:
     every rank must capture the same graphs in the same order, which holds because all
     ranks select the same tokens). Outside it, a captured all-reduce reads unregistered
-    memory (illegal access, TP 2 on an H200)."""
+    memory (illegal access, TP 2 on an H200). On one rank, a stream of kvflow's own
+    (blend/private_stream.py: a pooled stream may be the one vLLM captured on, and the
+    graph would share its cuBLAS workspace)."""
     if tp_world_size() == 1:
-        yield torch.cuda.Stream(device=device)
+        from vllm_kvflow.blend.private_stream import private_stream
+
+        yield private_stream(device, "capture", fallback_priority=-1)
         return
     from vllm.distributed.parallel_state import graph_capture
 

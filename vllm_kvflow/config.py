@@ -88,8 +88,9 @@ class KVFlowConfig:
     # small requests wait less during bursts of misses, at a lower blend throughput
     # (blend/side_stream.py); "background" is the same with vLLM's stream lifted above
     # it in priority (patches/forward_priority.py). "main" queues it on vLLM's stream
-    # ahead of the forward. "side" and "background" are for trials: one C = 8 run on
-    # "side" stopped making progress, not yet diagnosed (README, "Under load").
+    # ahead of the forward. "side" and "background" are for trials: C = 8 runs on
+    # "side" hung the GPU; the suspected cause (cuBLAS workspaces shared with vLLM's
+    # graphs, blend/private_stream.py) is fixed but not yet measured (README, "Under load").
     blend_stream: str = "main"
     # Isolated computes one request may cause, at most this multiple of its prompt's
     # tokens (each computed segment also counts 32 rows); beyond, it is prefilled.

@@ -117,3 +117,31 @@ def test_a_lifted_current_stream_outranks_the_blend_stream_and_the_orderings_hol
         assert torch.equal(check, torch.full_like(src, 6.0))
     finally:
         torch.cuda.set_stream(before)
+
+
+def test_private_streams_are_no_pooled_stream_and_graphs_capture_on_them():
+    """kvflow's capture and blend streams (blend/private_stream.py) are none of the
+    streams torch.cuda.Stream() hands out (whose cuBLAS workspaces vLLM's graphs may
+    hold), made once, and a GEMM graph captured on the capture stream replays right on
+    the blend stream."""
+    from vllm_kvflow.blend.private_stream import private_stream
+
+    capture, blend = private_stream("cuda", "capture"), private_stream("cuda", "blend")
+    assert private_stream("cuda", "capture") is capture
+    pooled = {torch.cuda.Stream().cuda_stream for _ in range(80)}
+    pooled |= {torch.cuda.Stream(priority=-1).cuda_stream for _ in range(80)}
+    assert capture.cuda_stream not in pooled and blend.cuda_stream not in pooled
+    assert capture.cuda_stream != blend.cuda_stream
+    a = torch.randn(1024, 1024, device="cuda", dtype=torch.bfloat16)
+    capture.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(capture):
+        out = a @ a  # cuBLAS set up outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, stream=capture):
+        out = a @ a
+    a.copy_(torch.randn_like(a))
+    blend.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(blend):
+        graph.replay()
+    torch.cuda.current_stream().wait_stream(blend)
+    torch.testing.assert_close(out, a @ a)

@@ -48,6 +48,7 @@ from dataclasses import dataclass
 
 import torch
 
+from vllm_kvflow.blend.private_stream import private_stream
 from vllm_kvflow.patches.parallel import graph_capture_stream
 
 logger = logging.getLogger("vllm_kvflow")
@@ -406,7 +407,7 @@ class PassGraphs:
             return None
         t0 = time.perf_counter()
         try:
-            stream = torch.cuda.Stream()
+            stream = private_stream(buf.ids.device, "capture", fallback_priority=-1)
             stream.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(stream):
                 self._pass(buf, kind)  # compiles the kernels and sets up cuBLAS outside the capture

@@ -28,8 +28,11 @@ the GPU with more blend work: 17x on a slower host), and reporting loads at once
 vLLM's stream made to wait for their work (a forward then waited for two steps of it:
 16x, throughput unchanged). Hence opt-in. With the isolated arena (isolated_arena.py),
 whose passes cost the host almost nothing, the probe took 1.8x its time alone against
-4.7x on vLLM's stream, at 2.85x against 2.99x full's throughput; but one C = 8 load run
-stopped making progress on this stream (not diagnosed: README, "Under load").
+4.7x on vLLM's stream, at 2.85x against 2.99x full's throughput; but C = 8 load runs on
+this stream hung the GPU: vLLM's stream and this one both stopped, with no error. The
+suspected cause: kvflow's graphs, captured on pooled streams, shared cuBLAS workspaces
+with vLLM's forward graphs, which only concurrent replays expose. The stream here and
+the capture stream are now kvflow's own (private_stream.py); not yet measured.
 
 Without a stream (the default "main"; CPU engines; several tensor-parallel ranks, whose
 collectives must run in one order on every rank) everything runs inline on the current
@@ -64,7 +67,9 @@ class BlendStream:
     def for_device(cls, device: torch.device | str, enabled: bool) -> "BlendStream":
         device = torch.device(device)
         if enabled and device.type == "cuda":
-            return cls(torch.cuda.Stream(device=device))
+            from vllm_kvflow.blend.private_stream import private_stream
+
+            return cls(private_stream(device, "blend"))
         return cls(None)
 
     @property
