@@ -93,3 +93,18 @@ def test_the_setting():
     for bad in (0, -1, "60", True):
         with pytest.raises(ValueError, match="stall_report_s"):
             KVFlowConfig(stall_report_s=bad)
+
+
+def test_the_workers_pending_work_as_the_report_names_it():
+    """KVFlowWorker._pending: queued loads and actions deferred behind the blend stream
+    are pending work; an idle worker has none."""
+    from vllm_kvflow.blend.side_stream import BlendStream
+    from vllm_kvflow.connector.worker import KVFlowWorker
+
+    worker = object.__new__(KVFlowWorker)
+    worker._queue, worker._stream = None, BlendStream(None)
+    assert worker._pending() is None
+    worker._queue = type("Q", (), {"__len__": lambda self: 3})()
+    assert worker._pending() == "3 loads queued"
+    worker._stream._pending.append((None, lambda: None))
+    assert worker._pending() == "3 loads queued; 1 actions deferred behind the blend stream"

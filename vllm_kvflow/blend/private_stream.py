@@ -1,5 +1,5 @@
 """CUDA streams that no other code in the process holds: one for kvflow's graph captures,
-one per blend stream.
+one for the blend work beside vLLM's (blend_stream "side" and "background").
 
 Why not torch.cuda.Stream(): it hands out streams from a pool of 32 per priority,
 round-robin, so two callers easily get the same stream; vLLM captures its forward's

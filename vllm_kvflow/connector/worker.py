@@ -245,14 +245,13 @@ class KVFlowWorker:
             self._watch.leave()
 
     def _pending(self) -> str | None:
-        """What blend work is pending, for the stall report; None: nothing."""
+        """What blend work is pending, for the stall report; None: nothing (stats not yet
+        sent are no work: an engine that has gone idle may hold the last ones)."""
         parts = []
         if self._queue is not None and len(self._queue):
             parts.append(f"{len(self._queue)} loads queued")
         if self._stream.pending:
             parts.append(f"{self._stream.pending} actions deferred behind the blend stream")
-        if self._held or self._results:
-            parts.append(f"{len(self._held) + len(self._results)} loads' stats not yet sent")
         if not parts:
             return None
         if self._stream.separate:
