@@ -69,3 +69,22 @@ def test_a_pooled_stream_stands_in_where_none_can_be_made(fake_cuda, monkeypatch
     ps.private_stream("cuda", "capture", fallback_priority=-1)
     assert made == [("pooled", -1, "cuda:0")]
     assert "no private CUDA stream for capture" in caplog.text
+
+
+def test_kept_graphs_are_never_destroyed():
+    """A kvflow graph is never destroyed (PyTorch would free the cuBLAS workspace that
+    every other graph captured on the same stream uses): keep_alive holds it."""
+    import gc
+    import weakref
+
+    from vllm_kvflow.blend.private_stream import keep_alive
+
+    class Graph:
+        pass
+
+    graph = Graph()
+    ref = weakref.ref(graph)
+    assert keep_alive(graph) is graph
+    del graph
+    gc.collect()
+    assert ref() is not None

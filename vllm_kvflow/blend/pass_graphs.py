@@ -48,7 +48,7 @@ from dataclasses import dataclass
 
 import torch
 
-from vllm_kvflow.blend.private_stream import private_stream
+from vllm_kvflow.blend.private_stream import keep_alive, private_stream
 from vllm_kvflow.patches.parallel import graph_capture_stream
 
 logger = logging.getLogger("vllm_kvflow")
@@ -412,7 +412,7 @@ class PassGraphs:
             with torch.cuda.stream(stream):
                 self._pass(buf, kind)  # compiles the kernels and sets up cuBLAS outside the capture
             torch.cuda.current_stream().wait_stream(stream)
-            graph = torch.cuda.CUDAGraph()
+            graph = keep_alive(torch.cuda.CUDAGraph())
             # One memory pool for every graph: they never run at the same time.
             owner = self._pool_owner
             with graph_capture_stream(buf.ids.device) as capture_stream, torch.cuda.graph(

@@ -12,6 +12,13 @@ split-K GEMMs that keep partial sums and counters in that workspace then read ea
 other's: the suspected cause of the GPU hang measured there (both streams stopped with
 no error; README, "Under load"). A stream of our own has a workspace of its own.
 
+The same keying has a second edge: PyTorch frees a stream's cuBLAS workspaces when a
+graph captured on it is destroyed (pytorch/pytorch#175276), while every other graph
+captured there still points at them. All of kvflow's graphs share the capture stream,
+so none may ever be destroyed, a failed capture's included: keep_alive holds them for
+the process's life. A server drops none but a failed capture's; a test process keeps the
+graphs of its finished tests, with their memory pools.
+
 The stream comes from cudaStreamCreateWithFlags (non-blocking, like PyTorch's own) in
 the CUDA runtime PyTorch has loaded, wrapped as a torch.cuda.ExternalStream; where
 that runtime cannot be found (a static build), a pooled stream of the given priority.
@@ -51,6 +58,15 @@ def _create_raw(device: torch.device) -> int:
     if err != 0 or not handle.value:
         raise RuntimeError(f"cudaStreamCreateWithFlags returned {err}")
     return handle.value
+
+
+_kept: list = []
+
+
+def keep_alive(graph):
+    """graph, held until the process ends (see above); returned for chaining."""
+    _kept.append(graph)
+    return graph
 
 
 def private_stream(device, purpose: str, fallback_priority: int = 0) -> torch.cuda.Stream:
