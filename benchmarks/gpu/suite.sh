@@ -77,21 +77,24 @@ case $step in
       "$models/llama-3.1-8b" --requests 300 --warmup 16 --docs 64 --docs-per-request 8 --doc-words 330 \
       --zipf 1.1 --max-tokens 16 --concurrency 32 --methods full,none,infoflow --max-seconds 90 \
       --out "$out/load_gpu_llama8b_c32_arena_${STREAM:-main}_H200.json" ;;
-  arenabudget)  # smaller step budgets on `main` with the arena (BUDGETS, default "512 256": rows
-                # per step for isolated computes and for blend passes alike): the burst probe
-                # for each, C = 32 for the first (one server start each, step lines on)
-    first=1
+  arenabudget)  # other step budgets with the arena (BUDGETS, default "512 256": rows per step
+                # for isolated computes and for blend passes alike; STREAM, default main): the
+                # burst probe for each, C = 32 for the first (one server start each, step lines
+                # on). `side` with "1024 2048": does a larger share per step close its C = 32
+                # gap, now that the forwards no longer wait for it?
+    first=1 stream=${STREAM:-main}
+    tag() { [ "$stream" = main ] && echo "budget$1" || echo "${stream}_budget$1"; }
     for b in ${BUDGETS:-512 256}; do
-      settings="{\"log_steps_every_s\": 0.5, \"max_isolated_tokens_per_step\": $b, \"max_blend_tokens_per_step\": $b}"
-      KVFLOW_SETTINGS=$settings SERVE_ARGS="--api-server-count 4" TAG=budget${b}probe LOAD_TIMEOUT_S=150 \
+      settings="{\"log_steps_every_s\": 0.5, \"blend_stream\": \"$stream\", \"max_isolated_tokens_per_step\": $b, \"max_blend_tokens_per_step\": $b}"
+      KVFLOW_SETTINGS=$settings SERVE_ARGS="--api-server-count 4" TAG=$(tag $b)probe LOAD_TIMEOUT_S=150 \
         bash "$here/run_engine_gpu.sh" load "$models" "$out" "$models/llama-3.1-8b" --probe --probe-tokens 200 \
         --burst 32 --burst-docs 8 --burst-doc-words 330 --probe-repeats 5 \
-        --out "$out/probe_gpu_llama8b_arena_budget${b}_H200.json"
-      [ $first = 1 ] && KVFLOW_SETTINGS=$settings SERVE_ARGS="--api-server-count 4" TAG=budget${b}load \
+        --out "$out/probe_gpu_llama8b_arena_$(tag $b)_H200.json"
+      [ $first = 1 ] && KVFLOW_SETTINGS=$settings SERVE_ARGS="--api-server-count 4" TAG=$(tag $b)load \
         LOAD_TIMEOUT_S=240 bash "$here/run_engine_gpu.sh" load "$models" "$out" "$models/llama-3.1-8b" \
         --requests 300 --warmup 16 --docs 64 --docs-per-request 8 --doc-words 330 --zipf 1.1 --max-tokens 16 \
         --concurrency 32 --methods full,none,infoflow --max-seconds 90 \
-        --out "$out/load_gpu_llama8b_c32_arena_budget${b}_H200.json"
+        --out "$out/load_gpu_llama8b_c32_arena_$(tag $b)_H200.json"
       first=0
     done ;;
   sidec8)  # the C = 8 run that stalled on `side` with the arena, step lines and per-request
