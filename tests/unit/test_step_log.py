@@ -55,3 +55,43 @@ def test_the_setting_is_validated():
     for bad in (0, -1, True, "10"):
         with pytest.raises(ValueError, match="log_steps_every_s"):
             KVFlowConfig(log_steps_every_s=bad)
+
+
+def test_device_allocator_calls_in_steps_with_blend_work():
+    """With the allocator's counters, the line counts cudaMalloc / cudaFree made inside
+    steps with blend work, and how many slow steps made one; steps without blend work
+    are not counted."""
+    clock, lines = Clock(), []
+    calls = [0, 0]
+    log = StepLog(1.0, clock=clock, emit=lines.append, device_calls=lambda: tuple(calls))
+    # (host seconds, blend work, mallocs, frees during the step)
+    for host_s, worked, mallocs, frees in ((0.003, True, 0, 0), (0.050, True, 8, 0),
+                                           (0.030, True, 0, 0), (0.002, True, 1, 1),
+                                           (0.001, False, 5, 0)):
+        started = log.begin()
+        clock.now += host_s
+        calls[0] += mallocs
+        calls[1] += frees
+        log.end(started, worked)
+        clock.now += 0.02
+    log.flush()
+    assert ("cudaMalloc / cudaFree in steps with blend work 9 / 1, in 2 steps; "
+            "slow steps (>= 20 ms) 2, 1 of them calling") in lines[0]
+    log.end(log.begin(), True)
+    log.flush()
+    assert "cudaMalloc / cudaFree in steps with blend work 0 / 0, in 0 steps; slow steps (>= 20 ms) 0" in lines[1]
+
+
+def test_device_calls_only_on_cuda_devices():
+    from vllm_kvflow.blend.step_log import device_calls_of
+
+    assert device_calls_of("cpu") is None
+    assert "cudaMalloc" not in "".join(_one_line(None))
+
+
+def _one_line(device_calls):
+    clock, lines = Clock(), []
+    log = StepLog(1.0, clock=clock, emit=lines.append, device_calls=device_calls)
+    log.end(log.begin(), True)
+    log.flush()
+    return lines

@@ -34,7 +34,7 @@ from vllm_kvflow.blend.host_ints import device_ints
 from vllm_kvflow.blend.pipeline import BlendPipeline, LoadPlan
 from vllm_kvflow.blend.side_stream import BlendStream
 from vllm_kvflow.blend.stall_watch import StallWatch
-from vllm_kvflow.blend.step_log import StepLog
+from vllm_kvflow.blend.step_log import StepLog, device_calls_of
 from vllm_kvflow.blend.work_queue import Finished, LoadRefused, StepBudget, WorkQueue
 from vllm_kvflow.config import KVFlowConfig
 from vllm_kvflow.connector.metadata import KVFlowConnectorMetadata, KVFlowWorkerMetadata
@@ -64,7 +64,8 @@ class KVFlowWorker:
         self._steps = 0
         self._stream = BlendStream.for_device(device_type(vllm_config), separate_blend_stream(
             config, vllm_config))
-        self._step_log = StepLog(config.log_steps_every_s)
+        self._step_log = StepLog(config.log_steps_every_s, device_calls=device_calls_of(
+            device_type(vllm_config)) if config.log_steps_every_s else None)
         self._watch = StallWatch(config.stall_report_s, self._pending).start() \
             if config.stall_report_s else None
 
