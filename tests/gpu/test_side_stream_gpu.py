@@ -145,3 +145,20 @@ def test_private_streams_are_no_pooled_stream_and_graphs_capture_on_them():
         graph.replay()
     torch.cuda.current_stream().wait_stream(blend)
     torch.testing.assert_close(out, a @ a)
+
+
+def test_stall_report_names_both_streams_states():
+    """The worker's pending-work line for the stall report (blend/stall_watch.py) says
+    whether the blend stream and vLLM's default stream still have GPU work."""
+    from vllm_kvflow.connector.worker import KVFlowWorker
+
+    worker = object.__new__(KVFlowWorker)
+    worker._queue = type("Q", (), {"__len__": lambda self: 2})()
+    worker._stream = BlendStream.for_device("cuda", enabled=True)
+    torch.cuda.synchronize()
+    assert worker._pending() == ("2 loads queued; blend stream idle; vLLM's default stream idle")
+    x = torch.ones(1024, device="cuda")
+    torch.cuda._sleep(SLEEP_CYCLES)  # on the default stream
+    assert "vLLM's default stream busy" in worker._pending()
+    torch.cuda.synchronize()
+    del x

@@ -256,8 +256,12 @@ class KVFlowWorker:
         if not parts:
             return None
         if self._stream.separate:
+            # Both streams busy for that long: the GPU itself has stopped; only the blend
+            # stream: its work; neither: the host waits on something else.
+            vllm_busy = not torch.cuda.default_stream(self._stream.stream.device).query()
             parts.append("blend stream " + ("busy (its GPU work has not finished)"
                                             if self._stream.busy() else "idle"))
+            parts.append("vLLM's default stream " + ("busy" if vllm_busy else "idle"))
         return "; ".join(parts)
 
     def shutdown(self) -> None:
