@@ -257,7 +257,8 @@ class KVFlowWorker:
             return None
         if self._stream.separate:
             # Both streams busy for that long: the GPU itself has stopped; only the blend
-            # stream: its work; neither: the host waits on something else.
+            # stream: its work; neither: the host waits on something else. (vLLM's work is
+            # on the default stream but under "background", patches/forward_priority.py.)
             vllm_busy = not torch.cuda.default_stream(self._stream.stream.device).query()
             parts.append("blend stream " + ("busy (its GPU work has not finished)"
                                             if self._stream.busy() else "idle"))
