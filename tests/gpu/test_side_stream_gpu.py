@@ -157,8 +157,6 @@ def test_stall_report_names_both_streams_states():
     worker._stream = BlendStream.for_device("cuda", enabled=True)
     torch.cuda.synchronize()
     assert worker._pending() == ("2 loads queued; blend stream idle; vLLM's default stream idle")
-    x = torch.ones(1024, device="cuda")
     torch.cuda._sleep(SLEEP_CYCLES)  # on the default stream
     assert "vLLM's default stream busy" in worker._pending()
     torch.cuda.synchronize()
-    del x
