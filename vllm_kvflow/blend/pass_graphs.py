@@ -95,18 +95,21 @@ def recompute_buckets(max_rows: int) -> list[int]:
     return buckets
 
 
+def _powers_of_two(lo: int, hi: int) -> list[int]:
+    """lo, 2 lo, ... up to hi (both powers of two)."""
+    return [1 << i for i in range(lo.bit_length() - 1, hi.bit_length())]
+
+
 def score_buckets(max_question: int, max_context: int, block_size: int) -> list[tuple[int, int, int]]:
     """The (question slot, context bucket, batch bucket) of every scoring graph that a
     question of up to max_question tokens, over contexts of up to max_context tokens,
     can meet: smallest contexts first (the common ones, and the first kept where a
     capture budget cuts the list)."""
-    lo = max(MIN_CONTEXT, block_size)
-    slots = [s for s in (1 << i for i in range(4, 9)) if s <= _pow2(max(1, max_question), SCORE_ROWS[0])]
+    slots = _powers_of_two(SCORE_ROWS[0], min(_pow2(max_question, SCORE_ROWS[0]), SCORE_ROWS[1]))
     out = []
-    context = lo
+    context = max(MIN_CONTEXT, block_size)
     while True:
-        out += [(slot, context, batch) for slot in slots for batch in (1 << i for i in range(5))
-                if batch <= SCORE_BATCH]
+        out += [(slot, context, batch) for slot in slots for batch in _powers_of_two(1, SCORE_BATCH)]
         if context >= max_context:
             return out
         context *= 2
@@ -277,10 +280,9 @@ class PassGraphs:
             seq_lens.append(it.context_len + n)
         starts = [b * slot for b in range(len(items))]
         cu_rows = [b * slot for b in range(batch + 1)]
+        key, make_buffers = self._score_graph(slot, context, batch)
         buf = self._replay(
-            "score", ("score", slot * batch, context, batch) if cached else None,
-            lambda: _Buffers.empty(slot * batch, context, batch, self.block_size, device, scores=True),
-            starts, ids, rope, att, [it.block_ids for it in items], seq_lens,
+            "score", key if cached else None, make_buffers, starts, ids, rope, att, [it.block_ids for it in items], seq_lens,
             [it.context_len for it in items], cu_rows)
         layers = len(self.scoring_layers)
         return [buf.total[b, :it.context_len] / layers for b, it in enumerate(items)]
@@ -314,18 +316,12 @@ class PassGraphs:
         """Capture now (engine start) the recompute graph of every row bucket up to the
         one holding max_rows, so that serving replays them; how many were captured. Each
         capture runs one padding-only pass (it writes only the null block's slot 0)."""
-        if not self.capture:
-            return 0
-        device = self.keys[0].device
-        zero = torch.zeros(1, dtype=torch.long, device=device)
-        before = len(self._entries)
-        self._at_start = True
-        try:
+        def capture() -> None:
+            zero = torch.zeros(1, dtype=torch.long, device=self.keys[0].device)
             for rows in recompute_buckets(max_rows):  # one request of one padding row
                 self._recompute(rows, [0], [zero], [zero], [zero - 1], [zero], [0])
-        finally:
-            self._at_start = False
-        return len(self._entries) - before
+
+        return self._captured_at_start(capture)
 
     def capture_scoring(self, max_question: int, limit: int) -> int:
         """Capture now (engine start) the scoring graphs of questions of up to
@@ -335,26 +331,38 @@ class PassGraphs:
         in the step of every request that meets a new one. Each capture runs one
         padding-only pass: rows at attention position -1, no context column, writes to
         the null block's slot 0 only."""
+        def capture() -> None:
+            zero = torch.zeros(1, dtype=torch.long, device=self.keys[0].device)
+            for slot, context, batch in score_buckets(max_question, self.max_blocks * self.block_size,
+                                                      self.block_size)[:max(0, limit)]:
+                key, make_buffers = self._score_graph(slot, context, batch)
+                if key in self._entries:
+                    continue
+                one = [zero] * batch  # one padding row per request
+                self._replay("score", key, make_buffers, [b * slot for b in range(batch)], one, one,
+                             [zero - 1] * batch, one, [0] * batch, [0] * batch,
+                             [b * slot for b in range(batch + 1)])
+
+        return self._captured_at_start(capture)
+
+    def _captured_at_start(self, capture) -> int:
+        """Run capture() as the engine start's (its captures log at DEBUG: the "pipeline
+        ready" line sums them up); how many graphs it added. Nothing where capture is off."""
         if not self.capture:
             return 0
-        device = self.keys[0].device
         before = len(self._entries)
         self._at_start = True
         try:
-            for slot, context, batch in score_buckets(max_question, self.max_blocks * self.block_size,
-                                                      self.block_size)[:max(0, limit)]:
-                key = ("score", slot * batch, context, batch)
-                if key in self._entries:
-                    continue
-                one = [torch.zeros(1, dtype=torch.long, device=device)] * batch
-                self._replay(
-                    "score", key,
-                    lambda: _Buffers.empty(slot * batch, context, batch, self.block_size, device, scores=True),
-                    [b * slot for b in range(batch)], one, one, [o - 1 for o in one], one,
-                    [0] * batch, [0] * batch, [b * slot for b in range(batch + 1)])
+            capture()
         finally:
             self._at_start = False
         return len(self._entries) - before
+
+    def _score_graph(self, slot: int, context: int, batch: int):
+        """The key of the scoring graph of `batch` request slots of `slot` rows over
+        `context` keys, and how to make its buffers."""
+        return ("score", slot * batch, context, batch), lambda: _Buffers.empty(
+            slot * batch, context, batch, self.block_size, self.keys[0].device, scores=True)
 
     def _recompute(self, rows: int, starts, ids, rope_pos, att_pos, block_ids, seq_lens) -> None:
         # The padding rows and requests join the last request (at position -1 they see

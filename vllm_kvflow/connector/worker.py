@@ -12,6 +12,7 @@ than decoding from half-written KV.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import logging
 import os
@@ -43,6 +44,23 @@ from vllm_kvflow.store.build import build_store
 logger = logging.getLogger("vllm_kvflow")
 
 
+def _watched(method):
+    """A call from vLLM, seen by the stall report (blend/stall_watch.py): an engine step
+    under way, then one finished."""
+
+    @functools.wraps(method)
+    def call(self, *args):
+        if self._watch is None:
+            return method(self, *args)
+        self._watch.enter()
+        try:
+            return method(self, *args)
+        finally:
+            self._watch.leave()
+
+    return call
+
+
 class KVFlowWorker:
     _watch: StallWatch | None = None  # the stall report (stall_report_s); None: off
 
@@ -64,8 +82,8 @@ class KVFlowWorker:
         self._steps = 0
         self._stream = BlendStream.for_device(device_type(vllm_config), separate_blend_stream(
             config, vllm_config))
-        self._step_log = StepLog(config.log_steps_every_s, device_calls=device_calls_of(
-            device_type(vllm_config)) if config.log_steps_every_s else None)
+        self._step_log = StepLog(config.log_steps_every_s,
+                                 device_calls=device_calls_of(device_type(vllm_config)))
         self._watch = StallWatch(config.stall_report_s, self._pending).start() \
             if config.stall_report_s else None
 
@@ -150,14 +168,11 @@ class KVFlowWorker:
                         device_ints(block_ids, device),
                         block_size=v["block_size"], **v["extra"])
 
+    @_watched
     def start_load_kv(self, metadata: KVFlowConnectorMetadata) -> None:
         """Run this step's synchronous loads whole (the forward queued next reads them),
         queue its asynchronous ones, then run the step's share of the queue, unless the
         previous step's share still runs on a blend stream of its own."""
-        with self._watched():
-            self._start_load_kv(metadata)
-
-    def _start_load_kv(self, metadata: KVFlowConnectorMetadata) -> None:
         started = self._step_log.begin()
         worked = bool(metadata.loads)
         self._stream.run_ready()
@@ -216,16 +231,13 @@ class KVFlowWorker:
         if not plan.sync:  # vLLM waits for an asynchronous load's report (get_finished)
             self._done.add(plan.req_id)
 
+    @_watched
     def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
         """(sending, receiving): the requests whose loads finished since the last call,
         and aborted requests whose loads were dropped (vLLM holds their blocks until
         they are reported here), each once the blend work queued before it has run on
         the GPU, so no forward reads a load's KV, or writes a reused block, before it
         (blend/side_stream.py)."""
-        with self._watched():
-            return self._get_finished(finished_req_ids)
-
-    def _get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
         if self._queue is not None:
             for req_id in finished_req_ids or ():
                 if self._queue.cancel(req_id) is not None:
@@ -233,17 +245,6 @@ class KVFlowWorker:
         self._stream.run_ready()
         done, self._done = self._done, set()
         return None, done or None
-
-    @contextlib.contextmanager
-    def _watched(self):
-        if self._watch is None:
-            yield
-            return
-        self._watch.enter()
-        try:
-            yield
-        finally:
-            self._watch.leave()
 
     def _pending(self) -> str | None:
         """What blend work is pending, for the stall report; None: nothing (stats not yet
@@ -274,6 +275,7 @@ class KVFlowWorker:
         failed, self._failed_blocks = self._failed_blocks, set()
         return failed
 
+    @_watched
     def build_worker_meta(self) -> KVFlowWorkerMetadata | None:
         """The stats of the loads finished since the last call. On GPU an asynchronous
         load's stats are held one step: its phase timings are CUDA events, and reading
@@ -285,10 +287,6 @@ class KVFlowWorker:
         scheduler side handles (a request that stops on its first token). Every
         tensor-parallel rank holds the same ones. A synchronous load's forward is this
         very step's: its stats go now."""
-        with self._watched():
-            return self._build_worker_meta()
-
-    def _build_worker_meta(self) -> KVFlowWorkerMetadata | None:
         send, self._held = self._held, {}
         for req_id, (outcome, extra) in self._results.items():
             if _timed_on_gpu_async(outcome):
