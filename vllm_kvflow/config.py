@@ -84,14 +84,14 @@ class KVFlowConfig:
     # the host wait) and the row budgets, cheap there, are the bound.
     max_blend_ms_per_step: float | None = 200.0
     # GPU engines of one rank: "side" runs the blend work on a CUDA stream of its own,
-    # beside the step's forward (a load is reported once that stream has passed it):
-    # small requests wait less during bursts of misses, at a lower blend throughput
-    # (blend/side_stream.py); "background" is the same with vLLM's stream lifted above
-    # it in priority (patches/forward_priority.py). "main" queues it on vLLM's stream
-    # ahead of the forward. "side" and "background" are for trials: C = 8 runs on
-    # "side" hung the GPU; the suspected cause (cuBLAS workspaces shared with vLLM's
-    # graphs, blend/private_stream.py) is fixed but not yet measured (README, "Under load").
-    blend_stream: str = "main"
+    # beside the step's forward (a load is reported once that stream has passed it), so
+    # small requests wait less during bursts of misses and a step may carry more blend
+    # work (step_budget) (blend/side_stream.py); "background" is the same with vLLM's
+    # stream lifted above it in priority (patches/forward_priority.py); "main" queues it
+    # on vLLM's stream ahead of the forward. CPU engines and several tensor-parallel ranks
+    # run it inline whatever this says. "side" is the default since its GPU hang was
+    # found and fixed (kvflow's own streams, blend/private_stream.py; README, "Under load").
+    blend_stream: str = "side"
     # Isolated computes one request may cause, at most this multiple of its prompt's
     # tokens (each computed segment also counts 32 rows); beyond, it is prefilled.
     max_isolated_tokens_per_prompt_token: float = 4.0

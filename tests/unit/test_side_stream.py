@@ -160,7 +160,7 @@ def test_the_setting_is_validated_and_a_separate_stream_is_for_one_gpu_rank_only
     from vllm_kvflow.config import KVFlowConfig
     from vllm_kvflow.connector.worker import separate_blend_stream
 
-    assert KVFlowConfig().blend_stream == "main"
+    assert KVFlowConfig().blend_stream == "side"
     for bad in ("Side", "", None, 1):
         with pytest.raises(ValueError, match="blend_stream"):
             KVFlowConfig(blend_stream=bad)
@@ -173,7 +173,8 @@ def test_the_setting_is_validated_and_a_separate_stream_is_for_one_gpu_rank_only
     assert separate_blend_stream(side, engine("cuda", 1))
     assert not separate_blend_stream(side, engine("cuda", 2))  # collectives in one order
     assert not separate_blend_stream(side, engine("cpu", 1))
-    assert not separate_blend_stream(KVFlowConfig(), engine("cuda", 1))
+    assert separate_blend_stream(KVFlowConfig(), engine("cuda", 1))  # the default
+    assert not separate_blend_stream(KVFlowConfig(blend_stream="main"), engine("cuda", 1))
     background = KVFlowConfig(blend_stream="background")  # a side stream, below vLLM's
     assert separate_blend_stream(background, engine("cuda", 1))
     assert not separate_blend_stream(background, engine("cuda", 2))

@@ -401,7 +401,12 @@ def test_steps_are_timed_on_cpu_engines_of_one_rank_only():
     assert not timed_steps(KVFlowConfig(max_blend_ms_per_step=None), engine("cpu"))
     assert step_budget(config, engine("cpu")).step_seconds == 0.15
     budget = step_budget(config, engine("cuda"))
-    assert budget.step_seconds is None and budget.blend_rows == budget.isolated_rows == 512
+    # One GPU rank: the blend work runs beside the forward (blend_stream "side", the
+    # default) and takes 3/16 of the step's tokens; on vLLM's stream an eighth.
+    assert budget.step_seconds is None and budget.blend_rows == budget.isolated_rows == 768
+    main = step_budget(KVFlowConfig(blend_stream="main"), engine("cuda"))
+    assert main.blend_rows == main.isolated_rows == 512
+    assert step_budget(config, engine("cuda", tp=2)).blend_rows == 512  # inline on every rank
 
 
 def test_a_lone_requests_misses_run_in_timed_steps_and_its_blend_whole():

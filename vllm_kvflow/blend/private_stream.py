@@ -10,7 +10,8 @@ shares a workspace with vLLM's forward graphs. On vLLM's stream ("main") the two
 run at once. On a blend stream of their own ("side", "background") they do, and
 split-K GEMMs that keep partial sums and counters in that workspace then read each
 other's: the suspected cause of the GPU hang measured there (both streams stopped with
-no error; README, "Under load"). A stream of our own has a workspace of its own.
+no error; README, "Under load"). A stream of our own has a workspace of its own; with
+it, the runs that had hung went clean (about 1,800 infoflow requests on "side").
 
 The same keying has a second edge: PyTorch frees a stream's cuBLAS workspaces when a
 graph captured on it is destroyed (pytorch/pytorch#175276), while every other graph

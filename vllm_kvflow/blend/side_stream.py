@@ -26,15 +26,17 @@ C = 32 the blend work ran at about half the rate (infoflow 2.89x full's throughp
 against 3.22x). Two variants did worse: two steps in flight (the forwards then shared
 the GPU with more blend work: 17x on a slower host), and reporting loads at once with
 vLLM's stream made to wait for their work (a forward then waited for two steps of it:
-16x, throughput unchanged). Hence opt-in. With the isolated arena (isolated_arena.py),
+16x, throughput unchanged). Hence opt-in then. With the isolated arena (isolated_arena.py),
 whose passes cost the host almost nothing, the probe took 1.8x its time alone against
 4.7x on vLLM's stream, at 2.85x against 2.99x full's throughput; but C = 8 load runs on
 this stream hung the GPU: vLLM's stream and this one both stopped, with no error. The
 suspected cause: kvflow's graphs, captured on pooled streams, shared cuBLAS workspaces
 with vLLM's forward graphs, which only concurrent replays expose. The stream here and
-the capture stream are now kvflow's own (private_stream.py); not yet measured.
+the capture stream are now kvflow's own (private_stream.py), and the same runs go
+clean; with 3/16 of the step's tokens per step (connector/worker.step_budget) C = 32
+infoflow gave 3.06x full's throughput. Hence the default on GPU engines of one rank.
 
-Without a stream (the default "main"; CPU engines; several tensor-parallel ranks, whose
+Without a stream (blend_stream "main"; CPU engines; several tensor-parallel ranks, whose
 collectives must run in one order on every rank) everything runs inline on the current
 stream and deferred actions run at the next `run_ready`.
 """
