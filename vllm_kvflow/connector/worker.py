@@ -111,16 +111,16 @@ class KVFlowWorker:
 
     def _reserve_store_memory(self) -> None:
         """The device tier's memory, taken now on the stream the blend work allocates
-        entries on, so that storing them while serving calls no cudaMalloc
-        (store/device_reserve.py)."""
+        entries on (its own, or with none the current one), so that storing them while
+        serving calls no cudaMalloc (store/device_reserve.py; the store takes nothing
+        without a CUDA device tier)."""
         from vllm_kvflow.store import device_reserve
 
-        if not device_type(self.vllm_config).startswith("cuda") or not device_reserve.enabled():
+        if not device_reserve.enabled():
             return
-        stream = self._stream.stream or torch.cuda.current_stream()
         t0 = time.perf_counter()
         try:
-            reserved = self.store.reserve_device_memory(stream)
+            reserved = self.store.reserve_device_memory(self._stream.stream)
         except Exception as e:  # noqa: BLE001 - entries then allocate as they arrive
             logger.warning("kvflow: could not reserve the device tier's memory (%s)", e)
             return
