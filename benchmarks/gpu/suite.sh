@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU engine runs, in the order they were made on a two-GPU machine (each step fits
 # one 10-minute device call; independent runs go side by side, one per GPU).
-#   bash benchmarks/gpu/suite.sh tests|engine|more|tp2|profile|batch|tp2check|load|loadapi|load64|arena|arenastreams|arenaload|arenabudget|sidec8|reserve|concurrent|fleet|vision|quality MODELS OUT
+#   bash benchmarks/gpu/suite.sh tests|engine|more|tp2|profile|batch|tp2check|load|loadapi|load64|arena|arenastreams|arenaload|arenabudget|sidec8|probeprofile|syncprobe|concurrent|fleet|vision|quality MODELS OUT
 # MODELS: model dirs from prepare_models.py; OUT: where logs and JSON go. vLLM staged as
 # ../shared/gpu/README.md says, in the parts of resplit_stage.sh (which fit beside this tree).
 set -o pipefail
@@ -97,17 +97,26 @@ case $step in
         --out "$out/load_gpu_llama8b_c32_arena_$(tag $b)_H200.json"
       first=0
     done ;;
-  reserve)  # the device tier reserved at engine start (KVFLOW_RESERVE_DEVICE_TIER, store/
-            # device_reserve.py): its GPU test, then the burst probe without and with it (the
-            # default side stream, ten probes, step lines with their cudaMalloc counts)
-    bash "$here/env.sh" python3 -m pytest tests/gpu/test_device_reserve_gpu.py tests/gpu/test_step_log_gpu.py \
-      -q 2>&1 | tail -n 5
-    for r in 0 1; do
-      KVFLOW_RESERVE_DEVICE_TIER=$r KVFLOW_SETTINGS='{"log_steps_every_s": 0.5}' SERVE_ARGS="--api-server-count 4" \
-        TAG=reserve$r LOAD_TIMEOUT_S=150 bash "$here/run_engine_gpu.sh" load "$models" "$out" "$models/llama-3.1-8b" \
-        --probe --probe-tokens 200 --burst 32 --burst-docs 8 --burst-doc-words 330 --probe-repeats 10 \
-        --out "$out/probe_gpu_llama8b_reserve${r}_H200.json"
-    done ;;
+  probeprofile)  # where the connector's host time goes in the burst probe's slow steps:
+                 # each step's blend work under cProfile (KVFLOW_PROFILE_MODE=python), the
+                 # functions summed over the steps of 20 ms and more (rank_step_profiles.py)
+    rm -rf /tmp/kvflow_steps; KVFLOW_PROFILE_DIR=/tmp/kvflow_steps KVFLOW_PROFILE_MODE=python \
+      KVFLOW_SETTINGS='{"log_steps_every_s": 0.5}' SERVE_ARGS="--api-server-count 4" \
+      TAG=probeprofile LOAD_TIMEOUT_S=150 bash "$here/run_engine_gpu.sh" load "$models" "$out" "$models/llama-3.1-8b" \
+      --probe --probe-tokens 200 --burst 32 --burst-docs 8 --burst-doc-words 330 --probe-repeats 5 \
+      --out "$out/probe_gpu_llama8b_profiled_H200.json" | grep -v "^kvflow steps"
+    bash "$here/env.sh" python3 "$here/rank_step_profiles.py" /tmp/kvflow_steps --top 40 \
+      | tee "$out/probe_step_profiles_H200.txt"
+    tar -czf "$out/probe_step_profiles.tar.gz" -C /tmp kvflow_steps ;;
+  syncprobe)  # the burst probe (ten probes, default settings) with every host wait for
+              # the GPU inside the blend work reported (KVFLOW_SYNC_CHECK=1,
+              # connector/worker._sync_checked): their call sites from the log
+    KVFLOW_SYNC_CHECK=1 KVFLOW_SETTINGS='{"log_steps_every_s": 0.5}' SERVE_ARGS="--api-server-count 4" \
+      TAG=syncprobe LOAD_TIMEOUT_S=150 bash "$here/run_engine_gpu.sh" load "$models" "$out" "$models/llama-3.1-8b" \
+      --probe --probe-tokens 200 --burst 32 --burst-docs 8 --burst-doc-words 330 --probe-repeats 10 \
+      --out "$out/probe_gpu_llama8b_synccheck_H200.json" | grep -v "^kvflow steps"
+    echo "host waits for the GPU in the blend work: $(grep -c "synchronizing CUDA operation" "$out/server_syncprobe.log") call sites"
+    grep -B2 "synchronizing CUDA operation" "$out/server_syncprobe.log" | grep -v "^--$" | head -n 30 ;;
   sidec8)  # the C = 8 run that stalled on `side` with the arena, step lines and per-request
            # stats in the log; the engine reports a stall of 30 s itself (stall_report_s), and
            # past LOAD_TIMEOUT_S every server process is asked for its Python stacks

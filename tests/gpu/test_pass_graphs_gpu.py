@@ -127,6 +127,50 @@ def test_segment_load_equals_gathered_load():
     assert torch.equal(out[0].nan_to_num(0), out[1].nan_to_num(0))  # same kernel math
 
 
+def test_a_new_requests_segment_load_never_waits_for_the_gpu():
+    """The load of a request's chunks into its paged blocks (the engine's GPU write path,
+    PagedKV.load_rotated_segments on a fresh PagedKV, whose per-layer offsets are built
+    on first use) queues its copies and kernel without a host sync: behind a long GPU
+    job it returns while the job still runs, and CUDA's sync check finds no
+    synchronizing call. It once copied the offsets with a blocking copy, which on an
+    H200 held every step that started a load for ~30 ms (suite.sh probeprofile)."""
+    from vllm_kvflow.blend.host_ints import device_ints
+    from vllm_kvflow.blend.paged import PagedKV
+
+    torch.manual_seed(2)
+    L, H, D, BS, NB, dt = 4, 8, 128, 16, 64, torch.bfloat16
+    caches = [torch.zeros(NB, BS, H, 2 * D, device="cuda", dtype=dt) for _ in range(L)]
+    keys, values = [c[..., :D] for c in caches], [c[..., D:] for c in caches]
+    rope = torch.randn(4096, D, device="cuda")
+    chunks = [(torch.randn(L, n, H, D, device="cuda", dtype=dt),
+               torch.randn(L, n, H, D, device="cuda", dtype=dt)) for n in (40, 25)]
+    segments = [(k, v, 0, k.shape[1]) for k, v in chunks]
+    T = sum(s[3] for s in segments)
+    positions = torch.arange(3, 3 + T, device="cuda")
+    delta = torch.full((T,), 3, device="cuda")
+
+    def load():
+        paged = PagedKV(keys, values, device_ints(list(range(1, 9)), "cuda"), BS)
+        paged.load_rotated_segments(segments, positions, delta, rope, D, True)
+
+    load()  # compiles the kernel: a first launch may wait
+    a = torch.randn(4096, 4096, device="cuda")
+    torch.cuda.synchronize()
+    for _ in range(50):  # a long GPU job ahead of the load
+        a = a @ a.T / 64.0
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        load()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    done = torch.cuda.Event()
+    done.record()
+    assert not done.query(), "the load waited for the GPU"
+    torch.cuda.synchronize()
+    first = caches[0].view(-1, H, 2 * D)[BS + 3:BS + 3 + 40, :, D:]
+    assert torch.equal(first, chunks[0][1][0])  # values land unrotated at their slots
+
+
 def test_load_timer_does_not_wait_for_the_gpu():
     """The load's phases are timed by CUDA events: leaving a phase does not synchronize
     (vLLM's forward can be launched while the load's kernels run), and the time read

@@ -416,8 +416,7 @@ class BlendPipeline:
     def finish_isolated(self, run: IsolatedRun) -> ChunkKV:
         """A completed run's entry (the tokens' part, without the sink), stored: chunks
         in the store, glue in the glue cache."""
-        with self.store.allocating():
-            entry = run.entry()
+        entry = run.entry()
         (self.store if run.task.is_chunk else self.glue).put(run.task.key, entry)
         return entry
 

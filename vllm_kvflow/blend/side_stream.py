@@ -35,6 +35,9 @@ with vLLM's forward graphs, which only concurrent replays expose. The stream her
 the capture stream are now kvflow's own (private_stream.py), and the same runs go
 clean; with 3/16 of the step's tokens per step (connector/worker.step_budget) C = 32
 infoflow gave 3.06x full's throughput. Hence the default on GPU engines of one rank.
+Its probe stayed at 3.1-3.4x until a blocking copy in every new load was made
+asynchronous (the host had waited out vLLM's forward in each step that started a load):
+2.1-2.7x since, throughput unchanged (README, "The slow steps found").
 
 Without a stream (blend_stream "main"; CPU engines; several tensor-parallel ranks, whose
 collectives must run in one order on every rank) everything runs inline on the current

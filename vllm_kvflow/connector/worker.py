@@ -107,26 +107,6 @@ class KVFlowWorker:
             return
         logger.info("kvflow: pipeline ready in %.1f s (kernels compiled, %d pass graphs captured)",
                     time.perf_counter() - t0, self._pipeline.captured_graphs())
-        self._reserve_store_memory()
-
-    def _reserve_store_memory(self) -> None:
-        """The device tier's memory, taken now on the stream the blend work allocates
-        entries on (its own, or with none the current one), so that storing them while
-        serving calls no cudaMalloc (store/device_reserve.py; the store takes nothing
-        without a CUDA device tier)."""
-        from vllm_kvflow.store import device_reserve
-
-        if not device_reserve.enabled():
-            return
-        t0 = time.perf_counter()
-        try:
-            reserved = self.store.reserve_device_memory(self._stream.stream)
-        except Exception as e:  # noqa: BLE001 - entries then allocate as they arrive
-            logger.warning("kvflow: could not reserve the device tier's memory (%s)", e)
-            return
-        if reserved:
-            logger.info("kvflow: device tier: %.1f GiB reserved in %.1f s", reserved / 2**30,
-                        time.perf_counter() - t0)
 
     def _ready(self) -> BlendPipeline:
         if self._pipeline is None:
@@ -196,7 +176,7 @@ class KVFlowWorker:
         started = self._step_log.begin()
         worked = bool(metadata.loads)
         self._stream.run_ready()
-        with self._stream.queued():
+        with _sync_checked(), self._stream.queued():
             for plan in metadata.loads:
                 self._submit(plan)
             if self._queue is not None and len(self._queue) and not self._stream.busy():
@@ -362,7 +342,8 @@ def step_budget(config: KVFlowConfig, vllm_config) -> StepBudget:
     vLLM's own largest. Beside it on a stream of its own, 3/16: there it no longer holds
     the forward up, and on an H200 (Llama-8B shape, C = 32, README "Under load") 1024
     rows gave infoflow 2.86x full's throughput, 1536 3.06x and 2048 3.08x, while a small
-    request during a burst waited about as long with each (3.1-3.4x its time alone)."""
+    request during a burst waited about as long with each (3.1-3.4x its time alone,
+    measured before a blocking copy in each new load was removed)."""
     step_tokens = int(getattr(vllm_config.scheduler_config, "max_num_batched_tokens", 0) or 2048)
     share = 3 / 16 if separate_blend_stream(config, vllm_config) else 1 / 8
     default = max(128, int(step_tokens * share))
@@ -397,13 +378,32 @@ def store_identity(vllm_config) -> str:
 
 
 @contextlib.contextmanager
+def _sync_checked():
+    """KVFLOW_SYNC_CHECK=1 (CUDA): PyTorch warns at each call in the step's blend work
+    that makes the host wait for the GPU (a blocking copy, .item(), a sync), once per
+    call site, into the server log. The blend work queues GPU work and never waits for
+    it: such a wait holds up the step's forward for everything queued before it (one
+    such copy cost ~30 ms per step on an H200; suite.sh syncprobe counts them)."""
+    if os.environ.get("KVFLOW_SYNC_CHECK") != "1" or not torch.cuda.is_available():
+        yield
+        return
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        yield
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+
+
+@contextlib.contextmanager
 def _maybe_profiled(name: str):
     """KVFLOW_PROFILE_DIR=dir: profile each step's blend work and write its top entries
     to dir/<name>.txt. For finding where a load's time goes on a new card or backend;
     off by default. KVFLOW_PROFILE_MODE "torch" (default): torch.profiler's operators
     by host and device time (the step then waits for its GPU work, so that the device
     times are complete); "python": cProfile's functions by cumulative host time, with
-    nothing waited for, i.e. the host time that delays the step's forward."""
+    nothing waited for, i.e. the host time that delays the step's forward (also saved
+    as dir/<name>.prof, which benchmarks/gpu/rank_step_profiles.py sums over the slow
+    steps)."""
     out_dir = os.environ.get("KVFLOW_PROFILE_DIR")
     if not out_dir:
         yield
@@ -422,6 +422,7 @@ def _maybe_profiled(name: str):
             yield
         finally:
             profiler.disable()
+            profiler.dump_stats(path[:-len(".txt")] + ".prof")  # for pstats across steps
             text = io.StringIO()
             pstats.Stats(profiler, stream=text).sort_stats("cumulative").print_stats(45)
             with open(path, "w") as f:

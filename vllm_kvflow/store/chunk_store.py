@@ -13,19 +13,15 @@ through in the same way; a hit there is promoted to memory (and written to disk)
 """
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-import vllm_kvflow.store.device_reserve as device_reserve
 from vllm_kvflow.store.entry import ChunkKV
 from vllm_kvflow.store.tiers import MemoryTier
 
 if TYPE_CHECKING:
     from vllm_kvflow.store.disk import DiskTier
     from vllm_kvflow.store.remote import RemoteTier
-
-logger = logging.getLogger("vllm_kvflow.store")
 
 
 @dataclass
@@ -63,7 +59,6 @@ class ChunkStore:
         self.remote = remote
         if disk is not None:
             disk.on_evict = self._count_eviction
-        self._reserve: device_reserve.DeviceReserve | None = None
 
     @property
     def capacity_bytes(self) -> int:
@@ -84,29 +79,6 @@ class ChunkStore:
         """Keys of the memory tiers, from least to most recently used: the last tier's
         first (it holds what the tiers above evicted)."""
         return [k for t in reversed(self.tiers) for k in t.keys_lru_order()]
-
-    def reserve_device_memory(self, stream=None) -> int:
-        """Take the device tier's capacity from the CUDA driver now, on `stream`, for the
-        entries allocated later inside allocating() (store/device_reserve.py); a tier
-        the device cannot hold whole shrinks to what was reserved. Returns the bytes
-        reserved (0: no device tier, or not CUDA)."""
-        tier = next((t for t in self.tiers if t.name == "device"), None)
-        if tier is None or tier.device is None:
-            return 0
-        self._reserve = device_reserve.reserve_for(tier.device, tier.capacity_bytes, stream)
-        if self._reserve is None:
-            return 0
-        if self._reserve.nbytes < tier.capacity_bytes:
-            logger.warning("kvflow: the device tier asked for %.1f GiB, the device had room for %.1f "
-                           "GiB beside vLLM; the tier holds that much", tier.capacity_bytes / 2**30,
-                           self._reserve.nbytes / 2**30)
-            tier.capacity_bytes = self._reserve.nbytes
-        return self._reserve.nbytes
-
-    def allocating(self):
-        """Context for allocating a new entry's tensors: from the device tier's reserved
-        memory where there is one (no driver call while serving), else as usual."""
-        return device_reserve.allocating(self._reserve)
 
     def get(self, key: str, token_ids) -> ChunkKV | None:
         """The entry for key if its token ids match exactly, promoted to the first tier
@@ -222,8 +194,7 @@ class ChunkStore:
         for i in range(level, len(self.tiers)):
             tier = self.tiers[i]
             if tier.fits(entry):
-                with self.allocating():  # a promotion from host memory allocates
-                    stored = entry.to(tier.device)
+                stored = entry.to(tier.device)
                 for old_key, old in tier.put(key, stored):
                     self._demote(i + 1, old_key, old)
                 return stored
