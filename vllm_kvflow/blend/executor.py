@@ -165,11 +165,14 @@ class LayerwiseExecutor:
         return self.score_groups([RowGroup(token_ids, positions, kv)], [context_len], layers)[0]
 
     @torch.inference_mode()
-    def key_deviation(self, token_ids, positions, kv, layer: int) -> torch.Tensor:
+    def key_deviation(self, token_ids, positions, kv, layer: int,
+                      length: int | None = None) -> torch.Tensor:
         """CacheBlend's signal: recompute the tokens at `positions` through layers
         0..layer-1 (writing their K/V, i.e. those layers are fully recomputed), then
-        return ||K_recomputed - K_cached||_2 per token at `layer` (nothing written there)."""
-        length = int(positions[-1]) + 1
+        return ||K_recomputed - K_cached||_2 per token at `layer` (nothing written there).
+        length: the last position + 1; None reads it from the positions, which makes the
+        host wait for the device (callers that know it pass it)."""
+        length = int(positions[-1]) + 1 if length is None else length
         deviation = torch.zeros(positions.numel(), device=positions.device)
 
         def attend(l, q, k, v):

@@ -15,6 +15,8 @@ from typing import Callable
 
 import torch
 
+from vllm_kvflow.blend.host_ints import device_ints
+
 
 @dataclass
 class SelectionInput:
@@ -169,7 +171,7 @@ def select_infoflow_pos(inp: SelectionInput) -> torch.Tensor:
 
 def span_starts(inp: SelectionInput) -> torch.Tensor:
     """For each candidate, the start position of the candidate span holding it."""
-    starts = torch.tensor([s for s, _ in inp.chunks], dtype=torch.int64, device=inp.candidates.device)
+    starts = device_ints([s for s, _ in inp.chunks], inp.candidates.device)  # no host wait
     which = torch.searchsorted(starts, inp.candidates, right=True) - 1
     return starts[which.clamp(min=0)]
 

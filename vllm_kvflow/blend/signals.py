@@ -92,7 +92,8 @@ def attention_norm(pipeline: "BlendPipeline", jobs: "list[Job]") -> list[torch.T
         return [sum_over_tp(s) for s in graphs.score_batch(items)]
     device = pipeline.adapter.device
     groups = [RowGroup(j.ids[j.plan.question[0]:j.plan.question[1]],
-                       torch.arange(*j.plan.question, device=device), j.kv) for j in jobs]
+                       torch.arange(*j.plan.question, device=device), j.kv,
+                       length=j.plan.question[1]) for j in jobs]
     scores = pipeline.executor.score_groups(groups, [j.plan.context_end for j in jobs],
                                             pipeline.scoring_layers)
     return [sum_over_tp(s) for s in scores]
@@ -109,7 +110,7 @@ def key_deviation(pipeline: "BlendPipeline", jobs: "list[Job]") -> list[torch.Te
         plan = job.plan
         positions = torch.arange(plan.load_start, plan.context_end, device=pipeline.adapter.device)
         dev = pipeline.executor.key_deviation(job.ids[plan.load_start:plan.context_end], positions,
-                                              job.kv, layer=1)
+                                              job.kv, layer=1, length=plan.context_end)
         signal = torch.zeros(plan.context_end, device=positions.device)
         signal[positions] = dev.square()  # squares sum over tensor-parallel ranks
         out.append(sum_over_tp(signal).sqrt())
