@@ -55,17 +55,15 @@ def token_places(q) -> dict[str, np.ndarray]:
     """Per candidate (in q.candidates order): its offset inside its span, whether the
     span is a declared chunk (not glue), and the span's index among the chunks scaled
     to 0..1 (early..late; glue -1)."""
-    chunks = {tuple(c) for c in q.chunks}
     order = sorted(q.chunks)
     offset, is_chunk, where = {}, {}, {}
     for s, e in q.blend.candidate_spans:
-        inside = (s, e) in chunks or any(cs <= s and e <= ce for cs, ce in chunks)
-        first = next((cs for cs, ce in order if cs <= s < ce), s) if inside else s
-        index = next((i for i, (cs, ce) in enumerate(order) if cs <= s < ce), -1) if inside else -1
+        # The chunk holding the span, as (its index, its first position); none: glue.
+        holder = next(((i, cs) for i, (cs, ce) in enumerate(order) if cs <= s and e <= ce), None)
         for p in range(s, e):
-            offset[p] = p - first
-            is_chunk[p] = inside
-            where[p] = index / max(1, len(order) - 1) if index >= 0 else -1.0
+            offset[p] = p - (holder[1] if holder else s)
+            is_chunk[p] = holder is not None
+            where[p] = holder[0] / max(1, len(order) - 1) if holder else -1.0
     cand = q.candidates.tolist()
     return {"offset": np.array([offset[p] for p in cand]),
             "chunk": np.array([is_chunk[p] for p in cand]),

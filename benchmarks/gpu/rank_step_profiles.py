@@ -8,16 +8,14 @@ import glob
 import os
 import pstats
 
-
-def _total_s(stats: pstats.Stats) -> float:
-    return stats.total_tt
+from vllm_kvflow.blend.step_log import _ms  # the step lines' percentiles, the same way
 
 
-def _cumulative(paths: list[str]) -> dict:
+def _cumulative(steps: list[pstats.Stats]) -> dict:
     """(file, line, function) -> (calls, cumulative s) summed over the steps."""
     sums: dict = {}
-    for path in paths:
-        for func, (_, calls, _, cum, _) in pstats.Stats(path).stats.items():
+    for stats in steps:
+        for func, (_, calls, _, cum, _) in stats.stats.items():
             n, t = sums.get(func, (0, 0.0))
             sums[func] = (n + calls, t + cum)
     return sums
@@ -29,16 +27,14 @@ def main() -> None:
     ap.add_argument("--slow-ms", type=float, default=20.0)
     ap.add_argument("--top", type=int, default=30)
     args = ap.parse_args()
-    steps = sorted(glob.glob(os.path.join(args.dir, "*.prof")))
-    totals = {p: _total_s(pstats.Stats(p)) for p in steps}
-    if not totals:
+    steps = [pstats.Stats(p) for p in sorted(glob.glob(os.path.join(args.dir, "*.prof")))]
+    if not steps:
         raise SystemExit(f"no .prof files in {args.dir}")
-    ordered = sorted(totals.values())
-    pick = lambda q: 1e3 * ordered[min(len(ordered) - 1, int(q * len(ordered)))]  # noqa: E731
-    print(f"{len(ordered)} steps profiled: host ms p50 {pick(0.5):.1f} / p90 {pick(0.9):.1f} / "
-          f"max {pick(1.0):.1f} (under cProfile, which inflates Python-heavy code)")
-    slow = [p for p, t in totals.items() if 1e3 * t >= args.slow_ms]
-    fast = [p for p, t in totals.items() if 1e3 * t < args.slow_ms]
+    totals = [s.total_tt for s in steps]
+    print(f"{len(steps)} steps profiled: host ms p50 {_ms(totals, 0.5):.1f} / p90 {_ms(totals, 0.9):.1f} / "
+          f"max {_ms(totals, 1.0):.1f} (under cProfile, which inflates Python-heavy code)")
+    slow = [s for s in steps if 1e3 * s.total_tt >= args.slow_ms]
+    fast = [s for s in steps if 1e3 * s.total_tt < args.slow_ms]
     print(f"slow steps (>= {args.slow_ms:.0f} ms): {len(slow)}; the others: {len(fast)}")
     slow_sums, fast_sums = _cumulative(slow), _cumulative(fast)
     print("\n| function | calls per slow step | ms per slow step | ms per other step |")

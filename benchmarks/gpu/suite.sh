@@ -9,6 +9,8 @@ step=$1 models=$2 out=$3
 here=$(dirname "$0")
 ttft="bash $here/run_engine_gpu.sh ttft $models"
 sizes=4096,8192,16384,32768
+# The burst probe: a 200-token request alone, then during 32 requests of 8 fresh documents.
+burst_probe="--probe --probe-tokens 200 --burst 32 --burst-docs 8 --burst-doc-words 330"
 case $step in
   tests)  # graphs and kernels against their references, no vLLM needed
     bash "$here/env.sh" python3 -m pytest tests/gpu -q -x 2>&1 | tail -n 15 ;;
@@ -50,7 +52,7 @@ case $step in
     TAG=64 $load --requests 300 --warmup 16 --docs 64 --docs-per-request 8 --doc-words 330 --zipf 1.1 \
       --max-tokens 16 --concurrency 64 --methods full,none,infoflow --max-seconds 120 \
       --out "$out/load_gpu_llama8b_c64_H200.json"
-    TAG=probe $load --probe --probe-tokens 200 --burst 32 --burst-docs 8 --burst-doc-words 330 \
+    TAG=probe $load $burst_probe \
       --probe-repeats 5 --out "$out/probe_gpu_llama8b_H200.json" ;;
   arena)  # isolated computes on the static arena (KVFLOW_ISOLATED_ARENA=1, its passes from CUDA
           # graphs) against the eager isolated pass: the GPU tests, then the burst probe with
@@ -60,7 +62,7 @@ case $step in
     for arena in 1 0; do
       KVFLOW_ISOLATED_ARENA=$arena KVFLOW_SETTINGS='{"log_steps_every_s": 0.5}' \
         SERVE_ARGS="--api-server-count 4" TAG=arena$arena bash "$here/run_engine_gpu.sh" load "$models" "$out" \
-        "$models/llama-3.1-8b" --probe --probe-tokens 200 --burst 32 --burst-docs 8 --burst-doc-words 330 \
+        "$models/llama-3.1-8b" $burst_probe \
         --probe-repeats 5 --out "$out/probe_gpu_llama8b_arena${arena}_H200.json"
     done ;;
   arenastreams)  # the arena's passes on a stream of their own (side, then background):
@@ -68,7 +70,7 @@ case $step in
     for stream in side background; do
       KVFLOW_ISOLATED_ARENA=1 KVFLOW_SETTINGS="{\"log_steps_every_s\": 0.5, \"blend_stream\": \"$stream\"}" \
         SERVE_ARGS="--api-server-count 4" TAG=arena_$stream bash "$here/run_engine_gpu.sh" load "$models" "$out" \
-        "$models/llama-3.1-8b" --probe --probe-tokens 200 --burst 32 --burst-docs 8 --burst-doc-words 330 \
+        "$models/llama-3.1-8b" $burst_probe \
         --probe-repeats 5 --out "$out/probe_gpu_llama8b_arena_${stream}_H200.json"
     done ;;
   arenaload)  # C = 32 with the arena, four API servers (STREAM: blend_stream, default main)
@@ -87,8 +89,8 @@ case $step in
     for b in ${BUDGETS:-512 256}; do
       settings="{\"log_steps_every_s\": 0.5, \"blend_stream\": \"$stream\", \"max_isolated_tokens_per_step\": $b, \"max_blend_tokens_per_step\": $b}"
       KVFLOW_SETTINGS=$settings SERVE_ARGS="--api-server-count 4" TAG=$(tag $b)probe LOAD_TIMEOUT_S=150 \
-        bash "$here/run_engine_gpu.sh" load "$models" "$out" "$models/llama-3.1-8b" --probe --probe-tokens 200 \
-        --burst 32 --burst-docs 8 --burst-doc-words 330 --probe-repeats ${PROBE_REPEATS:-5} \
+        bash "$here/run_engine_gpu.sh" load "$models" "$out" "$models/llama-3.1-8b" $burst_probe \
+        --probe-repeats ${PROBE_REPEATS:-5} \
         --out "$out/probe_gpu_llama8b_arena_$(tag $b)_H200.json"
       [ $first = 1 ] && KVFLOW_SETTINGS=$settings SERVE_ARGS="--api-server-count 4" TAG=$(tag $b)load \
         LOAD_TIMEOUT_S=240 bash "$here/run_engine_gpu.sh" load "$models" "$out" "$models/llama-3.1-8b" \
@@ -103,7 +105,7 @@ case $step in
     rm -rf /tmp/kvflow_steps; KVFLOW_PROFILE_DIR=/tmp/kvflow_steps KVFLOW_PROFILE_MODE=python \
       KVFLOW_SETTINGS='{"log_steps_every_s": 0.5}' SERVE_ARGS="--api-server-count 4" \
       TAG=probeprofile LOAD_TIMEOUT_S=150 bash "$here/run_engine_gpu.sh" load "$models" "$out" "$models/llama-3.1-8b" \
-      --probe --probe-tokens 200 --burst 32 --burst-docs 8 --burst-doc-words 330 --probe-repeats 5 \
+      $burst_probe --probe-repeats 5 \
       --out "$out/probe_gpu_llama8b_profiled_H200.json" | grep -v "^kvflow steps"
     bash "$here/env.sh" python3 "$here/rank_step_profiles.py" /tmp/kvflow_steps --top 40 \
       | tee "$out/probe_step_profiles_H200.txt"
@@ -113,7 +115,7 @@ case $step in
               # connector/worker._sync_checked): their call sites from the log
     KVFLOW_SYNC_CHECK=1 KVFLOW_SETTINGS='{"log_steps_every_s": 0.5}' SERVE_ARGS="--api-server-count 4" \
       TAG=syncprobe LOAD_TIMEOUT_S=150 bash "$here/run_engine_gpu.sh" load "$models" "$out" "$models/llama-3.1-8b" \
-      --probe --probe-tokens 200 --burst 32 --burst-docs 8 --burst-doc-words 330 --probe-repeats 10 \
+      $burst_probe --probe-repeats 10 \
       --out "$out/probe_gpu_llama8b_synccheck_H200.json" | grep -v "^kvflow steps"
     echo "host waits for the GPU in the blend work: $(grep -c "synchronizing CUDA operation" "$out/server_syncprobe.log") call sites"
     grep -B2 "synchronizing CUDA operation" "$out/server_syncprobe.log" | grep -v "^--$" | head -n 30 ;;
