@@ -38,6 +38,13 @@ Variants (`--variants`, comma list of names or families; `all` runs every one):
                 span (chunk or separator) to the power G: how wrong the span is as a whole
   dev-pos-G     score: infoflow's times the span's start position to the power G (the
                 context a span missed grows with it)
+  posbudget-G   per-chunk budget: each candidate span gets a share of k in proportion to
+                its length times its start position to the power G (a late chunk missed
+                the most context), filled by the span's own top scores
+  posfloor-G-S  the same quotas for a share S of the budget, the rest by the global top
+                score
+  poscap-G-C    the same quotas for at most floor(C*T) tokens, the rest by the global top
+                score (all quotas up to rho = C, the score beyond)
   first-N       the first N tokens of every chunk first (the tokens next to the sink in
                 isolation), the rest by infoflow score
   lead-F        EPIC's first tokens for a share F of the budget (split over the chunks by
@@ -75,6 +82,7 @@ from vllm_kvflow.bench.hf_select import (
     select,
     top_k,
 )
+from vllm_kvflow.blend.selection import span_quotas
 
 AUTO_CAP = 0.3
 # `all`: one setting per lever (the machine is small: every variant costs a recompute
@@ -195,6 +203,27 @@ def pick_floor(q: Question, score: torch.Tensor, k: int, share: float) -> torch.
             chosen.update(top_k(span, score[span], n).tolist())
     rest = torch.tensor([p for p in q.candidates.tolist() if p not in chosen], dtype=torch.long)
     chosen.update(top_k(rest, score[rest], k - len(chosen)).tolist())
+    return torch.tensor(sorted(chosen))
+
+
+def pick_position_budget(q: Question, score: torch.Tensor, k: int, power: float,
+                         quota_tokens: int) -> torch.Tensor:
+    """Split min(quota_tokens, k) over the candidate spans by length * start**power
+    (blend/selection.span_quotas), take each span's top scores up to its quota, the rest
+    of k by the global top score: the position weight decides how many per chunk, the
+    score which ones. Written as loops: the engine's sort-only version
+    (selection.select_by_position_quotas) is tested against the same rule."""
+    spans = q.blend.candidate_spans
+    quota = span_quotas([e - s for s, e in spans], [float(s) ** power for s, _ in spans],
+                        min(quota_tokens, k))
+    chosen: set[int] = set()
+    for (s, e), n in zip(spans, quota):
+        if n:
+            span = torch.arange(s, e)
+            chosen.update(top_k(span, score[span], n).tolist())
+    if len(chosen) < k:
+        rest = torch.tensor([p for p in q.candidates.tolist() if p not in chosen], dtype=torch.long)
+        chosen.update(top_k(rest, score[rest], k - len(chosen)).tolist())
     return torch.tensor(sorted(chosen))
 
 
@@ -343,6 +372,14 @@ def parse(name: str) -> dict:
         elif part.startswith("dev-"):
             kind, power = part[len("dev-"):].split("-")
             spec["dev"] = (kind, float(power))
+        elif part.startswith("posbudget-"):
+            spec["rule"] = ("posbudget", float(part[len("posbudget-"):]), "share", 1.0)
+        elif part.startswith("posfloor-"):
+            power, share = part[len("posfloor-"):].split("-")
+            spec["rule"] = ("posbudget", float(power), "share", float(share))
+        elif part.startswith("poscap-"):
+            power, cap = part[len("poscap-"):].split("-")
+            spec["rule"] = ("posbudget", float(power), "cap", float(cap))
         elif part.startswith("first-"):
             spec["rule"] = ("first", int(part[len("first-"):]))
         elif part.startswith("lead-"):
@@ -411,6 +448,10 @@ def variant_cache(q: Question, name: str, ratio: float):
         positions = pick_top(q, smoothed(q, score, rule[1]), k)
     elif rule[0] == "floor":
         positions = pick_floor(q, score, k, rule[1])
+    elif rule[0] == "posbudget":
+        _, power, kind, x = rule
+        quota = int(x * k) if kind == "share" else budget_for(T, x)
+        positions = pick_position_budget(q, score, k, power, quota)
     elif rule[0] == "first":
         positions = pick_first(q, score, k, rule[1])
     elif rule[0] == "lead":

@@ -76,6 +76,10 @@ class KVFlowConfig:
     # not: see below).
     max_blend_tokens_per_step: int | None = None
     max_isolated_tokens_per_step: int | None = None
+    # A step whose forward holds requests in their first forward runs no blend work, so
+    # that their first token does not share the GPU (or the host) with it; at most this
+    # many such steps in a row, so that a stream of arrivals cannot starve the blend work.
+    max_yield_steps: int = 1
     # CPU engines, one rank: the same blend work also bounded in time, milliseconds of
     # it per step (null: rows only), so that a small request arriving during a burst
     # of misses waits for a short step. Rows are turned into time by the cost per row
@@ -145,6 +149,9 @@ class KVFlowConfig:
         if isinstance(limit, bool) or not isinstance(limit, (int, float)) or not limit > 0:
             raise ValueError("kvflow: max_isolated_tokens_per_prompt_token must be a number > 0, "
                              f"got {limit!r}")
+        if (isinstance(self.max_yield_steps, bool) or not isinstance(self.max_yield_steps, int)
+                or self.max_yield_steps < 0):
+            raise ValueError(f"kvflow: max_yield_steps must be an integer >= 0, got {self.max_yield_steps!r}")
         for name in ("max_chunks", "min_chunk_tokens"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:

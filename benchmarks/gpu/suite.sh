@@ -83,11 +83,12 @@ case $step in
                 # for isolated computes and for blend passes alike; STREAM, default main): the
                 # burst probe for each, C = 32 for the first (one server start each, step lines
                 # on). `side` with "1024 2048": does a larger share per step close its C = 32
-                # gap, now that the forwards no longer wait for it?
-    first=1 stream=${STREAM:-main}
-    tag() { [ "$stream" = main ] && echo "budget$1" || echo "${stream}_budget$1"; }
+                # gap, now that the forwards no longer wait for it? YIELD: max_yield_steps
+                # (default 1; another value is named in the outputs' tags). C32=0: probes only.
+    first=${C32:-1} stream=${STREAM:-main} yield=${YIELD:-1}
+    tag() { echo "$([ "$stream" = main ] || echo "${stream}_")budget$1$([ "$yield" = 1 ] || echo "_yield$yield")"; }
     for b in ${BUDGETS:-512 256}; do
-      settings="{\"log_steps_every_s\": 0.5, \"blend_stream\": \"$stream\", \"max_isolated_tokens_per_step\": $b, \"max_blend_tokens_per_step\": $b}"
+      settings="{\"log_steps_every_s\": 0.5, \"blend_stream\": \"$stream\", \"max_isolated_tokens_per_step\": $b, \"max_blend_tokens_per_step\": $b, \"max_yield_steps\": $yield}"
       KVFLOW_SETTINGS=$settings SERVE_ARGS="--api-server-count 4" TAG=$(tag $b)probe LOAD_TIMEOUT_S=150 \
         bash "$here/run_engine_gpu.sh" load "$models" "$out" "$models/llama-3.1-8b" $burst_probe \
         --probe-repeats ${PROBE_REPEATS:-5} \
@@ -135,10 +136,11 @@ case $step in
     bash "$here/env.sh" python3 -m pytest tests/gpu/test_vision_encoder_gpu.py -q 2>&1 | tail -n 15
     bash "$here/env.sh" python3 benchmarks/gpu/vision_encoder_bench.py \
       --out "$out/vision_encoder_H200.json" 2>&1 | grep -v " INFO \| WARNING " | tail -n 20 ;;
-  concurrent)  # the concurrency check alone in fp16 and in fp32 (Llama-8B shape): if fp32
+  concurrent)  # the concurrency check alone in fp16 and in fp32 (DTYPES; each half takes over
+               # 4 min: give each a call of its own) on the Llama-8B shape: if fp32
                # selections agree where fp16's differ, the fp16 failure is rounding at
                # near-ties of random weights, not a defect of the batched passes
-    for dt in float16 float32; do
+    for dt in ${DTYPES:-float16 float32}; do
       bash "$here/env.sh" python3 "$here/engine_check.py" --model "$models/llama-3.1-8b" --dtype $dt \
         --only-concurrent --out "$out/check_concurrent_$dt.json" 2>&1 | grep -A3 "^$models" | tail -n 3
     done ;;
@@ -150,7 +152,7 @@ case $step in
     model=$(bash "$here/env.sh" python3 -m vllm_kvflow.cli make-model 2>/dev/null | tail -n 1)
     [ -d "$model" ] || { echo "make-model failed"; bash "$here/env.sh" python3 -m vllm_kvflow.cli make-model; exit 1; }
     q="bash $here/env.sh python3 -m vllm_kvflow.cli bench quality --model $model --gpu-memory-utilization 0.3
-       --methods ${QUALITY_METHODS:-full,none,random,epic,cacheblend,infoflow,infoflow-dev,infoflow-pos}
+       --methods ${QUALITY_METHODS:-full,none,random,epic,cacheblend,infoflow,infoflow-dev,infoflow-pos,infoflow-quota}
        --ratio ${QUALITY_RATIOS:-0.05,0.1,0.15,0.3,0.5} --limit ${QUALITY_LIMIT:-300}"
     for set in fictional specs; do
       $q --dataset "benchmarks/${set}_qa_300.jsonl" --out "$out/quality_gpu_smollm2_${set}_n${QUALITY_LIMIT:-300}.json" \

@@ -12,6 +12,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "unit"))
 from toy_decoder import Toy  # noqa: E402
 
+from gpu_waits import queued_without_waiting  # noqa: E402
+
 pytestmark = [
     pytest.mark.gpu,
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
@@ -44,25 +46,6 @@ def _setup(dtype, seed):
 
 def _clone(tensors):
     return [x.clone() for x in tensors]
-
-
-def _queued_without_waiting(fn) -> bool:
-    """Run fn() behind a long GPU job, with torch's sync check set to raise on any
-    synchronizing call; whether it returned while the job still ran."""
-    a = torch.randn(4096, 4096, device="cuda")
-    torch.cuda.synchronize()
-    for _ in range(50):  # ~tens of ms of GPU work, long beside the host's microseconds
-        a = a @ a.T / 64.0
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        fn()
-    finally:
-        torch.cuda.set_sync_debug_mode(0)
-    done = torch.cuda.Event()
-    done.record()
-    returned_first = not done.query()
-    torch.cuda.synchronize()
-    return returned_first
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -173,7 +156,7 @@ def test_a_new_requests_segment_load_never_waits_for_the_gpu():
         paged.load_rotated_segments(segments, positions, delta, rope, D, True)
 
     load()  # compiles the kernel: a first launch may wait
-    assert _queued_without_waiting(load), "the load waited for the GPU"
+    assert queued_without_waiting(load), "the load waited for the GPU"
     first = caches[0].view(-1, H, 2 * D)[BS + 3:BS + 3 + 40, :, D:]
     assert torch.equal(first, chunks[0][1][0])  # values land unrotated at their slots
 
@@ -213,7 +196,7 @@ def test_replayed_passes_never_wait_for_the_gpu():
         assert graphs.prefill(recompute_ids, positions, 5000, block_ids)
 
     both()  # captures the two buckets
-    assert _queued_without_waiting(both), "the passes waited for the GPU"
+    assert queued_without_waiting(both), "the passes waited for the GPU"
     assert all(graph is not None for _, graph in graphs._entries.values()), "capture failed"
 
 

@@ -1,7 +1,8 @@
 import pytest
 import torch
 
-from vllm_kvflow.blend.selection import (SelectionInput, budget_for, select, span_starts,
+from vllm_kvflow.blend.selection import (SelectionInput, budget_for, select,
+                                         select_by_position_quotas, span_quotas, span_starts,
                                          top_k_positions)
 from vllm_kvflow.config import KVFlowConfig, resolve_layers
 from vllm_kvflow.request import RequestError, find_subsequence, parse_request
@@ -165,3 +166,54 @@ def test_reordered_layout_moves_chunks_and_keeps_glue():
         assert new[s:e] == ids[chunks[src][0]:chunks[src][1]]
     with pytest.raises(ValueError):
         reordered_layout(ids, chunks, [0, 0, 1])
+
+
+def _quota_reference(inp, power, quota_tokens):
+    """The position-quota rule written as loops: each span's top signals up to its
+    quota, then the rest of the budget by the global top signal."""
+    quota = span_quotas([e - s for s, e in inp.chunks], [float(s) ** power for s, _ in inp.chunks],
+                        min(quota_tokens, inp.budget))
+    chosen = []
+    for (s, e), n in zip(inp.chunks, quota):
+        span = [p for p in inp.candidates.tolist() if s <= p < e]
+        chosen += sorted(span, key=lambda p: (-float(inp.signal[p]), p))[:n]
+    rest = [p for p in inp.candidates.tolist() if p not in chosen]
+    chosen += sorted(rest, key=lambda p: (-float(inp.signal[p]), p))[:inp.budget - len(chosen)]
+    return sorted(chosen)
+
+
+@pytest.mark.parametrize("power,quota_share", [(1.0, 1.0), (1.0, 0.5), (2.0, 0.2), (0.0, 1.0)])
+def test_position_quotas_match_a_loop_reference(power, quota_share):
+    gen = torch.Generator().manual_seed(int(power * 10 + quota_share * 100))
+    for trial in range(20):
+        # Spans of 1-40 tokens with gaps (the sink, exact tokens) between them.
+        lengths = torch.randint(1, 40, (int(torch.randint(1, 9, (1,), generator=gen)),), generator=gen)
+        chunks, start = [], 1
+        for n in lengths.tolist():
+            chunks.append((start, start + n))
+            start += n + int(torch.randint(0, 3, (1,), generator=gen))
+        cand = torch.cat([torch.arange(s, e) for s, e in chunks])
+        # Coarse signal values, so that ties occur and their order is checked too.
+        signal = torch.randint(0, 6, (start,), generator=gen).float()
+        for budget in (1, cand.numel() // 7, cand.numel() // 3, cand.numel() - 1):
+            inp = SelectionInput(cand, chunks, budget, signal=signal)
+            quota = int(quota_share * cand.numel())
+            got = select_by_position_quotas(inp, power, quota).tolist()
+            assert got == _quota_reference(inp, power, quota), (trial, budget, chunks)
+            assert len(got) == budget == len(set(got))
+
+
+def test_position_quotas_give_later_spans_more():
+    signal = torch.zeros(40)
+    signal[10:20] = 5.0  # the early span is where the signal is high
+    inp = _inp(6, signal)  # spans (10, 20) and (30, 40): weights 10 and 30 at power 1
+    picks = select_by_position_quotas(inp, 1.0, 6).tolist()
+    assert sum(p >= 30 for p in picks) == 4 and sum(p < 20 for p in picks) == 2
+    assert select("infoflow", inp).tolist() == list(range(10, 16))
+
+
+def test_span_quotas_sum_to_the_budget_and_respect_lengths():
+    assert span_quotas([10, 2, 30], [1.0, 1.0, 1e9], 35) == [4, 1, 30]  # a full span passes on
+    assert span_quotas([5, 5], [0.0, 0.0], 4) == [2, 2]  # no weight: even
+    assert span_quotas([5, 5], [1.0, 1.0], 100) == [5, 5]
+    assert span_quotas([3, 0, 4], [1.0, 1.0, 1.0], 7) == [3, 0, 4]

@@ -139,3 +139,39 @@ def test_stats_that_arrive_in_the_update_finishing_the_request_still_reach_it():
     sched.update_connector_output(types.SimpleNamespace(
         kv_connector_worker_meta=KVFlowWorkerMetadata({"a": {"chunks_hit": 2}})))
     assert stats["chunks_hit"] == 2 and stats["fallback"] is None
+
+
+class _CountingTokenizer:
+    def encode(self, text, add_special_tokens=True):
+        return [len(word) for word in text.split()]
+
+
+def test_the_tokenizer_loads_at_engine_start_not_in_the_first_requests_step(monkeypatch):
+    """Loading it at the first request declaring chunk texts held up that whole step
+    (Llama-3.1's takes 0.5-0.9 s to load on a small CPU)."""
+    from vllm_kvflow.connector import scheduler as module
+
+    loads = []
+    monkeypatch.setattr(module, "_load_tokenizer", lambda path: loads.append(path) or _CountingTokenizer())
+    sched = KVFlowScheduler(KVFlowConfig(), "/models/some-tokenizer")
+    assert loads == ["/models/some-tokenizer"]
+    assert sched._tokenize("one three") == [3, 5]
+    assert loads == ["/models/some-tokenizer"]  # not again
+
+
+def test_a_tokenizer_that_fails_at_start_is_tried_again_by_the_first_request(monkeypatch, caplog):
+    from vllm_kvflow.connector import scheduler as module
+
+    attempts = []
+
+    def flaky(path):
+        attempts.append(path)
+        if len(attempts) == 1:
+            raise OSError("not there yet")
+        return _CountingTokenizer()
+
+    monkeypatch.setattr(module, "_load_tokenizer", flaky)
+    with caplog.at_level("WARNING", logger="vllm_kvflow"):
+        sched = KVFlowScheduler(KVFlowConfig(), "/models/t")
+    assert "could not load the tokenizer" in caplog.text
+    assert sched._tokenize("ab") == [2] and len(attempts) == 2

@@ -359,20 +359,45 @@ def test_a_time_budget_bounds_each_steps_blend_work():
     assert set(kinds) == {"isolated", "blend"} and len(steps) < 40  # 3.6 s of rows: 18 at best
 
 
-def test_a_step_that_starts_requests_gives_way_every_other_step():
+@pytest.mark.parametrize("yield_steps,expected", [(1, [0, 1, 0, 1, 0, 1]),
+                                                   (2, [0, 0, 1, 0, 0, 1]),
+                                                   (0, [1, 1, 1, 1, 1, 1])])
+def test_a_step_that_starts_requests_gives_way_at_most_yield_steps_in_a_row(yield_steps, expected):
     """A step whose forward starts new requests runs no blend work, so their first
-    token is not late; the next step runs work even if it starts requests too (blend
-    work cannot be starved by a stream of arrivals). With or without a time budget."""
+    token is not late; after yield_steps such steps in a row one runs work even if it
+    starts requests too (blend work cannot be starved by a stream of arrivals). With or
+    without a time budget."""
     for seconds in (0.2, None):
         pipe = FakePipeline(stored={chunk("a")})
-        q = WorkQueue(pipe, StepBudget(blend_rows=10, isolated_rows=10, step_seconds=seconds))
+        q = WorkQueue(pipe, StepBudget(blend_rows=10, isolated_rows=10, step_seconds=seconds,
+                                       yield_steps=yield_steps))
         q.submit(job("r", [chunk("a")], rows=1000))
         ran = []
-        for _ in range(4):
+        for _ in range(6):
             before = len(pipe.selected) + len(pipe.passes)
             q.step(requests_starting=True)
             ran.append(int(len(pipe.selected) + len(pipe.passes) > before))
-        assert ran == [0, 1, 0, 1], (seconds, ran)
+        assert ran == expected, (seconds, ran)
+
+
+def test_a_step_without_starting_requests_resets_the_run_of_yields():
+    pipe = FakePipeline(stored={chunk("a")})
+    q = WorkQueue(pipe, StepBudget(blend_rows=10, isolated_rows=10, yield_steps=2))
+    q.submit(job("r", [chunk("a")], rows=1000))
+    ran = []
+    for starting in (True, False, True, True, True):
+        before = len(pipe.selected) + len(pipe.passes)
+        q.step(requests_starting=starting)
+        ran.append(int(len(pipe.selected) + len(pipe.passes) > before))
+    assert ran == [0, 1, 0, 0, 1]
+
+
+@pytest.mark.parametrize("value", [-1, True, 1.5, "2"])
+def test_the_yield_setting_must_be_a_whole_number(value):
+    from vllm_kvflow.config import KVFlowConfig
+
+    with pytest.raises(ValueError, match="max_yield_steps"):
+        KVFlowConfig(max_yield_steps=value)
 
 
 @pytest.mark.parametrize("value", [0, -5, True, "100"])

@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
+import numpy as np
 import torch
 
 from vllm_kvflow.blend.host_ints import device_ints
@@ -169,11 +170,82 @@ def select_infoflow_pos(inp: SelectionInput) -> torch.Tensor:
     return top_k_positions(c, inp.signal[c].double() * span_starts(inp).double(), inp.budget)
 
 
+# infoflow-quota's quotas cover at most this share of the candidates: up to rho = 0.15
+# the whole budget goes by quota, beyond it the rest by the signal alone (fixed quotas
+# at rho = 0.3 recomputed low-scoring tokens of late chunks and lost to CacheBlend on one
+# question set; benchmarks/QUALITY_NOTES.md).
+QUOTA_SHARE = 0.15
+
+
+@register("infoflow-quota", "attn_norm")
+def select_infoflow_quota(inp: SelectionInput) -> torch.Tensor:
+    """infoflow's signal, with the budget split over the chunks by position first: each
+    chunk gets a share in proportion to its length times its start position, filled by
+    its own top scores. A variant of this package (benchmarks/QUALITY_NOTES.md)."""
+    return select_by_position_quotas(inp, 1.0, budget_for(inp.candidates.numel(), QUOTA_SHARE))
+
+
+def select_by_position_quotas(inp: SelectionInput, power: float, quota_tokens: int) -> torch.Tensor:
+    """quota_tokens of the budget (at most all of it) split over the candidate spans in
+    proportion to length x start**power, each span's quota filled by its own top signal;
+    the rest of the budget by the global top signal. A span computed in isolation missed all the context before
+    it, so later spans need more of the budget; which of their tokens is still the
+    signal's choice. Sorts only (no host read of device values)."""
+    c = inp.candidates
+    score = inp.signal[c].double()
+    lengths = [e - s for s, e in inp.chunks]  # the candidates are the spans' positions
+    quota = span_quotas(lengths, [float(s) ** power for s, _ in inp.chunks],
+                        min(quota_tokens, inp.budget))
+    which = span_index(inp)
+    by_score = torch.sort(-score, stable=True).indices
+    # Each candidate's rank by score within its span: regroup the score order by span
+    # (stable, so each span keeps its score order), then count from the span's start.
+    grouped = by_score[torch.sort(which[by_score], stable=True).indices]
+    span_offset = device_ints(np.cumsum([0] + lengths[:-1]), c.device)
+    rank = torch.empty_like(which)
+    rank[grouped] = torch.arange(c.numel(), device=c.device) - span_offset[which[grouped]]
+    in_quota = rank < device_ints(quota, c.device)[which]
+    # The quota picks first, then everything else in score order.
+    order = by_score[torch.sort((~in_quota[by_score]).to(torch.uint8), stable=True).indices]
+    return torch.sort(c[order[:inp.budget]]).values
+
+
+def span_quotas(lengths: list[int], weights: list[float], k: int) -> list[int]:
+    """Integer quotas summing to min(k, sum(lengths)), each at most its span's length, in
+    proportion to length x weight: floors, then the largest remainders one token each;
+    what a full span cannot take goes round again to the others."""
+    quota = [0] * len(lengths)
+    open_spans = [i for i, n in enumerate(lengths) if n > 0]
+    left = min(k, sum(lengths))
+    while left > 0 and open_spans:
+        mass = sum(lengths[i] * weights[i] for i in open_spans)
+        share = {i: left * (lengths[i] * weights[i] / mass if mass > 0 else 1 / len(open_spans))
+                 for i in open_spans}
+        give = {i: min(int(share[i]), lengths[i] - quota[i]) for i in open_spans}
+        rest = left - sum(give.values())
+        for i in sorted(open_spans, key=lambda i: share[i] - int(share[i]), reverse=True):
+            if rest == 0:
+                break
+            if quota[i] + give[i] < lengths[i]:
+                give[i] += 1
+                rest -= 1
+        for i, n in give.items():
+            quota[i] += n
+        left -= sum(give.values())
+        open_spans = [i for i in open_spans if quota[i] < lengths[i]]
+    return quota
+
+
+def span_index(inp: SelectionInput) -> torch.Tensor:
+    """For each candidate, the index of the candidate span holding it."""
+    starts = device_ints([s for s, _ in inp.chunks], inp.candidates.device)  # no host wait
+    return (torch.searchsorted(starts, inp.candidates, right=True) - 1).clamp(min=0)
+
+
 def span_starts(inp: SelectionInput) -> torch.Tensor:
     """For each candidate, the start position of the candidate span holding it."""
     starts = device_ints([s for s, _ in inp.chunks], inp.candidates.device)  # no host wait
-    which = torch.searchsorted(starts, inp.candidates, right=True) - 1
-    return starts[which.clamp(min=0)]
+    return starts[span_index(inp)]
 
 
 def select(name: str, inp: SelectionInput) -> torch.Tensor:

@@ -15,12 +15,12 @@ worker reports it done. Each engine step the worker runs a bounded part of this 
   shared fairly between them, in one batched pass to which each request contributes a
   slice of its selected tokens.
 
-A step whose forward starts new requests runs no blend work (every other step at most),
-so that their first token does not wait for it. Where the passes run on the host (CPU
-engines) the budgets are also bounded in time: `step_seconds` of blend work per step,
-turned into rows by the seconds per row measured on earlier passes, one kind of work per
-step, so that a small request arriving during a burst waits for a short step, not for
-seconds of blend work.
+A step whose forward starts new requests runs no blend work (at most `yield_steps` such
+steps in a row), so that their first token does not wait for it. Where the passes run on
+the host (CPU engines) the budgets are also bounded in time: `step_seconds` of blend work
+per step, turned into rows by the seconds per row measured on earlier passes, one kind
+of work per step, so that a small request arriving during a burst waits for a short
+step, not for seconds of blend work.
 
 A request's recompute may take several steps: its selected tokens are recomputed in
 position order, a slice per step, which is exact (a token only attends to earlier
@@ -66,6 +66,8 @@ class StepBudget:
     # Blend work per step in seconds (None: rows only), for passes on the host: each
     # step runs one kind of work (isolated computes or blend), alternating.
     step_seconds: float | None = None
+    # Steps in a row that may run no blend work because their forward starts requests.
+    yield_steps: int = 1
 
 
 def isolated_rows(compute: IsolatedCompute) -> int:
@@ -106,7 +108,7 @@ class WorkQueue:
         self._jobs: OrderedDict[str, Job] = OrderedDict()  # in arrival order
         self._tasks: OrderedDict[object, _Task] = OrderedDict()
         self.clock = clock or RowClock()
-        self._yielded = False  # the previous step gave way to starting requests
+        self._yielded = 0  # steps in a row that gave way to starting requests
         self._turn = "isolated"  # which kind a timed step runs when both wait
 
     def __len__(self) -> int:
@@ -181,13 +183,13 @@ class WorkQueue:
         if not others_running and len(self._jobs) == 1 and (
                 self.budget.step_seconds is None or not self._tasks):
             return self._run_isolated(unbounded=True) + self._blend(float("inf"), alone=True)
-        # A step whose forward starts new requests runs no blend work (at most every
-        # other step: a stream of arrivals cannot starve it), so that their first token
-        # does not wait for it.
-        if requests_starting and not self._yielded:
-            self._yielded = True
+        # A step whose forward starts new requests runs no blend work (at most
+        # yield_steps in a row: a stream of arrivals cannot starve it), so that their
+        # first token does not wait for it.
+        if requests_starting and self._yielded < self.budget.yield_steps:
+            self._yielded += 1
             return []
-        self._yielded = False
+        self._yielded = 0
         if self.budget.step_seconds is not None:
             return self._timed_step(self.budget.step_seconds)
         return self._run_isolated() + self._blend(self.budget.blend_rows)  # both kinds

@@ -31,6 +31,12 @@ logger = logging.getLogger("vllm_kvflow")
 TOKEN_CACHE_ENTRIES = 4096
 
 
+def _load_tokenizer(path: str):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(path)
+
+
 class KVFlowScheduler:
     def __init__(self, config: KVFlowConfig, tokenizer_path: str | None, store_tier: str = "host",
                  sync_loads: bool = True):
@@ -42,6 +48,7 @@ class KVFlowScheduler:
         self.counters = ServingCounters(store_tier)
         self._tokenizer_path = tokenizer_path
         self._tokenizer = None
+        self._load_tokenizer_at_start()
         self._specs: dict[str, RequestSpec] = {}
         self._pending: dict[str, LoadPlan] = {}
         self._stats: dict[str, dict[str, Any]] = {}
@@ -55,6 +62,23 @@ class KVFlowScheduler:
         self._finished: set[str] = set()  # finished while awaiting their load result
         self._token_cache: dict[str, tuple[int, ...]] = {}  # chunk text -> ids, LRU order
 
+    def _load_tokenizer_at_start(self) -> None:
+        """Load the tokenizer for chunk texts now, at engine start. Loaded at the first
+        request declaring texts, it held up that step for everyone (Llama-3.1's takes
+        0.5-0.9 s to load on a small CPU): the likely cause of the two 0.4-0.7 s steps
+        that opened the first burst after start on an H200 (README, "Under load"). A
+        failure here is logged; the first request that needs the tokenizer tries again
+        and reports its own error."""
+        if self._tokenizer_path is None:
+            return
+        try:
+            self._tokenizer = _load_tokenizer(self._tokenizer_path)
+            self._tokenizer.encode("warm up", add_special_tokens=False)
+        except Exception as e:  # noqa: BLE001 - never fail the engine's start
+            self._tokenizer = None
+            logger.warning("kvflow: could not load the tokenizer %s at start (%s); the first "
+                           "request declaring chunk texts will try again", self._tokenizer_path, e)
+
     def _tokenize(self, text: str) -> list[int]:
         """Token ids of a declared chunk text. Cached (LRU by count): RAG requests repeat
         the same documents, and tokenizing them again per request is host work in the
@@ -62,9 +86,7 @@ class KVFlowScheduler:
         ids = self._token_cache.pop(text, None)
         if ids is None:
             if self._tokenizer is None:
-                from transformers import AutoTokenizer
-
-                self._tokenizer = AutoTokenizer.from_pretrained(self._tokenizer_path)
+                self._tokenizer = _load_tokenizer(self._tokenizer_path)
             ids = tuple(self._tokenizer.encode(text, add_special_tokens=False))
             if len(self._token_cache) >= TOKEN_CACHE_ENTRIES:
                 del self._token_cache[next(iter(self._token_cache))]  # the least recently used

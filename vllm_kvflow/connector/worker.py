@@ -351,6 +351,7 @@ def step_budget(config: KVFlowConfig, vllm_config) -> StepBudget:
     return StepBudget(blend_rows=config.max_blend_tokens_per_step or default,
                       isolated_rows=config.max_isolated_tokens_per_step or default,
                       max_isolated_per_prompt_token=config.max_isolated_tokens_per_prompt_token,
+                      yield_steps=config.max_yield_steps,
                       step_seconds=config.max_blend_ms_per_step / 1e3 if timed else None)
 
 
