@@ -188,15 +188,15 @@ def select_infoflow_quota(inp: SelectionInput) -> torch.Tensor:
 def select_by_position_quotas(inp: SelectionInput, power: float, quota_tokens: int) -> torch.Tensor:
     """quota_tokens of the budget (at most all of it) split over the candidate spans in
     proportion to length x start**power, each span's quota filled by its own top signal;
-    the rest of the budget by the global top signal. A span computed in isolation missed all the context before
-    it, so later spans need more of the budget; which of their tokens is still the
-    signal's choice. Sorts only (no host read of device values)."""
+    the rest of the budget by the global top signal. A span computed in isolation missed
+    all the context before it, so later spans need more of the budget; which of their
+    tokens is still the signal's choice. Sorts only (no host read of device values)."""
     c = inp.candidates
     score = inp.signal[c].double()
     lengths = [e - s for s, e in inp.chunks]  # the candidates are the spans' positions
     quota = span_quotas(lengths, [float(s) ** power for s, _ in inp.chunks],
                         min(quota_tokens, inp.budget))
-    which = span_index(inp)
+    _, which = _spans_of_candidates(inp)
     by_score = torch.sort(-score, stable=True).indices
     # Each candidate's rank by score within its span: regroup the score order by span
     # (stable, so each span keeps its score order), then count from the span's start.
@@ -236,16 +236,17 @@ def span_quotas(lengths: list[int], weights: list[float], k: int) -> list[int]:
     return quota
 
 
-def span_index(inp: SelectionInput) -> torch.Tensor:
-    """For each candidate, the index of the candidate span holding it."""
+def _spans_of_candidates(inp: SelectionInput) -> tuple[torch.Tensor, torch.Tensor]:
+    """The spans' start positions on the device, and for each candidate the index of the
+    span holding it."""
     starts = device_ints([s for s, _ in inp.chunks], inp.candidates.device)  # no host wait
-    return (torch.searchsorted(starts, inp.candidates, right=True) - 1).clamp(min=0)
+    return starts, (torch.searchsorted(starts, inp.candidates, right=True) - 1).clamp(min=0)
 
 
 def span_starts(inp: SelectionInput) -> torch.Tensor:
     """For each candidate, the start position of the candidate span holding it."""
-    starts = device_ints([s for s, _ in inp.chunks], inp.candidates.device)  # no host wait
-    return starts[span_index(inp)]
+    starts, which = _spans_of_candidates(inp)
+    return starts[which]
 
 
 def select(name: str, inp: SelectionInput) -> torch.Tensor:
