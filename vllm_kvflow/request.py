@@ -170,6 +170,21 @@ def _text_tokens(value: Any, tokenize: Callable[[str], list[int]] | None, what: 
     return tokenize(value.strip())
 
 
+def declared_texts(params: Any) -> list[str]:
+    """The texts a declaration asks to locate in the prompt (chunk texts, then a question
+    text), stripped as parse_request tokenizes them, so that a caller can tokenize them
+    together first. Never raises: whatever is malformed is parse_request's to report."""
+    if not isinstance(params, dict):
+        return []
+    items = params.get("chunks")
+    items = list(items) if isinstance(items, list) else []
+    question = params.get("question")
+    if isinstance(question, dict):
+        items.append(question)
+    return [item["text"].strip() for item in items
+            if isinstance(item, dict) and isinstance(item.get("text"), str) and item["text"].strip()]
+
+
 def _declared_chunks(params: dict, optional: bool = False) -> list:
     """The chunk declarations, from `chunks` or from the flat `chunk_spans` (one of them;
     neither, if optional: the images are chunks by the `image_chunks` setting)."""

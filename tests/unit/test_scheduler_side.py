@@ -175,3 +175,57 @@ def test_a_tokenizer_that_fails_at_start_is_tried_again_by_the_first_request(mon
         sched = KVFlowScheduler(KVFlowConfig(), "/models/t")
     assert "could not load the tokenizer" in caplog.text
     assert sched._tokenize("ab") == [2] and len(attempts) == 2
+
+
+class _BatchCountingTokenizer(_CountingTokenizer):
+    def __init__(self):
+        self.batches, self.singles = [], 0
+
+    def __call__(self, texts, add_special_tokens=True):
+        self.batches.append(list(texts))
+        return {"input_ids": [self.encode(t) for t in texts]}
+
+    def encode(self, text, add_special_tokens=True):
+        self.singles += 1
+        return super().encode(text)
+
+
+def test_a_requests_new_texts_are_tokenized_in_one_batch_and_cached(monkeypatch):
+    from vllm_kvflow.connector import scheduler as module
+
+    tok = _BatchCountingTokenizer()
+    monkeypatch.setattr(module, "_load_tokenizer", lambda path: tok)
+    sched = KVFlowScheduler(KVFlowConfig(), "/models/t")
+    tok.singles = 0  # the warm-up encode at start
+    sched._tokenize_together(["aa b", "ccc", "aa b", "dd"])
+    assert tok.batches == [["aa b", "ccc", "dd"]]  # once each, in order
+    assert [sched._tokenize(t) for t in ("aa b", "ccc", "dd")] == [[2, 1], [3], [2]]
+    assert tok.singles == 3  # the batch's own encodes: parsing found them all cached
+    sched._tokenize_together(["ccc", "e"])  # one new text: nothing to spread
+    assert len(tok.batches) == 1
+
+
+def test_declared_texts_are_the_located_texts_stripped_and_never_raise():
+    from vllm_kvflow.request import declared_texts
+
+    params = {"chunks": [{"text": " alpha "}, {"span": [0, 4]}, {"text": ""}, {"text": 5},
+                         "junk", {"token_ids": [1]}, {"text": "beta"}],
+              "question": {"text": "gamma\n"}}
+    assert declared_texts(params) == ["alpha", "beta", "gamma"]
+    for bad in (None, [], "x", {"chunks": "x"}, {"chunks": None, "question": "q"}):
+        assert declared_texts(bad) == []
+
+
+def test_batched_tokenization_equals_one_text_at_a_time_with_the_real_tokenizer():
+    """The batch fills the cache that parse_request reads: it must give the same ids as
+    the one-by-one encode it stands in for (SmolLM2's tokenizer, built by make-model)."""
+    from transformers import AutoTokenizer
+
+    from vllm_kvflow.bench.load import document_pool
+    from vllm_kvflow.model import default_model_path
+
+    tok = AutoTokenizer.from_pretrained(str(default_model_path()))
+    texts = [d["text"].strip() for d in document_pool(12, 120, seed=3)]
+    texts += ["  Ünïcode — ok?  ".strip(), "Field: value\nOther: 12.5%"]
+    batch = tok(texts, add_special_tokens=False)["input_ids"]
+    assert batch == [tok.encode(t, add_special_tokens=False) for t in texts]
