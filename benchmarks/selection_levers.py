@@ -193,17 +193,22 @@ def smoothed(q: Question, score: torch.Tensor, width: int) -> torch.Tensor:
     return pooled
 
 
-def pick_floor(q: Question, score: torch.Tensor, k: int, share: float) -> torch.Tensor:
-    T = q.num_candidates
+def pick_by_quotas(q: Question, score: torch.Tensor, k: int, quotas: list[int]) -> torch.Tensor:
+    """Each candidate span's top scores up to its quota, then the rest of k by the
+    global top score."""
     chosen = set()
-    for s, e in q.blend.candidate_spans:
-        n = int(share * k * (e - s) / T)
+    for (s, e), n in zip(q.blend.candidate_spans, quotas):
         if n:
             span = torch.arange(s, e)
             chosen.update(top_k(span, score[span], n).tolist())
     rest = torch.tensor([p for p in q.candidates.tolist() if p not in chosen], dtype=torch.long)
     chosen.update(top_k(rest, score[rest], k - len(chosen)).tolist())
     return torch.tensor(sorted(chosen))
+
+
+def pick_floor(q: Question, score: torch.Tensor, k: int, share: float) -> torch.Tensor:
+    T = q.num_candidates
+    return pick_by_quotas(q, score, k, [int(share * k * (e - s) / T) for s, e in q.blend.candidate_spans])
 
 
 def pick_position_budget(q: Question, score: torch.Tensor, k: int, power: float,
@@ -214,17 +219,9 @@ def pick_position_budget(q: Question, score: torch.Tensor, k: int, power: float,
     score which ones. Written as loops: the engine's sort-only version
     (selection.select_by_position_quotas) is tested against the same rule."""
     spans = q.blend.candidate_spans
-    quota = span_quotas([e - s for s, e in spans], [float(s) ** power for s, _ in spans],
-                        min(quota_tokens, k))
-    chosen: set[int] = set()
-    for (s, e), n in zip(spans, quota):
-        if n:
-            span = torch.arange(s, e)
-            chosen.update(top_k(span, score[span], n).tolist())
-    if len(chosen) < k:
-        rest = torch.tensor([p for p in q.candidates.tolist() if p not in chosen], dtype=torch.long)
-        chosen.update(top_k(rest, score[rest], k - len(chosen)).tolist())
-    return torch.tensor(sorted(chosen))
+    return pick_by_quotas(q, score, k, span_quotas([e - s for s, e in spans],
+                                                   [float(s) ** power for s, _ in spans],
+                                                   min(quota_tokens, k)))
 
 
 def pick_first(q: Question, score: torch.Tensor, k: int, first: int) -> torch.Tensor:

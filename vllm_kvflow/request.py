@@ -170,17 +170,10 @@ def _text_tokens(value: Any, tokenize: Callable[[str], list[int]] | None, what: 
     return tokenize(value.strip())
 
 
-def declared_texts(params: Any) -> list[str]:
-    """The texts a declaration asks to locate in the prompt (chunk texts, then a question
-    text), stripped as parse_request tokenizes them, so that a caller can tokenize them
-    together first. Never raises: whatever is malformed is parse_request's to report."""
-    if not isinstance(params, dict):
-        return []
-    items = params.get("chunks")
-    items = list(items) if isinstance(items, list) else []
-    question = params.get("question")
-    if isinstance(question, dict):
-        items.append(question)
+def _texts_to_locate(declared: list, question: Any) -> list[str]:
+    """The chunk texts, then the question text, stripped as _text_tokens tokenizes them;
+    malformed ones are skipped here and reported by the checks that follow."""
+    items = declared + ([question] if isinstance(question, dict) else [])
     return [item["text"].strip() for item in items
             if isinstance(item, dict) and isinstance(item.get("text"), str) and item["text"].strip()]
 
@@ -207,10 +200,13 @@ def _declared_chunks(params: dict, optional: bool = False) -> list:
 
 def parse_request(params: Any, prompt_ids: Sequence[int], config: KVFlowConfig,
                   tokenize: Callable[[str], list[int]] | None = None,
-                  images: Sequence[Any] | None = None) -> RequestSpec:
+                  images: Sequence[Any] | None = None,
+                  tokenize_ahead: Callable[[list[str]], None] | None = None) -> RequestSpec:
     """Validate `params` (the value under PARAMS_KEY) against the prompt's token ids.
     images: the request's images as vision.image_declaration.ImageInput, in order (None:
-    the model takes no images)."""
+    the model takes no images). tokenize_ahead(texts): called once, after the
+    declaration's size is checked, with every text about to be tokenized, so that a
+    cache behind `tokenize` can fill itself in one batched call."""
     check_transportable(params)
     if not isinstance(params, dict):
         raise RequestError(f"kv_transfer_params[{PARAMS_KEY!r}] must be an object")
@@ -233,6 +229,8 @@ def parse_request(params: Any, prompt_ids: Sequence[int], config: KVFlowConfig,
     if len(declared) > config.max_chunks:
         raise RequestError(f"{len(declared)} chunks declared, more than max_chunks="
                            f"{config.max_chunks} (an engine setting)")
+    if tokenize_ahead is not None:
+        tokenize_ahead(_texts_to_locate(declared, params.get("question")))
     spans: list[tuple[int, int, int]] = []  # (start, end, declaration index)
     unlocatable: list[int] = []
     image_of: dict[int, int] = {}  # image chunks: start -> image index

@@ -205,15 +205,24 @@ def test_a_requests_new_texts_are_tokenized_in_one_batch_and_cached(monkeypatch)
     assert len(tok.batches) == 1
 
 
-def test_declared_texts_are_the_located_texts_stripped_and_never_raise():
-    from vllm_kvflow.request import declared_texts
+def test_parsing_hands_the_texts_to_locate_ahead_stripped_once_the_size_is_checked():
+    from vllm_kvflow.request import RequestError, parse_request
 
+    ahead = []
     params = {"chunks": [{"text": " alpha "}, {"span": [0, 4]}, {"text": ""}, {"text": 5},
                          "junk", {"token_ids": [1]}, {"text": "beta"}],
               "question": {"text": "gamma\n"}}
-    assert declared_texts(params) == ["alpha", "beta", "gamma"]
-    for bad in (None, [], "x", {"chunks": "x"}, {"chunks": None, "question": "q"}):
-        assert declared_texts(bad) == []
+    with pytest.raises(RequestError):  # the malformed items are still parsing's to report
+        parse_request(params, PROMPT, KVFlowConfig(), _CountingTokenizer().encode,
+                      tokenize_ahead=ahead.append)
+    assert ahead == [["alpha", "beta", "gamma"]]
+    for bad in (None, [], "x", {"chunks": "x"}, {"chunks": None, "question": "q"},
+                {"chunks": [{"text": "a"}] * 11}):  # the last: more than max_chunks
+        ahead.clear()
+        with pytest.raises(RequestError):
+            parse_request(bad, PROMPT, KVFlowConfig(max_chunks=10), _CountingTokenizer().encode,
+                          tokenize_ahead=ahead.append)
+        assert ahead == [], bad
 
 
 def test_batched_tokenization_equals_one_text_at_a_time_with_the_real_tokenizer():

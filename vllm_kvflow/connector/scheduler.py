@@ -22,8 +22,7 @@ from vllm_kvflow.connector.counters import ServingCounters
 from vllm_kvflow.connector.metadata import KVFlowConnectorMetadata, KVFlowWorkerMetadata
 from vllm_kvflow.patches.prefix_cache import blend_salt, isolate_blended_blocks, tenant_salt
 from vllm_kvflow.patches.scheduler_output import step_view
-from vllm_kvflow.request import (PARAMS_KEY, STATS_KEY, RequestError, RequestSpec, declared_texts,
-                                 parse_request)
+from vllm_kvflow.request import PARAMS_KEY, STATS_KEY, RequestError, RequestSpec, parse_request
 from vllm_kvflow.store.entry import tenant_namespace
 
 logger = logging.getLogger("vllm_kvflow")
@@ -126,11 +125,9 @@ class KVFlowScheduler:
         if len(self._in_flight) >= self.config.max_pending_loads:
             return None, False  # the worker's queue is full: ask again next step
         stats = self._stats.setdefault(req_id, {})
-        texts = declared_texts(params)
-        if len(texts) <= self.config.max_chunks + 1:  # more: parsing refuses the request
-            self._tokenize_together(texts)
         try:
-            spec = parse_request(params, request.prompt_token_ids, self.config, self._tokenize)
+            spec = parse_request(params, request.prompt_token_ids, self.config, self._tokenize,
+                                 tokenize_ahead=self._tokenize_together)
         except RequestError as e:
             stats.update(fallback="bad-request", error=str(e))
             logger.warning("kvflow: request %s falls back to full prefill: %s", req_id, e)
